@@ -1,0 +1,23 @@
+"""fused_ce: fused sigmoid + BCE and softmax + CE losses for PyTorch.
+
+Drop-in replacements for ``torch.nn.functional.cross_entropy`` and
+``torch.nn.functional.binary_cross_entropy_with_logits``, backed by Triton kernels on CUDA and
+by a chunked plain-PyTorch path elsewhere.
+"""
+
+from . import nn
+from .functional import (
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+)
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "nn",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""Which implementation serves a call: the Triton kernels or the plain-PyTorch path."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when fused_ce.kernels is
+# first imported; reading it once here keeps the choice consistent with the kernels and
+# keeps os.environ out of traced code.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
+    """Resolve ``backend`` for a call whose main operand is ``tensor``.
+
+    ``None`` reads ``FUSED_CE_BACKEND`` (default ``"auto"``). ``"auto"`` picks Triton for CUDA
+    tensors, and for CPU tensors when ``TRITON_INTERPRET=1``; the torch path otherwise.
+    """
+    if backend is None:
+        backend = os.environ.get("FUSED_CE_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = tensor.device.type == "cuda" or (INTERPRET and tensor.device.type == "cpu")
+    if backend == "auto":
+        return HAS_TRITON and runnable
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if not runnable:
+        raise RuntimeError(
+            f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
+            f"got a tensor on {tensor.device}"
+        )
+    return True
+
+
+@functools.cache
+def multiprocessor_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def parallel_slots(tensor: torch.Tensor) -> int:
+    """How many programs keep the device busy; 1 under the interpreter, where fewer is faster."""
+    if tensor.device.type != "cuda":
+        return 1
+    return 4 * multiprocessor_count(tensor.device.index or 0)

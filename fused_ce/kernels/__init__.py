@@ -1,0 +1,1 @@
+"""Pure ``@triton.jit`` kernels, one kernel family per file; no torch imports here."""

@@ -1,0 +1,268 @@
+"""Softmax + cross-entropy Triton kernels (framework-neutral: no torch in this file).
+
+Layout. The logits are seen as a 3-D strided array ``(n_outer, n_classes, n_inner)``: ``(N, C)``
+is ``(N, C, 1)`` and ``(N, C, d1..dK)`` is ``(N, C, d1*..*dK)``. A "row" is one softmax, i.e. one
+``(outer, inner)`` pair, ``n_rows = n_outer * n_inner``; rows are numbered outer-major, which is
+the order of ``target.reshape(-1)``. Strides are taken as given, so NCHW logits are read in
+place, with no transposed copy.
+
+Math per row (``x`` the logits, ``lse = log(sum exp x)``, ``p = exp(x - lse)``):
+
+* class-index target ``y``, class weights ``w`` (ones when absent), smoothing ``eps``::
+
+      loss = v * [(1 - eps) * w_y * (lse - x_y) + (eps / C) * sum_c w_c * (lse - x_c)]
+      dx_c = g * v * [(1 - eps) * w_y * (p_c - [c == y]) + (eps / C) * (W * p_c - w_c)]
+
+  with ``v = [y != ignore_index]`` and ``W = sum_c w_c``.
+* probability target ``t`` (``t' = (1 - eps) * t + eps / C``)::
+
+      loss = sum_c w_c * t'_c * (lse - x_c)
+      dx_c = g * (p_c * sum_k w_k t'_k - w_c t'_c),   dt_c = g * (1 - eps) * w_c * (lse - x_c)
+
+Both share one form: ``loss = a * (lse - x_y) + b * sum_c u_c * (lse - x_c)`` where ``u`` is the
+"linear weight" (``w`` for smoothing, ``w * t'`` for probabilities). The forward saves ``lse`` and
+``U = sum_c u_c`` per row, and the backward recomputes ``p`` from them, so a per-row upstream
+gradient ``g`` (``reduction='none'``) is exact. ``g_lse``, an upstream gradient of ``lse`` itself
+(for z-loss and friends), adds ``g_lse * p_c``.
+
+Numerics: every load is upcast to ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs) and the result is
+rounded once at the store. The online softmax keeps a running max ``m``; sums that multiply the
+logits are kept relative to ``m`` (``sum u_c (x_c - m)``) so that logits of size 1e4 or a shift
+of the whole row cost no precision.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_offsets(rows, n_inner, outer_stride, inner_stride):
+    """Offset of element (row, class 0) for int64 row ids."""
+    return (rows // n_inner) * outer_stride + (rows % n_inner) * inner_stride
+
+
+@triton.jit
+def ce_forward_kernel(
+    logits_ptr,
+    target_ptr,
+    class_weight_ptr,
+    loss_ptr,
+    lse_ptr,
+    linear_sum_ptr,
+    n_rows,
+    n_classes,
+    n_inner,
+    logits_outer_stride,
+    logits_class_stride,
+    logits_inner_stride,
+    target_outer_stride,
+    target_class_stride,
+    target_inner_stride,
+    ignore_index,
+    label_smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-row loss, log-sum-exp and ``U = sum_c u_c`` in one pass over the logits.
+
+    Bytes moved: the logits once (``n_rows * C * elem``), plus the probability target once when
+    ``PROB_TARGET``; three fp32 words written per row. ``BLOCK_R`` rows share a program when C is
+    small, so the 11-class and 1-class shapes do not launch a program per row.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
+    target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
+    LINEAR: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+
+    running_max = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
+    ref = tl.zeros((BLOCK_R,), ACC_DTYPE)  # running_max, or 0 while it is still -inf
+    sum_exp = tl.zeros((BLOCK_R,), ACC_DTYPE)
+    lin_sum = tl.zeros((BLOCK_R,), ACC_DTYPE)  # sum_c u_c
+    lin_dot = tl.zeros((BLOCK_R,), ACC_DTYPE)  # sum_c u_c * (x_c - ref)
+    for start in range(0, n_classes, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = cols < n_classes
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(
+            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride,
+            mask,
+            float("-inf"),
+        ).to(ACC_DTYPE)
+        new_max = tl.maximum(running_max, tl.max(x, 1))
+        new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sum_exp = sum_exp * tl.exp(running_max - new_ref) + tl.sum(tl.exp(x - new_ref[:, None]), 1)
+        if LINEAR:
+            if PROB_TARGET:
+                t = tl.load(
+                    target_ptr + target_row[:, None] + cols[None, :] * target_class_stride,
+                    mask,
+                    0.0,
+                ).to(ACC_DTYPE)
+                u = (1.0 - label_smoothing) * t + label_smoothing / n_classes
+            else:
+                u = tl.full((BLOCK_R, BLOCK_C), 1.0, ACC_DTYPE)
+            if HAS_WEIGHT:
+                u = u * tl.load(class_weight_ptr + cols, col_mask, 0.0).to(ACC_DTYPE)[None, :]
+            u = tl.where(mask, u, 0.0)
+            lin_dot = (
+                lin_dot
+                + (ref - new_ref) * lin_sum
+                + tl.sum(u * tl.where(mask, x - new_ref[:, None], 0.0), 1)
+            )
+            lin_sum = lin_sum + tl.sum(u, 1)
+        running_max = new_max
+        ref = new_ref
+
+    log_sum_exp = tl.log(sum_exp)  # lse - ref
+    if PROB_TARGET:
+        loss = lin_sum * log_sum_exp - lin_dot
+    else:
+        y = tl.load(target_ptr + target_row, row_mask, 0).to(tl.int64)
+        valid = row_mask & (y != ignore_index) & (y >= 0) & (y < n_classes)
+        y = tl.where(valid, y, 0)  # never address memory with an unchecked target
+        x_y = tl.load(logits_ptr + logits_row + y * logits_class_stride, valid, 0.0).to(ACC_DTYPE)
+        nll = log_sum_exp + (ref - x_y)
+        if HAS_WEIGHT:
+            nll = nll * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
+        if HAS_SMOOTHING:
+            smooth = lin_sum * log_sum_exp - lin_dot
+            loss = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
+        else:
+            loss = nll
+        loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + rows, loss, row_mask)
+    tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
+    tl.store(linear_sum_ptr + rows, lin_sum, row_mask)
+
+
+@triton.jit
+def ce_backward_kernel(
+    logits_ptr,
+    target_ptr,
+    class_weight_ptr,
+    lse_ptr,
+    linear_sum_ptr,
+    grad_loss_ptr,
+    grad_lse_ptr,
+    grad_logits_ptr,
+    grad_target_ptr,
+    n_rows,
+    n_classes,
+    n_inner,
+    cols_per_program,
+    grad_loss_stride,
+    grad_lse_stride,
+    logits_outer_stride,
+    logits_class_stride,
+    logits_inner_stride,
+    target_outer_stride,
+    target_class_stride,
+    target_inner_stride,
+    grad_outer_stride,
+    grad_class_stride,
+    grad_inner_stride,
+    grad_target_outer_stride,
+    grad_target_class_stride,
+    grad_target_inner_stride,
+    ignore_index,
+    label_smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``dlogits`` (and ``dtarget``) recomputed from the saved per-row ``lse`` and ``U``.
+
+    ``grad_loss`` and ``grad_lse`` are strided (stride 0 when autograd expands the upstream
+    gradient of a 'mean' or 'sum'). Grid: (row blocks, column splits); a column split lets few long rows fill the device.
+    Bytes moved: the logits read once and the gradient written once (the same buffer may be
+    both: each element is read before it is written, by the same program), plus the target read
+    and its gradient written once for probability targets; per-row scalars are negligible.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
+    target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
+    grad_row = _row_offsets(rows, n_inner, grad_outer_stride, grad_inner_stride)
+
+    lse = tl.load(lse_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
+    g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
+    lin_sum = tl.load(linear_sum_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
+    if PROB_TARGET:
+        # dx = p * (g * U) - g * u_c
+        coef_p = g * lin_sum
+        coef_u = g
+        coef_y = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        y = tl.zeros((BLOCK_R,), tl.int64)
+    else:
+        y = tl.load(target_ptr + target_row, row_mask, 0).to(tl.int64)
+        valid = row_mask & (y != ignore_index) & (y >= 0) & (y < n_classes)
+        y = tl.where(valid, y, -1)
+        coef_y = (1.0 - label_smoothing) * g
+        if HAS_WEIGHT:
+            coef_y = coef_y * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
+        if HAS_SMOOTHING:
+            coef_u = (label_smoothing / n_classes) * g
+        else:
+            coef_u = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        # where(), not a product with v: g is inf for an all-ignored 'mean' (0/0), and the
+        # gradient of an ignored row must stay exactly 0.
+        coef_y = tl.where(valid, coef_y, 0.0)
+        coef_u = tl.where(valid, coef_u, 0.0)
+        coef_p = coef_y + coef_u * lin_sum
+    if HAS_GRAD_LSE:
+        coef_p = coef_p + tl.load(grad_lse_ptr + rows * grad_lse_stride, row_mask, 0.0).to(
+            ACC_DTYPE
+        )
+
+    start = tl.program_id(1).to(tl.int64) * cols_per_program
+    for offset in range(0, cols_per_program, BLOCK_C):
+        cols = start + offset + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = cols < n_classes
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(
+            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
+        ).to(ACC_DTYPE)
+        p = tl.exp(x - lse[:, None])
+        grad = p * coef_p[:, None] - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
+        if PROB_TARGET or HAS_SMOOTHING:
+            if PROB_TARGET:
+                t = tl.load(
+                    target_ptr + target_row[:, None] + cols[None, :] * target_class_stride,
+                    mask,
+                    0.0,
+                ).to(ACC_DTYPE)
+                u = (1.0 - label_smoothing) * t + label_smoothing / n_classes
+            else:
+                u = tl.full((BLOCK_R, BLOCK_C), 1.0, ACC_DTYPE)
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, col_mask, 0.0).to(ACC_DTYPE)[None, :]
+                u = u * w
+            grad = grad - coef_u[:, None] * u
+            if TARGET_GRAD:
+                grad_t = g[:, None] * (1.0 - label_smoothing) * (lse[:, None] - x)
+                if HAS_WEIGHT:
+                    grad_t = grad_t * w
+                tl.store(
+                    grad_target_ptr
+                    + _row_offsets(
+                        rows, n_inner, grad_target_outer_stride, grad_target_inner_stride
+                    )[:, None]
+                    + cols[None, :] * grad_target_class_stride,
+                    grad_t.to(grad_target_ptr.dtype.element_ty),
+                    mask,
+                )
+        tl.store(
+            grad_logits_ptr + grad_row[:, None] + cols[None, :] * grad_class_stride,
+            grad.to(grad_logits_ptr.dtype.element_ty),
+            mask,
+        )

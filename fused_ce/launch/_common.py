@@ -1,0 +1,28 @@
+"""Helpers shared by the launch modules."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import INTERPRET
+
+# Elements per program tile. Compiled: 8192 fp32 values spread over 8 warps (32 a thread) keep
+# registers from spilling. Interpreted: the cost is per program and per op, so bigger tiles win.
+MAX_TILE = 1 << 16 if INTERPRET else 1 << 13
+MAX_BLOCK_C = 1 << 14 if INTERPRET else 1 << 12
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton twin of an accumulation dtype."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tile(n_rows: int, n_cols: int, max_block_c: int = MAX_BLOCK_C) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) for a row-wise kernel: a whole short row per lane group,
+    several rows per program when rows are short."""
+    block_c = min(triton.next_power_of_2(max(n_cols, 1)), max_block_c)
+    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), MAX_TILE // block_c))
+    num_warps = 4 if block_r * block_c <= 2048 else 8
+    return block_r, block_c, num_warps

@@ -1,0 +1,1 @@
+"""PyTorch custom-op registrations with autograd, one module per kernel family."""
