@@ -1,0 +1,31 @@
+# The contract: `make test` and `make train` work on a fresh machine and set themselves up.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test lint train bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch==2.13.0 first when no torch is present: a bare `torch` requirement would pull a
+# multi-GB CUDA build; with it installed, the project's `torch>=2.4` installs nothing more.
+setup: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,train]"
+
+test: setup
+	$(BIN)/ruff check fused_ce tests bench
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check fused_ce tests bench
+	$(BIN)/ruff format --check fused_ce tests bench
+
+train: setup
+	$(BIN)/fused-ce train majority-bits --out runs/majority-bits
+	$(BIN)/fused-ce train popcount --out runs/popcount
+
+bench: setup
+	$(BIN)/python -m pytest bench --benchmark-only -q
