@@ -126,12 +126,11 @@ def softmax_cross_entropy(
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
     _check_constant("weight", weight, input)
-    if weight is not None:
-        if weight.dim() != 1 or weight.shape[0] != n_classes:
-            raise RuntimeError(
-                f"weight: should be defined either for all {n_classes} classes or no classes "
-                f"but got weight tensor of shape: {list(weight.shape)}"
-            )
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n_classes):
+        raise RuntimeError(
+            f"weight: should be defined either for all {n_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     prob_target = target.is_floating_point()
     if prob_target:

@@ -23,7 +23,8 @@ import triton.language as tl
 
 @triton.jit
 def _log1p(z):
-    """log(1 + z) for z in [0, 1], exact to rounding for tiny z (the interpreter has no libdevice)."""
+    """log(1 + z) for z in [0, 1], exact to rounding for tiny z (no libdevice: the interpreter
+    lacks it)."""
     u = 1.0 + z
     return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
 

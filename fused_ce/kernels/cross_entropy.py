@@ -183,7 +183,8 @@ def ce_backward_kernel(
     """``dlogits`` (and ``dtarget``) recomputed from the saved per-row ``lse`` and ``U``.
 
     ``grad_loss`` and ``grad_lse`` are strided (stride 0 when autograd expands the upstream
-    gradient of a 'mean' or 'sum'). Grid: (row blocks, column splits); a column split lets few long rows fill the device.
+    gradient of a 'mean' or 'sum'). Grid: (row blocks, column splits); a column split lets few
+    long rows fill the device.
     Bytes moved: the logits read once and the gradient written once (the same buffer may be
     both: each element is read before it is written, by the same program), plus the target read
     and its gradient written once for probability targets; per-row scalars are negligible.
