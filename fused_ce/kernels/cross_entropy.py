@@ -42,6 +42,13 @@ def _row_offsets(rows, n_inner, outer_stride, inner_stride):
 
 
 @triton.jit
+def _smoothing(hi, lo, ACC_DTYPE: tl.constexpr):
+    """Label smoothing in the accumulation dtype. A float kernel argument arrives as fp32, so
+    the launcher splits it into ``hi + lo`` (two fp32 values) to keep fp64 precision."""
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
 def ce_forward_kernel(
     logits_ptr,
     target_ptr,
@@ -59,7 +66,8 @@ def ce_forward_kernel(
     target_class_stride,
     target_inner_stride,
     ignore_index,
-    label_smoothing,
+    label_smoothing_hi,
+    label_smoothing_lo,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -77,6 +85,7 @@ def ce_forward_kernel(
     row_mask = rows < n_rows
     logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
     target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
+    label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
     LINEAR: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
 
     running_max = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
@@ -170,7 +179,8 @@ def ce_backward_kernel(
     grad_target_class_stride,
     grad_target_inner_stride,
     ignore_index,
-    label_smoothing,
+    label_smoothing_hi,
+    label_smoothing_lo,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -193,6 +203,7 @@ def ce_backward_kernel(
     row_mask = rows < n_rows
     logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
     target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
+    label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
     grad_row = _row_offsets(rows, n_inner, grad_outer_stride, grad_inner_stride)
 
     lse = tl.load(lse_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)

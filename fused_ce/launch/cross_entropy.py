@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 
@@ -9,6 +11,13 @@ from .._backend import parallel_slots
 from .._common import accumulation_dtype
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ._common import tile, tl_dtype
+
+
+def _split_fp64(value: float) -> tuple[float, float]:
+    """``value`` as ``hi + lo`` with both parts exact in fp32: Triton passes a Python float to a
+    kernel as fp32, which would round fp64 label smoothing to 24 bits."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
 
 
 def _target_strides(target: torch.Tensor) -> tuple[int, int, int]:
@@ -49,7 +58,7 @@ def forward(
         *logits.stride(),
         *_target_strides(target),
         ignore_index,
-        label_smoothing,
+        *_split_fp64(label_smoothing),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob_target,
         HAS_SMOOTHING=label_smoothing > 0.0,
@@ -110,7 +119,7 @@ def backward(
         *grad_logits.stride(),
         *gt.stride(),
         ignore_index,
-        label_smoothing,
+        *_split_fp64(label_smoothing),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob_target,
         HAS_SMOOTHING=label_smoothing > 0.0,
