@@ -14,8 +14,8 @@ from ._common import tile, tl_dtype
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
-    """``value`` as ``hi + lo`` with both parts exact in fp32: Triton passes a Python float to a
-    kernel as fp32, which would round fp64 label smoothing to 24 bits."""
+    """``value`` as ``hi + lo``, ``hi`` its fp32 rounding: Triton passes a Python float to a
+    kernel as fp32, which would round fp64 label smoothing to 24 bits; the pair keeps 48."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, value - hi
 
