@@ -50,6 +50,11 @@ def forward(
     losses, lses, linear_sums = [], [], []
     for start, stop in _chunks(n_outer, n_classes * n_inner):
         x = _rows(logits[start:stop], dtype)
+        # Relative to the row max, as in the kernel: lse - x from an already rounded lse loses
+        # |x| * eps (5e-4 at |x| = 1e4 in fp32); (lse - m) - (x - m) keeps it.
+        row_max = x.amax(1) if n_classes else x.new_zeros(x.shape[0])
+        ref = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        x = x - ref[:, None]
         lse = torch.logsumexp(x, dim=1)
         neg_logp = lse[:, None] - x
         if prob_target:
@@ -74,7 +79,7 @@ def forward(
                 linear_sum = torch.zeros_like(lse)
             loss = torch.where(valid, loss, 0.0)
         losses.append(loss)
-        lses.append(lse)
+        lses.append(lse + ref)
         linear_sums.append(linear_sum)
     if not losses:
         empty = logits.new_empty(0, dtype=dtype)
