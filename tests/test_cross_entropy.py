@@ -1,0 +1,434 @@
+"""softmax_cross_entropy against torch.nn.functional.cross_entropy computed in float64.
+
+Every test runs on each (backend, device) pair of the ``backend_device`` fixture: the torch path
+and the Triton kernels (through the interpreter on CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _reference import (
+    REDUCTIONS,
+    assert_identical,
+    check,
+    generator,
+    positive,
+    randn,
+)
+from conftest import backend_cases
+
+import fused_ce
+from fused_ce.ops.cross_entropy import ce_forward
+
+# 1-D input has its class dim at 0, the others at 1.
+SHAPES = {"C": (7,), "NC": (6, 7), "NCHW": (3, 5, 2, 3)}
+
+
+def class_dim(shape) -> int:
+    return 0 if len(shape) == 1 else 1
+
+
+def make_target(
+    shape,
+    kind: str,
+    device,
+    dtype=torch.float32,
+    *,
+    ignore_index: int | None = None,
+    seed: int = 1,
+) -> torch.Tensor:
+    """Class indices (every third row set to ``ignore_index`` when given) or probabilities."""
+    dim = class_dim(shape)
+    if kind == "prob":
+        logits = torch.randn(shape, generator=generator(seed), dtype=torch.float64) * 2
+        return torch.softmax(logits, dim).to(device=device, dtype=dtype)
+    batch = shape[:dim] + shape[dim + 1 :]
+    target = torch.randint(0, shape[dim], batch, generator=generator(seed))
+    if ignore_index is not None:
+        target.view(-1)[::3] = ignore_index
+    return target.to(device)
+
+
+def check_ce(backend_device, logits, target, *, seed: int = 0, grad_tolerance=None, **kwargs):
+    """Our loss and gradients (input, and the target for probability targets) vs the oracle."""
+    backend, _ = backend_device
+    wrt = (0, 1) if target.is_floating_point() else (0,)
+    return check(
+        fused_ce.softmax_cross_entropy,
+        F.cross_entropy,
+        (logits, target),
+        kwargs,
+        wrt,
+        backend,
+        seed,
+        grad_tolerance,
+    )
+
+
+def weight_for(logits, weighted: bool):
+    """Class weights far from 1 in the logits' dtype, or None."""
+    if not weighted:
+        return None
+    return positive((logits.shape[class_dim(logits.shape)],), 5, logits.device, logits.dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_fp32_matches_oracle(backend_device, shape, kind, weighted, label_smoothing, reduction):
+    _, device = backend_device
+    logits = randn(shape, 0, device, scale=3.0)
+    # Index targets carry ignored rows (default ignore_index) wherever there is more than one row.
+    ignore = -100 if kind == "index" and len(shape) > 1 else None
+    target = make_target(shape, kind, device, ignore_index=ignore)
+    check_ce(
+        backend_device,
+        logits,
+        target,
+        weight=weight_for(logits, weighted),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("ignore_index", [0, 4])
+def test_ignore_index_may_be_a_valid_class(
+    backend_device, ignore_index, label_smoothing, reduction
+):
+    _, device = backend_device
+    logits = randn((9, 5), 0, device)
+    target = make_target(logits.shape, "index", device, ignore_index=ignore_index)
+    check_ce(
+        backend_device,
+        logits,
+        target,
+        weight=weight_for(logits, True),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 7, 1000, 65537])
+def test_ragged_class_counts(backend_device, n_classes, kind):
+    _, device = backend_device
+    n_rows = 2 if n_classes > 1000 else 5
+    logits = randn((n_rows, n_classes), 0, device, scale=2.0)
+    target = make_target(logits.shape, kind, device, ignore_index=-100 if n_rows > 2 else None)
+    check_ce(
+        backend_device,
+        logits,
+        target,
+        weight=weight_for(logits, True),
+        reduction="none",
+        label_smoothing=0.1,
+    )
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_confident_rows(backend_device, kind, label_smoothing):
+    """p of the target class within 1e-4..1e-12 of 1: the true-class gradient p - 1 is tiny and
+    must not be lost to cancellation."""
+    _, device = backend_device
+    logits = randn((6, 11), 0, device)
+    target = torch.arange(6, device=device) % 11
+    margins = torch.tensor([10.0, 14.0, 18.0, 22.0, 26.0, 30.0], device=device)
+    logits[torch.arange(6, device=device), target] += margins
+    if kind == "prob":
+        target = F.one_hot(target, 11).float() * 0.999 + 0.001 / 11
+    check_ce(backend_device, logits, target, reduction="none", label_smoothing=label_smoothing)
+
+
+def saved_lse_tolerance(logits: torch.Tensor) -> tuple[float, float]:
+    """Gradient tolerance (rtol, atol relative to the largest gradient) that the design allows
+    for large logits: the backward recomputes p = exp(x - lse) from the fp32 lse saved per row,
+    whose rounding (half an ulp of |lse|) is a relative error of p. Twice that bound, and never
+    looser than the tight fp32 tolerance. (torch saves log p per element and is exact here.)"""
+    bound = torch.finfo(torch.float32).eps * float(logits.abs().max())
+    return max(bound, 1e-5), max(bound, 1e-6)
+
+
+def check_large_logits(backend_device, logits, target, **kwargs):
+    """The loss exactly as tight as ever; gradients within the saved-lse bound."""
+    return check_ce(
+        backend_device, logits, target, grad_tolerance=saved_lse_tolerance(logits), **kwargs
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_extreme_logits(backend_device, kind, reduction):
+    """|logits| up to 1e4: finite, the loss as exact as torch's fp32, the gradient within the
+    bound of the saved fp32 lse."""
+    _, device = backend_device
+    logits = (torch.rand((8, 13), generator=generator(0)) * 2e4 - 1e4).to(device)
+    logits[0] = 1e4  # a row of equal huge logits: p = 1/13 from exp(x - lse) at lse ~ 1e4
+    logits[1] = -1e4
+    logits[2, :3] = 1e4 - torch.tensor([0.0, 0.5, 3.0], device=device)  # a near-tie
+    target = make_target(logits.shape, kind, device, ignore_index=-100 if kind == "index" else None)
+    ours = check_large_logits(
+        backend_device,
+        logits,
+        target,
+        weight=weight_for(logits, True),
+        reduction=reduction,
+        label_smoothing=0.05,
+    )
+    assert all(torch.isfinite(value).all() for _, value in ours.outputs())
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_shift_invariance(backend_device, kind):
+    """x and x + 100 give the same loss (to fp32 rounding: the forward works relative to the
+    row max) and gradients within the saved-lse bound. Logits are multiples of 1/64 so that
+    the shift is exact in fp32."""
+    _, device = backend_device
+    logits = (torch.randint(-256, 256, (6, 9), generator=generator(0)) / 64.0).to(device)
+    target = make_target(logits.shape, kind, device, ignore_index=-100 if kind == "index" else None)
+    kwargs = dict(weight=weight_for(logits, True), reduction="none", label_smoothing=0.2)
+    plain = check_ce(backend_device, logits, target, **kwargs)
+    shifted = check_large_logits(backend_device, logits + 100.0, target, **kwargs)
+    torch.testing.assert_close(shifted.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    rtol, atol = saved_lse_tolerance(logits + 100.0)
+    for (name, a), (_, b) in zip(plain.grads_named(), shifted.grads_named(), strict=True):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol * float(a.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_all_rows_ignored(backend_device, weighted, label_smoothing, reduction):
+    """'mean' over no rows is 0/0 = NaN with an all-zero gradient (torch's answer)."""
+    _, device = backend_device
+    logits = randn((4, 6), 0, device)
+    target = torch.full((4,), -100, device=device)
+    ours = check_ce(
+        backend_device,
+        logits,
+        target,
+        weight=weight_for(logits, weighted),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    expected_loss = {"none": torch.zeros(4), "mean": torch.tensor(float("nan")), "sum": 0.0}
+    torch.testing.assert_close(
+        ours.loss.cpu(), torch.as_tensor(expected_loss[reduction]), equal_nan=True
+    )
+    assert torch.equal(ours.grads[0], torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (2, 5, 0)], ids=["N0", "N0-d3", "N2-d0"])
+def test_empty_batch(backend_device, shape, kind, reduction):
+    """No rows: NaN for 'mean', 0 for 'sum', an empty 'none', empty gradients."""
+    _, device = backend_device
+    logits = randn(shape, 0, device)
+    target = make_target(shape, kind, device)
+    ours = check_ce(backend_device, logits, target, reduction=reduction)
+    if reduction == "mean":
+        assert ours.loss.isnan()
+    elif reduction == "sum":
+        assert ours.loss.item() == 0.0
+    assert ours.grads[0].shape == shape
+
+
+def _layouts(device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """name -> (logits, probability target, class-index target), non-contiguous views of
+    memory laid out another way."""
+    nhwc = randn((2, 3, 4, 5), 0, device)  # (N, H, W, C) memory
+    prob_nhwc = torch.softmax(randn((2, 3, 4, 5), 1, device), -1)
+    index_nhw = torch.randint(0, 5, (2, 3, 4), generator=generator(2)).to(device)
+    wide = randn((6, 14), 3, device)
+    prob_wide = torch.softmax(randn((6, 14), 4, device), -1)
+    index_wide = torch.randint(0, 7, (12,), generator=generator(5)).to(device)
+    class_major = randn((7, 6), 6, device)  # (C, N) memory
+    prob_class_major = torch.softmax(randn((7, 6), 7, device), 0)
+    return {
+        # NCHW views of NHWC memory: class stride 1, spatial strides C.
+        "nchw_from_nhwc": (
+            nhwc.permute(0, 3, 1, 2),
+            prob_nhwc.permute(0, 3, 1, 2),
+            index_nhw,
+        ),
+        # Every other class: class stride 2; targets every other element.
+        "class_stride_2": (wide[:, ::2], prob_wide[:, ::2], index_wide[::2]),
+        # Every other row, and a column slice of a wider buffer.
+        "row_stride_2": (wide[::2, :7], prob_wide[::2, 7:], index_wide[1::2][:3]),
+        # (N, C) read from (C, N) memory: class stride N, row stride 1.
+        "transposed": (class_major.t(), prob_class_major.t(), index_wide[:6]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize(
+    "layout", ["nchw_from_nhwc", "class_stride_2", "row_stride_2", "transposed"]
+)
+def test_non_contiguous_inputs(backend_device, layout, kind):
+    """Strided and permuted inputs give the oracle's numbers, and the same numbers as
+    contiguous copies: bitwise for the kernels; to an ulp for the torch path, whose reductions
+    (torch's own logsumexp) sum in a layout-dependent order."""
+    backend, device = backend_device
+    logits, prob, index = _layouts(device)[layout]
+    assert not logits.is_contiguous()
+    target = prob if kind == "prob" else index
+    kwargs = dict(weight=weight_for(logits, True), reduction="none", label_smoothing=0.1)
+    strided = check_ce(backend_device, logits, target, **kwargs)
+    dense = check_ce(backend_device, logits.contiguous(), target.contiguous(), **kwargs)
+    assert_identical(strided, dense, ulps=0 if backend == "triton" else 2)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_uint8_targets(backend_device, reduction):
+    """Byte targets (ignore_index a valid class) equal int64 targets exactly."""
+    _, device = backend_device
+    logits = randn((7, 6), 0, device)
+    target = make_target(logits.shape, "index", device, ignore_index=2)
+    kwargs = dict(weight=weight_for(logits, True), ignore_index=2, reduction=reduction)
+    as_byte = check_ce(backend_device, logits, target.to(torch.uint8), **kwargs)
+    as_long = check_ce(backend_device, logits, target, **kwargs)
+    assert_identical(as_byte, as_long)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_input_without_grad(backend_device, kind):
+    """Logits that do not require grad work; a probability target alone still gets its
+    gradient."""
+    backend, device = backend_device
+    logits = randn((4, 6), 0, device)
+    target = make_target(logits.shape, kind, device)
+    kwargs = dict(weight=weight_for(logits, True), label_smoothing=0.1)
+    assert not fused_ce.softmax_cross_entropy(
+        logits, target, backend=backend, **kwargs
+    ).requires_grad
+    wrt = (1,) if kind == "prob" else ()
+    check(fused_ce.softmax_cross_entropy, F.cross_entropy, (logits, target), kwargs, wrt, backend)
+
+
+LOW_PRECISION_CASES = {
+    "plain": dict(),
+    "weighted_smoothed": dict(weighted=True, label_smoothing=0.2),
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("options", LOW_PRECISION_CASES.values(), ids=LOW_PRECISION_CASES.keys())
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_dtypes(backend_device, dtype, kind, options, reduction):
+    """fp16/bf16 within twice torch's own same-dtype error; fp64 tight. Includes a confident
+    row (p = 0.999) whose true-class gradient p - 1 must survive the rounding."""
+    _, device = backend_device
+    logits = randn((8, 12), 0, device, dtype=torch.float64, scale=2.0)
+    logits[0, 3] += 10.0  # p close to 1 for class 3
+    logits = logits.to(dtype)
+    target = make_target(logits.shape, kind, device, dtype, ignore_index=-100)
+    if kind == "index":
+        target[0] = 3
+    options = dict(options)
+    weight = weight_for(logits, options.pop("weighted", False))
+    check_ce(backend_device, logits, target, weight=weight, reduction=reduction, **options)
+
+
+# --- bad inputs -------------------------------------------------------------------------------
+
+
+def _bad_cases(device):
+    x = randn((4, 5), 0, device)
+    y = torch.tensor([0, 1, 2, 3], device=device)
+    prob = torch.softmax(x, 1)
+    return {
+        "int32 target": ((x, y.int()), {}, RuntimeError, r"\btarget\b"),
+        "target shape": ((x, y[:3]), {}, ValueError, r"\btarget\b"),
+        "prob target shape": ((x, prob[:, :4]), {}, ValueError, r"\btarget\b"),
+        "reduction": ((x, y), {"reduction": "avg"}, ValueError, r"\breduction\b"),
+        "label_smoothing > 1": ((x, y), {"label_smoothing": 1.5}, RuntimeError, "label_smoothing"),
+        "weight size": (
+            (x, y),
+            {"weight": torch.ones(4, device=device)},
+            RuntimeError,
+            r"\bweight\b",
+        ),
+        "weight 2-d": (
+            (x, y),
+            {"weight": torch.ones(1, 5, device=device)},
+            RuntimeError,
+            r"\bweight\b",
+        ),
+        "weight requires grad": (
+            (x, y),
+            {"weight": torch.ones(5, device=device, requires_grad=True)},
+            RuntimeError,
+            r"\bweight\b",
+        ),
+        "weight dtype": (
+            (x.bfloat16(), y),
+            {"weight": torch.ones(5, device=device)},
+            RuntimeError,
+            r"\bweight\b",
+        ),
+        "ignore_index with prob target": (
+            (x, prob),
+            {"ignore_index": 0},
+            RuntimeError,
+            "ignore_index",
+        ),
+        "integer input": ((y.view(4, 1).expand(4, 5), y), {}, TypeError, r"\binput\b"),
+        "0-d input": ((x[0, 0], y[0]), {}, ValueError, r"\binput\b"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases("cpu")))
+def test_bad_inputs_raise(backend_device, case):
+    backend, device = backend_device
+    args, kwargs, error, match = _bad_cases(device)[case]
+    with pytest.raises(error, match=match):
+        fused_ce.softmax_cross_entropy(*args, backend=backend, **kwargs)
+
+
+CPU_CASES = [case for case in backend_cases() if case[1] == "cpu"]
+
+
+@pytest.mark.parametrize("bad_class", [5, 7, -1, -3])
+@pytest.mark.parametrize("kind", ["NC", "NCHW"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_out_of_range_class_raises(case, kind, bad_class):
+    """On CPU ``torch._assert_async`` raises before any kernel runs (on CUDA it is a device-side
+    assert, which would poison the process, so these run on CPU only)."""
+    backend, device = case
+    shape = (4, 5) if kind == "NC" else (2, 5, 2)
+    logits = randn(shape, 0, device)
+    target = make_target(shape, "index", device)
+    target.view(-1)[1] = bad_class
+    with pytest.raises(RuntimeError, match=r"\btarget\b.*out of bounds"):
+        fused_ce.softmax_cross_entropy(logits, target, backend=backend)
+
+
+TRITON_CASES = [case for case in backend_cases() if case[0] == "triton"]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_kernel_never_reads_through_a_bad_target(case):
+    """Below the public check, the Triton kernels treat an out-of-range class index like an
+    ignored row: no out-of-bounds access, finite statistics, zero loss and zero gradient."""
+    _, device = case
+    logits = randn((4, 5), 0, device, dtype=torch.float64).requires_grad_()
+    target = torch.tensor([1, 5, -7, 10**12], device=device)
+    weight = positive((5,), 5, device, torch.float64)
+    loss, lse, _ = ce_forward(logits.unsqueeze(-1), target.view(4, 1), weight, -100, 0.1, True)
+    expected = F.cross_entropy(
+        logits[:1].detach(), target[:1], weight=weight, reduction="none", label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss.detach()[:1], expected)
+    assert torch.equal(loss.detach()[1:], torch.zeros(3, dtype=torch.float64, device=device))
+    torch.testing.assert_close(lse.detach(), torch.logsumexp(logits.detach(), 1))
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.equal(grad[1:], torch.zeros_like(grad[1:]))
