@@ -1,0 +1,195 @@
+"""Launch the fused linear + cross-entropy kernels (the ``"fused"`` path): logits never exist
+in memory, not even a chunk of them. See kernels/linear_cross_entropy.py."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import INTERPRET
+from .._common import accumulation_dtype
+from ..kernels.linear_cross_entropy import (
+    lce_backward_input_kernel,
+    lce_backward_weight_kernel,
+    lce_forward_kernel,
+)
+from ._common import tl_dtype
+from .cross_entropy import _split_fp64
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def _tiles(n_classes: int, n_features: int) -> dict[str, int]:
+    """Tile sizes (``tl.dot`` needs 16 or more on every side). Compiled: 64 x 64 logits tiles
+    over 32-feature slices keep the fp32 tiles in registers and the operand tiles of every
+    dtype within shared memory. Interpreted: the smallest tiles that cover the tiny test
+    shapes in few programs."""
+    if INTERPRET:
+        block_v = min(64, max(16, triton.next_power_of_2(n_classes)))
+        block_d = min(32, max(16, triton.next_power_of_2(n_features)))
+        return {"BLOCK_N": 16, "BLOCK_V": block_v, "BLOCK_D": block_d, "BLOCK_DO": block_d}
+    block_do = min(64, max(16, triton.next_power_of_2(n_features)))
+    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DO": block_do, "num_warps": 4}
+
+
+def _dot_args(input: torch.Tensor) -> dict:
+    """``tl.dot`` operands in the input dtype (fp32 when interpreting: the interpreter's bf16
+    dot is wrong); IEEE fp32 products, so fp32 inputs are not silently rounded to TF32."""
+    dot_dtype = _TL_DTYPES[input.dtype]
+    if INTERPRET and input.dtype in (torch.float16, torch.bfloat16):
+        dot_dtype = tl.float32
+    return {
+        "DOT_DTYPE": dot_dtype,
+        "DOT_PRECISION": "ieee",
+        "ACC_DTYPE": tl_dtype(accumulation_dtype(input.dtype)),
+    }
+
+
+def _operands(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> dict:
+    """Arguments shared by the three kernels: operands, sizes, strides and constexpr flags."""
+    prob_target = target.dim() == 2
+    n_classes, n_features = linear_weight.shape
+    smoothing_hi, smoothing_lo = _split_fp64(label_smoothing)
+    return {
+        "input_ptr": input,
+        "linear_weight_ptr": linear_weight,
+        # Absent operands: any pointer; the constexpr flags keep it from being read.
+        "linear_bias_ptr": linear_bias if linear_bias is not None else input,
+        "target_ptr": target,
+        "class_weight_ptr": weight if weight is not None else input,
+        "n_rows": input.shape[0],
+        "n_classes": n_classes,
+        "n_features": n_features,
+        "input_row_stride": input.stride(0),
+        "input_feature_stride": input.stride(1),
+        "weight_class_stride": linear_weight.stride(0),
+        "weight_feature_stride": linear_weight.stride(1),
+        "bias_stride": linear_bias.stride(0) if linear_bias is not None else 0,
+        "target_row_stride": target.stride(0),
+        "target_class_stride": target.stride(1) if prob_target else 0,
+        "ignore_index": ignore_index,
+        # fp64 smoothing as two fp32 halves: a float kernel argument arrives as fp32.
+        "label_smoothing_hi": smoothing_hi,
+        "label_smoothing_lo": smoothing_lo,
+        "HAS_BIAS": linear_bias is not None,
+        "HAS_WEIGHT": weight is not None,
+        "PROB_TARGET": prob_target,
+        "HAS_SMOOTHING": label_smoothing > 0.0,
+        **_dot_args(input),
+    }
+
+
+def forward(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss, lse, U) of ``cross_entropy(input @ linear_weight.T + linear_bias)``.
+
+    ``input`` ``(N, D)``, ``linear_weight`` ``(V, D)``, ``target`` ``(N,)`` class indices or
+    ``(N, V)`` probabilities; any strides.
+    """
+    n_rows, n_features = input.shape
+    n_classes = linear_weight.shape[0]
+    dtype = accumulation_dtype(input.dtype, target.dtype)
+    loss = torch.empty(n_rows, device=input.device, dtype=dtype)
+    lse = torch.empty_like(loss)
+    linear_sum = torch.empty_like(loss)
+    if n_rows == 0:
+        return loss, lse, linear_sum
+    tiles = _tiles(n_classes, n_features)
+    del tiles["BLOCK_DO"]
+    lce_forward_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
+        loss_ptr=loss,
+        lse_ptr=lse,
+        linear_sum_ptr=linear_sum,
+        **_operands(
+            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
+        ),
+        **tiles,
+    )
+    return loss, lse, linear_sum
+
+
+def backward(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    linear_sum: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_input: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    grad_bias: torch.Tensor | None,
+    grad_target: torch.Tensor | None,
+) -> None:
+    """Write the requested gradients (contiguous buffers; ``None`` skips one) from the saved
+    per-row ``lse`` and ``U``; ``grad_loss`` is per row, any stride."""
+    n_rows, n_features = input.shape
+    n_classes = linear_weight.shape[0]
+    tiles = _tiles(n_classes, n_features)
+    feature_blocks = max(1, triton.cdiv(n_features, tiles["BLOCK_DO"]))
+    common = {
+        "lse_ptr": lse,
+        "linear_sum_ptr": linear_sum,
+        "grad_loss_ptr": grad_loss,
+        "grad_loss_stride": grad_loss.stride(0),
+        **_operands(
+            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
+        ),
+        **tiles,
+    }
+    if (grad_input is not None or grad_target is not None) and n_rows > 0:
+        # An absent output gets the other's buffer; its constexpr flag keeps it unwritten.
+        gi = grad_input if grad_input is not None else grad_target
+        gt = grad_target if grad_target is not None else grad_input
+        grid = (
+            triton.cdiv(n_rows, tiles["BLOCK_N"]),
+            feature_blocks if grad_input is not None else 1,
+        )
+        lce_backward_input_kernel[grid](
+            grad_input_ptr=gi,
+            grad_target_ptr=gt,
+            grad_input_row_stride=gi.stride(0),
+            grad_target_row_stride=gt.stride(0),
+            COMPUTE_GRAD_INPUT=grad_input is not None,
+            COMPUTE_GRAD_TARGET=grad_target is not None,
+            **common,
+        )
+    if grad_weight is not None or grad_bias is not None:
+        gw = grad_weight if grad_weight is not None else grad_bias
+        gb = grad_bias if grad_bias is not None else grad_weight
+        grid = (
+            triton.cdiv(n_classes, tiles["BLOCK_V"]),
+            feature_blocks if grad_weight is not None else 1,
+        )
+        lce_backward_weight_kernel[grid](
+            grad_weight_ptr=gw,
+            grad_bias_ptr=gb,
+            grad_weight_row_stride=gw.stride(0),
+            COMPUTE_GRAD_WEIGHT=grad_weight is not None,
+            COMPUTE_GRAD_BIAS=grad_bias is not None,
+            **common,
+        )

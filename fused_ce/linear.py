@@ -1,0 +1,381 @@
+"""Fused linear + loss heads: the loss of ``F.linear(input, linear_weight, linear_bias)``
+without the ``N x V`` logits.
+
+The gradient the lecture derives, ``dL/dz = o - t`` (softmax or sigmoid output minus target),
+gives ``dW = sum_n (o_n - t_n) x_n^T`` and ``dX = (o - t) W``: both are sums over tiles of the
+logits, so no more than a tile (Triton) or a chunk of rows (cuBLAS, torch) of them ever exists.
+
+Paths (``path=``):
+
+* ``"chunked"`` (the default): per chunk of rows, the logits through one GEMM into a reused
+  buffer, the core loss kernel (``fused_ce.launch``; the torch path on CPU) turns it into
+  ``dL/dz`` in place, ``dX`` rows by one GEMM, ``dW``/``db`` accumulated in fp32. For a
+  ``'mean'``/``'sum'`` loss whose gradient is wanted, the gradients are made during the forward
+  (three GEMMs in all); otherwise the forward saves the per-row log-sum-exp and the backward
+  recomputes (four).
+* ``"fused"`` (CE only, Triton): no logits at all; the forward computes the log-sum-exp tile by
+  tile, the backward recomputes the tiles and forms ``dX`` and ``dW`` in registers
+  (deterministic, no atomics). Best for small ``D``; see ``kernels/linear_cross_entropy.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backend import use_triton
+from ._common import accumulation_dtype
+from .functional import _check_constant, _check_floating, _check_reduction, _reduce
+from .ops.linear import (
+    linear_bce_forward,
+    linear_bce_scalar,
+    linear_ce_forward,
+    linear_ce_scalar,
+)
+
+PATHS = ("auto", "chunked", "fused")
+
+
+def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> int:
+    """Validate the ``F.linear`` operands; return the number of classes (out_features)."""
+    _check_floating("input", input)
+    _check_floating("linear_weight", linear_weight)
+    if input.dim() == 0:
+        raise ValueError("input: expected at least 1 dimension (the features), got a 0-d tensor")
+    n_features = input.shape[-1]
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != n_features:
+        raise ValueError(
+            f"linear_weight: expected shape (out_features, {n_features}) for input of shape "
+            f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.shape[0] == 0:
+        raise ValueError("linear_weight: expected at least one output feature (class), got 0")
+    for name, tensor in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if tensor is None:
+            continue
+        _check_floating(name, tensor)
+        if tensor.dtype != input.dtype:
+            raise RuntimeError(
+                f"{name}: expected dtype {input.dtype} (the input's), got {tensor.dtype}"
+            )
+        if tensor.device != input.device:
+            raise RuntimeError(f"{name}: expected a tensor on {input.device}, got {tensor.device}")
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise ValueError(
+            f"linear_bias: expected shape ({n_classes},), got {tuple(linear_bias.shape)}"
+        )
+    return n_classes
+
+
+def _check_chunk_size(chunk_size: int | None) -> int:
+    """``chunk_size`` as the ops take it: rows per chunk, 0 for automatic."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def _check_target(target: Tensor, input: Tensor) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise RuntimeError(f"target: expected a tensor on {input.device}, got {target.device}")
+
+
+def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
+    """Which operands want a gradient from this call (no host sync: Python attributes)."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+def _as_rows(input: Tensor) -> Tensor:
+    """``(..., D)`` as ``(N, D)``: a view when the leading dims merge, else a copy of input."""
+    return input.reshape(-1, input.shape[-1])
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    path: str = "auto",
+    backend: str | None = None,
+) -> Tensor:
+    r"""Linear layer + softmax cross-entropy, fused: the result and gradients of
+    ``softmax_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` (and of
+    ``torch.nn.functional.linear_cross_entropy``), without the ``N x V`` logits.
+
+    With :math:`z_n = W x_n + b` (:math:`V` classes), :math:`\mathrm{lse}_n = \log\sum_c
+    e^{z_{n,c}}`, class weights :math:`w` (ones when ``None``), :math:`v_n = [y_n \ne
+    \text{ignore\_index}]` and smoothing :math:`\varepsilon`:
+
+    * class-index target: :math:`\ell_n = v_n[(1-\varepsilon)\,w_{y_n}(\mathrm{lse}_n -
+      z_{n,y_n}) + \tfrac{\varepsilon}{V}\sum_c w_c(\mathrm{lse}_n - z_{n,c})]`; ``'mean'``
+      divides the sum by :math:`\sum_n w_{y_n} v_n`.
+    * probability target :math:`t`: :math:`\ell_n = \sum_c w_c\,t'_{n,c}(\mathrm{lse}_n -
+      z_{n,c})`, :math:`t' = (1-\varepsilon)t + \varepsilon/V`; ``'mean'`` divides by :math:`N`.
+
+    Gradients, with :math:`G = \partial L/\partial z` (softmax minus the one-hot or smoothed
+    target, weighted, times the upstream gradient): :math:`\partial L/\partial x = G W`,
+    :math:`\partial L/\partial W = G^\top X`, :math:`\partial L/\partial b = \sum_n G_n`; the
+    probability target receives :math:`-(1-\varepsilon)\,w_c \log p_c` per unit loss.
+
+    Args:
+        input: features ``(..., D)``, any leading dims (``N`` rows in all); fp16, bf16, fp32 or
+            fp64.
+        linear_weight: ``(V, D)``, ``input``'s dtype and device.
+        target: class indices of shape ``input.shape[:-1]`` (int64 or uint8), or probabilities
+            of shape ``input.shape[:-1] + (V,)`` (floating point).
+        linear_bias: optional ``(V,)``, ``input``'s dtype.
+        weight: optional class weights ``(V,)`` (``input``'s dtype for class-index targets);
+            not differentiable.
+        reduction: ``'none'`` (shape ``input.shape[:-1]``), ``'mean'`` or ``'sum'``.
+        ignore_index: class index whose rows contribute nothing (any int); must be negative
+            with probability targets.
+        label_smoothing: :math:`\varepsilon \in [0, 1]`; negative values act as 0.
+        chunk_size: rows per chunk on the chunked path; bounds the extra memory to about
+            ``chunk_size x V`` logits. ``None``: a 512 MiB logits buffer on CUDA, 16 MiB of
+            fp32 on CPU (see ``fused_ce.torch_impl.linear``). Results do not depend on it
+            beyond fp32 summation order.
+        path: ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or ``'fused'`` (Triton only).
+        backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``;
+            on the chunked path it picks the per-chunk loss kernels, the GEMMs being torch's.
+
+    Returns:
+        The loss in ``input``'s dtype (the promoted dtype of input and target for probability
+        targets), computed in fp32 (fp64 for fp64 operands). ``dW`` and ``db`` are accumulated
+        in fp32 across chunks and rounded once.
+
+    With ``reduction='mean'``/``'sum'`` and a gradient wanted, the chunked path computes the
+    gradients during the forward (see ``fused_ce.ops.linear``): ``loss.backward()`` then only
+    multiplies them by the upstream gradient. Double backward is not supported.
+    """
+    _check_reduction(reduction)
+    n_classes = _check_linear(input, linear_weight, linear_bias)
+    rows_per_chunk = _check_chunk_size(chunk_size)
+    _check_target(target, input)
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
+    eps = float(label_smoothing) if label_smoothing > 0.0 else 0.0
+    _check_constant("weight", weight, input)
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n_classes):
+        raise RuntimeError(
+            f"weight: should be defined either for all {n_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    batch_shape = input.shape[:-1]
+    prob_target = target.is_floating_point()
+    if prob_target:
+        expected = (*batch_shape, n_classes)
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"target: probability targets must have shape {expected} (input's leading dims "
+                f"and the {n_classes} classes), got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError(
+                f"ignore_index: not supported for probability (floating point) targets; "
+                f"got {ignore_index}, expected a negative value"
+            )
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        rows_target = target.reshape(-1, n_classes)
+    else:
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(
+                f"target: expected target dtype to be Long or Byte (class indices) or a "
+                f"floating dtype (probabilities), but got {target.dtype}"
+            )
+        if target.shape != batch_shape:
+            raise ValueError(
+                f"target: expected shape {tuple(batch_shape)} (input's leading dims) for input "
+                f"of shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if weight is not None and weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
+            )
+        out_dtype = input.dtype
+        rows_target = target.reshape(-1)
+        valid = rows_target != ignore_index
+        torch._assert_async(
+            (((rows_target >= 0) & (rows_target < n_classes)) | ~valid).all(),
+            f"target: a class index is out of bounds (expected values in [0, {n_classes}) "
+            f"or ignore_index={ignore_index})",
+        )
+
+    triton = use_triton(backend, input)
+    fused = path == "fused"
+    if fused and not triton:
+        raise RuntimeError(
+            "path: 'fused' runs the Triton kernels, but the backend resolved to 'torch' "
+            f"(backend={backend!r}, input on {input.device}); use path='chunked'"
+        )
+    x = _as_rows(input)
+    n_rows = x.shape[0]
+    acc = accumulation_dtype(input.dtype, target.dtype)
+    if reduction == "mean" and not prob_target:
+        if weight is None:
+            divisor = valid.sum().to(acc)
+        else:
+            divisor = (weight.to(acc)[torch.where(valid, rows_target, 0).long()] * valid).sum()
+    else:
+        divisor = n_rows
+
+    wants = _grad_flags(input, linear_weight, linear_bias, target if prob_target else None)
+    if reduction != "none" and not fused and any(wants):
+        if reduction == "sum":
+            scale = torch.ones((), dtype=acc, device=input.device)
+        elif isinstance(divisor, Tensor):
+            scale = 1.0 / divisor
+        else:
+            scale = torch.full(
+                (), 1.0 / divisor if divisor else float("nan"), dtype=acc, device=input.device
+            )
+        loss, *_ = linear_ce_scalar(
+            x,
+            linear_weight,
+            linear_bias,
+            rows_target,
+            weight,
+            scale,
+            ignore_index,
+            eps,
+            rows_per_chunk,
+            triton,
+            *wants,
+        )
+        return loss.to(out_dtype)
+    loss, _, _ = linear_ce_forward(
+        x,
+        linear_weight,
+        linear_bias,
+        rows_target,
+        weight,
+        ignore_index,
+        eps,
+        rows_per_chunk,
+        fused,
+        triton,
+    )
+    return _reduce(loss.view(batch_shape), reduction, divisor, out_dtype)
+
+
+def linear_binary_cross_entropy_with_logits(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Linear layer + sigmoid binary cross-entropy, fused: the result and gradients of
+    ``sigmoid_binary_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
+    without an ``N x C`` buffer when the loss is reduced.
+
+    The lecture's sigmoid neuron (``C = 1``) and multi-label heads (``C > 1``). With
+    :math:`z = W x + b`, :math:`o = \sigma(z)`, weight :math:`w` and positive-class weight
+    :math:`p_w` (ones when ``None``), elementwise
+
+    .. math:: \ell = w\,[(1-t)\,z + ((p_w-1)t+1)\log(1+e^{-z})]
+
+    and :math:`G = \partial\ell/\partial z = w\,(((p_w-1)t+1)\,o - p_w t)` (the lecture's
+    :math:`o - t` when unweighted), so :math:`\partial L/\partial W = \sum_n G_n x_n^\top`,
+    :math:`\partial L/\partial x = G W`, :math:`\partial L/\partial b = \sum_n G_n`; the target
+    receives :math:`w\,(-z - (p_w-1)\log o)`.
+
+    Args:
+        input: features ``(..., D)``; fp16, bf16, fp32 or fp64.
+        linear_weight: ``(C, D)``, ``input``'s dtype and device.
+        target: floating point, the logits' shape ``input.shape[:-1] + (C,)``.
+        linear_bias: optional ``(C,)``, ``input``'s dtype.
+        weight: optional, broadcastable to the logits' shape (right-aligned); not
+            differentiable.
+        pos_weight: optional, broadcastable to the logits' shape; a ``(C,)`` tensor weighs each
+            output. Not differentiable.
+        reduction: ``'none'`` (the logits' shape), ``'mean'`` (divides by ``N * C``) or
+            ``'sum'``.
+        chunk_size: rows per chunk (see :func:`linear_cross_entropy`).
+        backend: ``'auto'``, ``'triton'`` or ``'torch'``: the per-chunk BCE kernel.
+
+    Returns:
+        The loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64 operands).
+    """
+    _check_reduction(reduction)
+    n_classes = _check_linear(input, linear_weight, linear_bias)
+    rows_per_chunk = _check_chunk_size(chunk_size)
+    _check_target(target, input)
+    _check_floating("target", target)
+    logits_shape = (*input.shape[:-1], n_classes)
+    if tuple(target.shape) != logits_shape:
+        raise ValueError(
+            f"target: Target size ({tuple(target.shape)}) must be the same as input size "
+            f"{logits_shape} (the logits': input's leading dims and the {n_classes} outputs)"
+        )
+    rows = []
+    for name, tensor in (("weight", weight), ("pos_weight", pos_weight)):
+        _check_constant(name, tensor, input)
+        if tensor is not None:
+            try:
+                shape = torch.broadcast_shapes(tensor.shape, logits_shape)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"{name}: shape {tuple(tensor.shape)} does not broadcast to the logits' "
+                    f"shape {logits_shape}: {error}"
+                ) from None
+            if tuple(shape) != logits_shape:
+                raise RuntimeError(
+                    f"{name}: shape {tuple(tensor.shape)} would enlarge the loss beyond the "
+                    f"logits' shape {logits_shape} (broadcast shape {tuple(shape)})"
+                )
+            # (N, C) with stride 0 along broadcast dims (a copy only when no view exists).
+            tensor = tensor.expand(logits_shape).reshape(-1, n_classes)
+        rows.append(tensor)
+
+    triton = use_triton(backend, input)
+    x = _as_rows(input)
+    rows_target = target.reshape(-1, n_classes)
+    acc = accumulation_dtype(input.dtype, target.dtype)
+    wants = _grad_flags(input, linear_weight, linear_bias, target)
+    if reduction != "none" and any(wants):
+        numel = rows_target.numel()
+        value = 1.0 if reduction == "sum" else (1.0 / numel if numel else float("nan"))
+        scale = torch.full((), value, dtype=acc, device=input.device)
+        loss, *_ = linear_bce_scalar(
+            x,
+            linear_weight,
+            linear_bias,
+            rows_target,
+            *rows,
+            scale,
+            rows_per_chunk,
+            triton,
+            *wants,
+        )
+        return loss.to(target.dtype)
+    loss = linear_bce_forward(
+        x,
+        linear_weight,
+        linear_bias,
+        rows_target,
+        *rows,
+        rows_per_chunk,
+        triton,
+        reduction != "none",
+    )
+    if reduction == "none":
+        return loss.view(logits_shape)
+    return _reduce(loss, reduction, rows_target.numel(), target.dtype)

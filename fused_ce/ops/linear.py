@@ -1,0 +1,576 @@
+"""Custom ops for the fused linear + loss heads, with fake kernels and autograd.
+
+Two kinds of op pair, for each head (softmax CE and sigmoid BCE):
+
+* ``*_forward`` / ``*_backward``: the forward returns per-row statistics (CE: loss, lse, U; BCE:
+  the elementwise loss or its per-row sums) and saves only its inputs and those statistics; the
+  backward recomputes the logits from them, so any upstream gradient, per token included
+  (``reduction='none'``), is exact.
+* ``*_scalar``: for a ``'mean'`` or ``'sum'`` loss whose gradient is wanted. The forward takes
+  the reduction's scale (``1 / divisor`` or 1, a 0-d tensor), returns the reduced loss and
+  computes the gradients of that loss in the same sweep (each chunk's logits are made once:
+  three GEMMs in all, against four for forward + recompute). The upstream gradient of a 0-d
+  loss is one number, which the backward multiplies in: exact whenever it is a power of two
+  (1 from ``loss.backward()``, a ``GradScaler`` scale), otherwise one extra rounding in the
+  operands' dtype.
+
+Inputs are 2-D: ``input (N, D)``, ``linear_weight (V, D)``; the public functions in
+``fused_ce.linear`` flatten leading dims and reduce in plain torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._common import accumulation_dtype
+from ..torch_impl import bce as torch_bce
+from ..torch_impl import cross_entropy as torch_ce
+from ..torch_impl import linear as chunked
+from ._autograd import forbid_double_backward
+
+
+def _ce(use_triton: bool):
+    if use_triton:
+        from ..launch import cross_entropy
+
+        return cross_entropy
+    return torch_ce
+
+
+def _bce(use_triton: bool):
+    if use_triton:
+        from ..launch import bce
+
+        return bce
+    return torch_bce
+
+
+def _fused():
+    from ..launch import linear_cross_entropy
+
+    return linear_cross_entropy
+
+
+def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor) -> int:
+    return chunked.chunk_rows(chunk_size, input.shape[0], linear_weight.shape[0], input.device)
+
+
+def _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad):
+    return chunked.LinearGrads(
+        input,
+        linear_weight,
+        linear_bias,
+        input_grad,
+        weight_grad,
+        bias_grad and linear_bias is not None,
+    )
+
+
+def _grad_target(target: torch.Tensor, wanted: bool) -> torch.Tensor:
+    if wanted:
+        return torch.empty(target.shape, dtype=target.dtype, device=target.device)
+    return target.new_empty(0)
+
+
+def _fake_grads(
+    input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
+):
+    def like(t, wanted):
+        if t is None or not wanted:
+            return input.new_empty(0) if t is None else t.new_empty(0)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    return (
+        like(input, input_grad),
+        like(linear_weight, weight_grad),
+        like(linear_bias, bias_grad) if linear_bias is not None else linear_weight.new_empty(0),
+        like(target, target_grad),
+    )
+
+
+# --- softmax cross-entropy head ---------------------------------------------------------------
+
+
+@torch.library.custom_op("fused_ce::linear_ce_forward", mutates_args=())
+def linear_ce_forward(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int,
+    fused: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(loss, lse, U)`` of ``cross_entropy(input @ linear_weight.T + linear_bias)``;
+    ``target`` is ``(N,)`` class indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is
+    automatic; ``fused`` picks the Triton kernels that never write logits."""
+    if fused:
+        return _fused().forward(
+            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
+        )
+    return chunked.cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        _rows(chunk_size, input, linear_weight),
+        _ce(use_triton),
+    )
+
+
+@linear_ce_forward.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    fused,
+    use_triton,
+):
+    dtype = accumulation_dtype(input.dtype, target.dtype)
+    return tuple(input.new_empty(input.shape[0], dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("fused_ce::linear_ce_backward", mutates_args=())
+def linear_ce_backward(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    linear_sum: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int,
+    fused: bool,
+    use_triton: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss``, recomputing the logits; each is
+    empty unless asked for."""
+    grad_target = _grad_target(target, target_grad)
+    if fused:
+        grad_input, grad_weight, grad_bias, _ = _fake_grads(
+            input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
+        )
+        _fused().backward(
+            grad_loss,
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            lse,
+            linear_sum,
+            ignore_index,
+            label_smoothing,
+            grad_input if input_grad else None,
+            grad_weight if weight_grad else None,
+            grad_bias if bias_grad and linear_bias is not None else None,
+            grad_target if target_grad else None,
+        )
+        return grad_input, grad_weight, grad_bias, grad_target
+    grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
+    chunked.cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        _rows(chunk_size, input, linear_weight),
+        _ce(use_triton),
+        stats=(None, lse, linear_sum),
+        grad_loss=grad_loss,
+        grads=grads,
+        grad_target=grad_target if target_grad else None,
+    )
+    return (*grads.results(), grad_target)
+
+
+@linear_ce_backward.register_fake
+def _(
+    grad_loss,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    lse,
+    linear_sum,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    fused,
+    use_triton,
+    input_grad,
+    weight_grad,
+    bias_grad,
+    target_grad,
+):
+    return _fake_grads(
+        input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
+    )
+
+
+def _ce_setup_context(ctx, inputs, output):
+    input, linear_weight, linear_bias, target, weight = inputs[:5]
+    _, lse, linear_sum = output
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, linear_sum)
+    ctx.set_materialize_grads(False)
+    ctx.options = inputs[5:]  # ignore_index, label_smoothing, chunk_size, fused, use_triton
+
+
+def _ce_backward(ctx, grad_loss, grad_lse, grad_linear_sum):
+    input, linear_weight, linear_bias, target, weight, lse, linear_sum = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None, None, None
+    needs = ctx.needs_input_grad
+    target_grad = target.is_floating_point() and needs[3]
+    grads = linear_ce_backward(
+        grad_loss,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        lse,
+        linear_sum,
+        *ctx.options,
+        needs[0],
+        needs[1],
+        needs[2],
+        target_grad,
+    )
+    return _wanted(grads, needs[:3] + (target_grad,)) + (None,) * 6
+
+
+linear_ce_forward.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+@torch.library.custom_op("fused_ce::linear_ce_scalar", mutates_args=())
+def linear_ce_scalar(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int,
+    use_triton: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale * sum_n loss_n, dX, dW, db, dtarget)``: the reduced loss and its gradients from
+    one chunked sweep (the chunked path only)."""
+    grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
+    grad_target = _grad_target(target, target_grad)
+    n_rows = input.shape[0]
+    loss, _, _ = chunked.cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        _rows(chunk_size, input, linear_weight),
+        _ce(use_triton),
+        grad_loss=scale.to(accumulation_dtype(input.dtype, target.dtype)).expand(n_rows),
+        grads=grads,
+        grad_target=grad_target if target_grad else None,
+    )
+    return (loss.sum() * scale, *grads.results(), grad_target)
+
+
+@linear_ce_scalar.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    scale,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    use_triton,
+    input_grad,
+    weight_grad,
+    bias_grad,
+    target_grad,
+):
+    dtype = accumulation_dtype(input.dtype, target.dtype)
+    return (
+        input.new_empty((), dtype=dtype),
+        *_fake_grads(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            input_grad,
+            weight_grad,
+            bias_grad,
+            target_grad,
+        ),
+    )
+
+
+# --- sigmoid binary cross-entropy head --------------------------------------------------------
+
+
+@torch.library.custom_op("fused_ce::linear_bce_forward", mutates_args=())
+def linear_bce_forward(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    chunk_size: int,
+    use_triton: bool,
+    row_sums: bool,
+) -> torch.Tensor:
+    """The ``(N, C)`` elementwise loss (``target``'s dtype) of ``binary_cross_entropy_with_
+    logits(input @ linear_weight.T + linear_bias, target)``, or with ``row_sums`` its ``(N,)``
+    row sums in the accumulation dtype, with no ``N x C`` buffer."""
+    loss = _bce_loss_buffer(input, linear_weight, target, row_sums)
+    chunked.binary_cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        pos_weight,
+        _rows(chunk_size, input, linear_weight),
+        _bce(use_triton),
+        loss=loss,
+    )
+    return loss
+
+
+def _bce_loss_buffer(input, linear_weight, target, row_sums):
+    if row_sums:
+        return input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype, target.dtype))
+    return torch.empty(target.shape, dtype=target.dtype, device=target.device)
+
+
+@linear_bce_forward.register_fake
+def _(
+    input, linear_weight, linear_bias, target, weight, pos_weight, chunk_size, use_triton, row_sums
+):
+    return _bce_loss_buffer(input, linear_weight, target, row_sums)
+
+
+@torch.library.custom_op("fused_ce::linear_bce_backward", mutates_args=())
+def linear_bce_backward(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    chunk_size: int,
+    use_triton: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dW, db, dtarget)`` for ``grad`` of the elementwise loss (``(N, C)``) or of its row
+    sums (``(N,)``), recomputing the logits; each is empty unless asked for."""
+    if grad.dim() == 1:
+        grad = grad[:, None].expand(target.shape)
+    grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
+    grad_target = _grad_target(target, target_grad)
+    chunked.binary_cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        pos_weight,
+        _rows(chunk_size, input, linear_weight),
+        _bce(use_triton),
+        grad=grad,
+        grads=grads,
+        grad_target=grad_target if target_grad else None,
+    )
+    return (*grads.results(), grad_target)
+
+
+@linear_bce_backward.register_fake
+def _(
+    grad,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    pos_weight,
+    chunk_size,
+    use_triton,
+    input_grad,
+    weight_grad,
+    bias_grad,
+    target_grad,
+):
+    return _fake_grads(
+        input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
+    )
+
+
+def _bce_setup_context(ctx, inputs, output):
+    input, linear_weight, linear_bias, target, weight, pos_weight = inputs[:6]
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, pos_weight)
+    ctx.options = inputs[6:8]  # chunk_size, use_triton
+
+
+def _bce_backward(ctx, grad):
+    input, linear_weight, linear_bias, target, weight, pos_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = linear_bce_backward(
+        grad,
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        pos_weight,
+        *ctx.options,
+        needs[0],
+        needs[1],
+        needs[2],
+        needs[3],
+    )
+    return _wanted(grads, needs[:4]) + (None,) * 5
+
+
+linear_bce_forward.register_autograd(_bce_backward, setup_context=_bce_setup_context)
+
+
+@torch.library.custom_op("fused_ce::linear_bce_scalar", mutates_args=())
+def linear_bce_scalar(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    chunk_size: int,
+    use_triton: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale * sum loss, dX, dW, db, dtarget)`` from one chunked sweep."""
+    loss = _bce_loss_buffer(input, linear_weight, target, True)
+    grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
+    grad_target = _grad_target(target, target_grad)
+    chunked.binary_cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        pos_weight,
+        _rows(chunk_size, input, linear_weight),
+        _bce(use_triton),
+        loss=loss,
+        grad=scale.to(loss.dtype).expand(target.shape),
+        grads=grads,
+        grad_target=grad_target if target_grad else None,
+    )
+    return (loss.sum() * scale, *grads.results(), grad_target)
+
+
+@linear_bce_scalar.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    pos_weight,
+    scale,
+    chunk_size,
+    use_triton,
+    input_grad,
+    weight_grad,
+    bias_grad,
+    target_grad,
+):
+    return (
+        input.new_empty((), dtype=accumulation_dtype(input.dtype, target.dtype)),
+        *_fake_grads(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            input_grad,
+            weight_grad,
+            bias_grad,
+            target_grad,
+        ),
+    )
+
+
+# --- shared autograd --------------------------------------------------------------------------
+
+
+def _wanted(grads, wanted) -> tuple:
+    return tuple(g if w else None for g, w in zip(grads, wanted, strict=True))
+
+
+def _scalar_setup_context(ctx, inputs, output):
+    # The gradients were made in forward; keep them (not the inputs) for the backward.
+    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.n_inputs = len(inputs)
+
+
+def _scalar_backward(ctx, grad_loss, *grads_of_grads):
+    if any(g is not None for g in grads_of_grads):
+        raise RuntimeError(
+            "fused_ce: double backward through a fused linear loss is not supported; use "
+            "torch.nn.functional.linear followed by the loss for higher-order gradients."
+        )
+    needs = ctx.needs_input_grad
+    scaled = tuple(
+        grad * grad_loss if needs[i] else None for i, grad in enumerate(ctx.saved_tensors)
+    )
+    return scaled + (None,) * (ctx.n_inputs - 4)
+
+
+linear_ce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup_context)
+linear_bce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup_context)
+
+forbid_double_backward(linear_ce_backward, "linear_cross_entropy", "F.linear + F.cross_entropy")
+forbid_double_backward(
+    linear_bce_backward,
+    "linear_binary_cross_entropy_with_logits",
+    "F.linear + F.binary_cross_entropy_with_logits",
+)

@@ -1,0 +1,259 @@
+"""Fused linear + loss heads, chunked over rows: the ``"chunked"`` path.
+
+For each chunk of rows the logits ``z = x_r @ W^T + b`` (``rows x V``, input dtype) come from one
+GEMM (``torch.mm``/``addmm``: cuBLAS on CUDA) into one reused buffer. The loss implementation
+passed in as ``ce``/``bce`` (the Triton kernels of ``fused_ce.launch`` on CUDA, ``fused_ce.
+torch_impl`` on CPU) turns the buffer into per-row statistics and, when gradients are wanted,
+into ``G = dL/dz`` in place. Two more GEMMs finish the chunk:
+
+* ``dX_r = G @ W``: complete for these rows, so it is written once, rounded once;
+* ``dW += G^T @ x_r`` and ``db += sum_r G``: accumulated across chunks in fp32 (fp64 for fp64)
+  and rounded once at the end (bf16 accumulation across chunks made peers diverge).
+
+No ``N x V`` tensor exists: peak extra memory is one chunk buffer (plus the torch path's fp32
+temporaries of the same size) and, for fp16/bf16 weights, one fp32 ``V x D`` accumulator.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from .._common import accumulation_dtype
+
+# Default chunk budget, in bytes of the logits buffer (the ``chunk_size=None`` rule). CUDA: large
+# enough that each chunk's three GEMMs stay efficient and the fp32 dW accumulator, read and
+# written once per chunk, costs little next to them. CPU: small enough that the torch path's
+# fp32 temporaries (about five buffers of the chunk's size) stay far below the logits' size.
+CUDA_CHUNK_BYTES = 512 << 20
+CPU_CHUNK_BYTES = 16 << 20
+
+
+def chunk_rows(chunk_size: int, n_rows: int, n_classes: int, device: torch.device) -> int:
+    """Rows per chunk: ``chunk_size`` when positive, else the budget rule above (at least one
+    row; a multiple of 64 on CUDA once the budget allows, for GEMM-friendly shapes)."""
+    if chunk_size > 0:
+        return max(1, min(chunk_size, n_rows))
+    if device.type == "cuda":
+        rows = CUDA_CHUNK_BYTES // (2 * max(n_classes, 1))
+        rows = rows - rows % 64 if rows >= 64 else rows
+    else:
+        rows = CPU_CHUNK_BYTES // (4 * max(n_classes, 1))
+    return max(1, min(rows, n_rows))
+
+
+@functools.cache
+def _mixed_addmm_works(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc32, a16, b16, out_dtype=float32, out=acc32)`` runs here (cuBLAS
+    with an fp32 C; torch >= 2.8 on CUDA). Probed once per device on a 16 x 16 product."""
+    if device.type != "cuda":
+        return False
+    acc = torch.ones(16, 16, device=device)
+    half = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(acc, half, half, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32/fp64 and ``a``, ``b`` in the input dtype: one cuBLAS
+    call with an fp32 C where torch offers it, else an fp32 product of upcast operands (exact,
+    slower: CPU, and CUDA before torch 2.8)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _mixed_addmm_works(acc.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class LinearGrads:
+    """Gradients of ``x @ W^T + b`` gathered chunk by chunk from ``G = dL/dz``.
+
+    ``grad_input`` rows are final when their chunk is added; ``W`` and ``b`` gradients sum in
+    the accumulation dtype (the output itself when that is the weight's dtype, so fp32 heads
+    need no second ``V x D`` buffer) and are rounded once by :meth:`results`.
+    """
+
+    def __init__(
+        self,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        linear_bias: torch.Tensor | None,
+        input_grad: bool,
+        weight_grad: bool,
+        bias_grad: bool,
+    ) -> None:
+        acc = accumulation_dtype(input.dtype)
+        n_classes = linear_weight.shape[0]
+        self.input = input
+        self.linear_weight = linear_weight
+        self.linear_bias = linear_bias
+        self.input_grad, self.weight_grad, self.bias_grad = input_grad, weight_grad, bias_grad
+        self.grad_input = (
+            torch.empty(input.shape, dtype=input.dtype, device=input.device)
+            if input_grad
+            else input.new_empty(0)
+        )
+        self.grad_weight = (
+            linear_weight.new_zeros(linear_weight.shape, dtype=acc)
+            if weight_grad
+            else linear_weight.new_empty(0)
+        )
+        self.grad_bias = linear_weight.new_zeros(n_classes if bias_grad else 0, dtype=acc)
+
+    def add(self, rows: slice, grad_logits: torch.Tensor) -> None:
+        """Take one chunk's ``G`` (``rows x V``, the input dtype)."""
+        if self.input_grad:
+            torch.mm(grad_logits, self.linear_weight, out=self.grad_input[rows])
+        if self.weight_grad:
+            accumulate_product(self.grad_weight, grad_logits.t(), self.input[rows])
+        if self.bias_grad:
+            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dX, dW, db)`` in the operands' dtypes; empty where not requested."""
+        grad_weight = self.grad_weight.to(self.linear_weight.dtype)
+        grad_bias = self.grad_bias
+        if self.bias_grad:
+            grad_bias = grad_bias.to(self.linear_bias.dtype)
+        return self.grad_input, grad_weight, grad_bias
+
+
+def _logits(
+    buffer: torch.Tensor,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    rows: slice,
+) -> torch.Tensor:
+    """``x[rows] @ W^T + b`` into the head of ``buffer`` (addmm: the bias joins before the one
+    rounding, as in ``F.linear``)."""
+    out = buffer[: rows.stop - rows.start]
+    if linear_bias is None:
+        return torch.mm(input[rows], linear_weight.t(), out=out)
+    return torch.addmm(linear_bias, input[rows], linear_weight.t(), out=out)
+
+
+def _chunks(n_rows: int, rows_per_chunk: int):
+    for start in range(0, n_rows, rows_per_chunk):
+        yield slice(start, min(start + rows_per_chunk, n_rows))
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    rows_per_chunk: int,
+    ce: ModuleType,
+    *,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    grad_loss: torch.Tensor | None = None,
+    grads: LinearGrads | None = None,
+    grad_target: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(loss, lse, U)`` of ``cross_entropy(x @ W^T + b, target)``, and gradients.
+
+    ``input`` ``(N, D)``; ``target`` ``(N,)`` class indices or ``(N, V)`` probabilities; ``ce``
+    is ``fused_ce.launch.cross_entropy`` or ``fused_ce.torch_impl.cross_entropy``. Three uses:
+
+    * ``stats=None, grad_loss=None``: the forward's statistics only;
+    * ``stats=None`` with ``grad_loss``: statistics and gradients in one sweep (the scalar-loss
+      path: each chunk's logits are made once);
+    * ``stats`` given with ``grad_loss``: the backward, recomputing each chunk's logits.
+
+    Gradients go to ``grads`` and, for probability targets, into ``grad_target`` (``(N, V)``).
+    """
+    n_rows = input.shape[0]
+    n_classes = linear_weight.shape[0]
+    compute_stats = stats is None
+    if compute_stats:
+        dtype = accumulation_dtype(input.dtype, target.dtype)
+        stats = tuple(input.new_empty(n_rows, dtype=dtype) for _ in range(3))
+    loss, lse, linear_sum = stats
+    buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
+    for rows in _chunks(n_rows, rows_per_chunk):
+        logits = _logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
+        # (rows, 1) class indices or (rows, V, 1) probabilities: the core's 3-D layout.
+        chunk_target = target[rows].unsqueeze(-1)
+        if compute_stats:
+            chunk_stats = ce.forward(logits, chunk_target, weight, ignore_index, label_smoothing)
+            for out, value in zip(stats, chunk_stats, strict=True):
+                out[rows] = value
+        if grad_loss is not None:
+            ce.backward(
+                grad_loss[rows],
+                None,
+                logits,
+                chunk_target,
+                weight,
+                lse[rows],
+                linear_sum[rows],
+                ignore_index,
+                label_smoothing,
+                logits,  # in place: the chunk buffer becomes dL/dz
+                grad_target[rows].unsqueeze(-1) if grad_target is not None else None,
+            )
+            grads.add(rows, logits.squeeze(-1))
+    return loss, lse, linear_sum
+
+
+def binary_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    rows_per_chunk: int,
+    bce: ModuleType,
+    *,
+    loss: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    grads: LinearGrads | None = None,
+    grad_target: torch.Tensor | None = None,
+) -> None:
+    """Elementwise loss and gradients of ``binary_cross_entropy_with_logits(x @ W^T + b)``.
+
+    ``input`` ``(N, D)``; ``target``, ``weight``, ``pos_weight`` and ``grad`` are ``(N, C)``
+    (broadcast ones with stride 0); ``bce`` is ``fused_ce.launch.bce`` or ``fused_ce.torch_impl.
+    bce``. ``loss`` receives the ``(N, C)`` elementwise loss or, when it is 1-D, the per-row
+    sums in the accumulation dtype (so a mean or sum never holds ``N x C``). ``grad`` (the
+    upstream gradient of the elementwise loss), when given, sends gradients to ``grads`` and
+    ``grad_target``.
+    """
+    n_rows = input.shape[0]
+    n_classes = linear_weight.shape[0]
+    buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
+    row_sums = loss is not None and loss.dim() == 1
+    for rows in _chunks(n_rows, rows_per_chunk):
+        logits = _logits(buffer, input, linear_weight, linear_bias, rows)
+        operands = [t[rows] if t is not None else None for t in (target, weight, pos_weight)]
+        chunk_loss = None
+        if loss is not None:
+            chunk_loss = torch.empty_like(logits, dtype=loss.dtype) if row_sums else loss[rows]
+        chunk_grad = grad[rows] if grad is not None else None
+        if grad_target is not None:
+            # Before the in-place pass below overwrites the logits it needs.
+            bce.run(logits, *operands, chunk_grad, None, None, grad_target[rows])
+        # One pass: the loss, then dL/dz in place of the logits (each element is read first).
+        bce.run(
+            logits,
+            *operands,
+            chunk_grad,
+            chunk_loss,
+            logits if chunk_grad is not None else None,
+            None,
+        )
+        if row_sums:
+            loss[rows] = chunk_loss.sum(1)
+        if chunk_grad is not None:
+            grads.add(rows, logits)
