@@ -171,10 +171,12 @@ def softmax_cross_entropy(
         rows_target = target.reshape(n_outer, n_inner)
         valid = target != ignore_index
         in_range = (target >= 0) & (target < n_classes)
+        # A constant message: under torch.compile with dynamic shapes, n_classes and
+        # ignore_index may be SymInts, and formatting them breaks the graph.
         torch._assert_async(
             (in_range | ~valid).all(),
-            f"target: a class index is out of bounds (expected values in [0, {n_classes}) "
-            f"or ignore_index={ignore_index})",
+            "target: a class index is out of bounds (expected values in [0, C), C the size of "
+            "input's class dim, or ignore_index)",
         )
 
     loss, _, _ = ce_forward(
