@@ -96,9 +96,9 @@ def test_extreme_logits(backend_device, reduction):
     _, device = backend_device
     input = (torch.rand((4, 8), generator=generator(0), dtype=torch.float64) * 2e4 - 1e4).to(device)
     input = input.float()
-    input[0] = torch.tensor([1e4, -1e4, 80.0, -80.0, 30.0, -30.0, 1e-3, 0.0])
+    input[0] = torch.tensor([1e4, -1e4, 80.0, -80.0, 30.0, -30.0, 1e-3, 0.0], device=device)
     target = make_target(input.shape, device)
-    target[0] = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.3])
+    target[0] = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.3], device=device)
     ours = check_bce(
         backend_device,
         input,
