@@ -1,0 +1,263 @@
+"""``fused-ce check``: every fused op against PyTorch's own function on random inputs.
+
+Each case builds random inputs, runs the fused op in the checked dtype on one backend and
+torch's function in float64 (the reference), then backpropagates the same random upstream
+gradient through both. A result passes when its error against the reference is at most twice
+the error of torch's own computation in the same dtype, plus a small floor (GUIDE section 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import functional
+from ._backend import HAS_TRITON, INTERPRET
+
+Inputs = tuple[dict[str, Tensor], dict[str, Any]]
+
+# Absolute error floor per dtype, relative to the reference's magnitude.
+_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op on one kind of input.
+
+    ``make(gen)`` returns the differentiable tensors (float64, cast to the checked dtype for the
+    fused op) and the other arguments (class indices, weights, flags; floating ones are cast the
+    same way). ``fused`` and ``reference`` take them as keyword arguments.
+    """
+
+    op: str
+    name: str
+    make: Callable[[torch.Generator], Inputs]
+    fused: Callable[..., Tensor]
+    reference: Callable[..., Tensor]
+
+
+def _ce_class(
+    reduction: str, ignored: bool, weighted: bool = False, label_smoothing: float = 0.0
+) -> Callable[[torch.Generator], Inputs]:
+    def make(gen: torch.Generator) -> Inputs:
+        n, c = 48, 37
+        logits = 3 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+        target = torch.randint(0, c, (n,), generator=gen)
+        if ignored:
+            target[::5] = -100
+        constants = {"target": target, "reduction": reduction, "label_smoothing": label_smoothing}
+        if weighted:
+            constants["weight"] = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+        return {"input": logits}, constants
+
+    return make
+
+
+def _ce_spatial(gen: torch.Generator) -> Inputs:
+    logits = torch.randn(4, 7, 5, 3, generator=gen, dtype=torch.float64)
+    return {"input": logits}, {"target": torch.randint(0, 7, (4, 5, 3), generator=gen)}
+
+
+def _ce_probabilities(gen: torch.Generator) -> Inputs:
+    logits = 2 * torch.randn(32, 19, generator=gen, dtype=torch.float64)
+    target = torch.softmax(torch.randn(32, 19, generator=gen, dtype=torch.float64), dim=1)
+    return {"input": logits, "target": target}, {"label_smoothing": 0.05}
+
+
+def _bce(scale: float, weighted: bool, reduction: str) -> Callable[[torch.Generator], Inputs]:
+    def make(gen: torch.Generator) -> Inputs:
+        shape = (40, 12)
+        logits = scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+        target = torch.rand(shape, generator=gen, dtype=torch.float64)
+        constants: dict[str, Any] = {"reduction": reduction}
+        if weighted:
+            constants["weight"] = torch.rand(shape[1], generator=gen, dtype=torch.float64)
+            constants["pos_weight"] = 2 * torch.rand(shape[1], generator=gen, dtype=torch.float64)
+        return {"input": logits, "target": target}, constants
+
+    return make
+
+
+def cases() -> list[Case]:
+    """The checked cases: every public fused op, each optional argument at least once."""
+    ce, bce = functional.softmax_cross_entropy, functional.sigmoid_binary_cross_entropy
+    return [
+        Case(
+            "softmax_cross_entropy", "class targets", _ce_class("mean", False), ce, F.cross_entropy
+        ),
+        Case(
+            "softmax_cross_entropy",
+            "ignore_index, reduction=none",
+            _ce_class("none", True),
+            ce,
+            F.cross_entropy,
+        ),
+        Case(
+            "softmax_cross_entropy",
+            "weight, label_smoothing, ignore_index",
+            _ce_class("mean", True, weighted=True, label_smoothing=0.1),
+            ce,
+            F.cross_entropy,
+        ),
+        Case("softmax_cross_entropy", "(N, C, d1, d2) input", _ce_spatial, ce, F.cross_entropy),
+        Case(
+            "softmax_cross_entropy",
+            "probability targets, smoothing",
+            _ce_probabilities,
+            ce,
+            F.cross_entropy,
+        ),
+        Case(
+            "sigmoid_binary_cross_entropy",
+            "plain",
+            _bce(3.0, False, "mean"),
+            bce,
+            F.binary_cross_entropy_with_logits,
+        ),
+        Case(
+            "sigmoid_binary_cross_entropy",
+            "weight, pos_weight, reduction=none",
+            _bce(3.0, True, "none"),
+            bce,
+            F.binary_cross_entropy_with_logits,
+        ),
+        Case(
+            "sigmoid_binary_cross_entropy",
+            "logits up to 1e4",
+            _bce(3e3, False, "sum"),
+            bce,
+            F.binary_cross_entropy_with_logits,
+        ),
+    ]
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """``torch`` always; ``triton`` on CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
+    runnable = device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+    return ["torch", "triton"] if HAS_TRITON and runnable else ["torch"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Max abs errors of one case against the float64 reference, and the limits they met."""
+
+    op: str
+    case: str
+    device: str
+    dtype: str
+    backend: str
+    loss_error: float
+    grad_error: float
+    loss_limit: float
+    grad_limit: float
+
+    @property
+    def ok(self) -> bool:
+        return self.loss_error <= self.loss_limit and self.grad_error <= self.grad_limit
+
+
+def _cast(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return value
+
+
+def _loss_and_grads(
+    fn: Callable[..., Tensor],
+    grads_of: dict[str, Tensor],
+    constants: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    upstream_seed: int,
+    **extra: Any,
+) -> tuple[Tensor, list[Tensor]]:
+    """The loss (float64, CPU) and the gradients of ``grads_of`` for a random upstream gradient
+    in [0.5, 1.5) drawn from ``upstream_seed`` (a unit one hides scaling bugs)."""
+    leaves = {k: _cast(v, dtype, device).requires_grad_() for k, v in grads_of.items()}
+    loss = fn(**leaves, **{k: _cast(v, dtype, device) for k, v in constants.items()}, **extra)
+    gen = torch.Generator().manual_seed(upstream_seed)
+    upstream = torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5
+    grads = torch.autograd.grad(loss, list(leaves.values()), upstream.to(device, loss.dtype))
+    return loss.detach().double().cpu(), [g.double().cpu() for g in grads]
+
+
+def _max_error(ours: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
+    pairs = zip(ours, reference, strict=True)
+    return max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in pairs)
+
+
+def _limit(torch_error: float, reference: Sequence[Tensor], dtype: torch.dtype) -> float:
+    scale = max(float(t.abs().max()) if t.numel() else 0.0 for t in reference)
+    return 2 * torch_error + _FLOOR[dtype] * max(scale, 1.0)
+
+
+def run_case(
+    case: Case, device: torch.device, dtype: torch.dtype, backend: str, seed: int = 0
+) -> CheckResult:
+    """Compare ``case.fused`` (``backend``, ``dtype``) and torch in ``dtype`` with torch in
+    float64, on ``device``; the same inputs and upstream gradient for all three."""
+    grads_of, constants = case.make(torch.Generator().manual_seed(seed))
+    cpu = torch.device("cpu")
+    ref_loss, ref_grads = _loss_and_grads(
+        case.reference, grads_of, constants, torch.float64, cpu, seed + 1
+    )
+    torch_loss, torch_grads = _loss_and_grads(
+        case.reference, grads_of, constants, dtype, device, seed + 1
+    )
+    loss, grads = _loss_and_grads(
+        case.fused, grads_of, constants, dtype, device, seed + 1, backend=backend
+    )
+    return CheckResult(
+        case.op,
+        case.name,
+        str(device),
+        str(dtype).removeprefix("torch."),
+        backend,
+        _max_error([loss], [ref_loss]),
+        _max_error(grads, ref_grads),
+        _limit(_max_error([torch_loss], [ref_loss]), [ref_loss], dtype),
+        _limit(_max_error(torch_grads, ref_grads), ref_grads, dtype),
+    )
+
+
+def run_checks(
+    devices: Sequence[torch.device], dtypes: Sequence[torch.dtype], seed: int = 0
+) -> list[CheckResult]:
+    """Every case on every device, dtype and backend available there."""
+    return [
+        run_case(case, device, dtype, backend, seed)
+        for device in devices
+        for backend in available_backends(device)
+        for dtype in dtypes
+        for case in cases()
+    ]
+
+
+def format_table(results: Sequence[CheckResult]) -> str:
+    """A plain-text table, one row per result."""
+    header = ("op", "case", "device", "dtype", "backend", "max|dloss|", "max|dgrad|", "ok")
+    rows = [
+        (
+            r.op,
+            r.case,
+            r.device,
+            r.dtype,
+            r.backend,
+            f"{r.loss_error:.2e}",
+            f"{r.grad_error:.2e}",
+            "ok" if r.ok else f"FAIL (limits {r.loss_limit:.1e}, {r.grad_limit:.1e})",
+        )
+        for r in results
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    title = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()
+    return "\n".join([title, "-" * len(title), *lines])

@@ -1,0 +1,151 @@
+"""The ``fused-ce`` command: smoke runs with few epochs, ``check``, and bad input (a message
+naming the argument, exit status 2, no traceback)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_ce._backend import HAS_TRITON, INTERPRET
+from fused_ce.cli import main
+
+CUDA = torch.cuda.is_available()
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """``fused-ce train`` sets one intra-op thread on CPU; keep that out of other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 400 and height >= 250, (path, width, height)
+
+
+@pytest.mark.parametrize(
+    ("task", "extra", "plots"),
+    [
+        ("majority-bits", [], ["history", "weights", "probability_vs_ones", "sigmoid"]),
+        ("popcount", ["--hidden", "4", "--optimizer", "sgd"], ["history", "weights", "confusion"]),
+        (
+            "clusters",
+            ["--samples-per-class", "30", "--classes", "3"],
+            ["history", "weights", "confusion", "clusters"],
+        ),
+    ],
+)
+def test_train_smoke(tmp_path, capsys, task, extra, plots):
+    out = tmp_path / task
+    argv = ["train", task, "--epochs", "3", "--val-every", "2", "--out", str(out), *extra]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "test accuracy:" in stdout
+    assert f"plots: {out / 'history.png'}" in stdout
+    for name in plots:
+        _assert_png(out / f"{name}.png")
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == task and config["epochs"] == 3
+    records = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 3 + 2
+    assert (out / "checkpoint.pt").stat().st_size > 0
+
+
+def test_majority_bits_prints_test_and_all_pattern_accuracy(tmp_path, capsys):
+    argv = ["train", "majority-bits", "--epochs", "40", "--batch-size", "1024", "--lr", "0.1"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "test accuracy: 100.00% (154/154 patterns)" in stdout
+    assert "all 1024 patterns: 100.00% (1024/1024)" in stdout
+    assert "[[638, 0], [0, 386]]" in stdout
+
+
+def test_check_passes_on_every_backend_here(capsys):
+    assert main(["check"]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    assert lines[0].split()[:5] == ["op", "case", "device", "dtype", "backend"]
+    rows = [line for line in lines if line.startswith(("softmax", "sigmoid"))]
+    backends = {row.split()[-4] for row in rows}
+    expected = {"torch", "triton"} if HAS_TRITON and (INTERPRET or CUDA) else {"torch"}
+    assert expected <= backends
+    assert all(row.endswith("ok") for row in rows)
+    assert f"{len(rows)}/{len(rows)} within tolerance" in stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required: COMMAND"),
+        (["fly"], "invalid choice: 'fly'"),
+        (["train"], "required: TASK"),
+        (["train", "mnist"], "invalid choice: 'mnist'"),
+        (["train", "majority-bits", "--epochs", "-5"], "argument --epochs: expected a positive"),
+        (["train", "majority-bits", "--epochs", "ten"], "argument --epochs"),
+        (["train", "popcount", "--batch-size", "0"], "argument --batch-size"),
+        (["train", "popcount", "--lr", "-0.1"], "argument --lr"),
+        (["train", "popcount", "--lr", "nan"], "argument --lr"),
+        (["train", "majority-bits", "--loss", "mse"], "argument --loss: invalid choice: 'mse'"),
+        (["train", "majority-bits", "--device", "tpu"], "argument --device"),
+        (["train", "majority-bits", "--bits", "40"], "argument --bits: at most 20"),
+        (["train", "clusters", "--bits", "8"], "unrecognized arguments: --bits"),
+        (["train", "popcount", "--loss", "torch", "--backend", "torch"], "argument --backend"),
+        (["check", "--dtype", "int8"], "argument --dtype"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_unusable_cuda_device_is_a_clear_error(capsys):
+    """Plain ``cuda`` where there is no CUDA; a device index past the last one where there is."""
+    device = f"cuda:{torch.cuda.device_count()}" if CUDA else "cuda"
+    assert main(["train", "majority-bits", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --device: {device!r}" in err and "Traceback" not in err
+    if not CUDA:
+        assert "CUDA is not available" in err
+        assert main(["check", "--device", "cuda"]) == 2
+        assert "argument --device: CUDA is not available" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["train", "majority-bits", "--out", str(blocker / "run")]) == 2
+    assert "argument --out: cannot create" in capsys.readouterr().err
+
+
+def test_help_and_version_exit_0(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert "fused-ce 0.1.0" in capsys.readouterr().out
+
+
+def test_console_script_rejects_bad_input_without_traceback():
+    """The installed ``fused-ce`` script (``python -m fused_ce.cli`` where it is not on PATH)."""
+    script = Path(sys.executable).with_name("fused-ce")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fused_ce.cli"]
+    done = subprocess.run(
+        [*command, "train", "majority-bits", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "argument --epochs: expected a positive integer, got 0" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
