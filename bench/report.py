@@ -1,0 +1,356 @@
+"""Turn a pytest-benchmark results JSON from this suite into a markdown report and PNG plots.
+
+    python bench/report.py results.json --out DIR
+
+writes ``DIR/bench.md`` (header with device, date, commit, versions, ceilings and command; the
+issue's goals with the numbers that meet or miss them; one table per loss family),
+``DIR/ce_time.png`` (CE time against C per provider) and ``DIR/frac_bw.png`` (fraction of the
+copy-bandwidth bound per provider). Every number comes from the one JSON: one run, one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+PROVIDER_ORDER = (
+    "fused_ce-triton",
+    "fused_ce-triton-fused",
+    "fused_ce-torch",
+    "torch-eager",
+    "torch-compile",
+    "torch-chunked",
+    "liger",
+    "cce",
+)
+FAMILY_TITLES = {
+    "bce": "Sigmoid + BCE on logits",
+    "ce": "Softmax + CE on logits",
+    "linear_ce": "Fused linear + CE",
+    "linear_bce": "Fused linear + BCE",
+}
+GOAL_FRACTION = 0.85
+MAJORITY_SLACK = 1.2
+
+
+def load(path: Path) -> tuple[dict, list[dict]]:
+    """The run's metadata and one flat record per benchmark (extra_info + median)."""
+    data = json.loads(path.read_text())
+    records = []
+    for bench in data["benchmarks"]:
+        record = dict(bench["extra_info"])
+        if "provider" not in record:
+            continue  # not one of this suite's records
+        record["median_s"] = bench["stats"]["median"]
+        record["rounds"] = bench["stats"]["rounds"]
+        record["shape"] = tuple(record["shape"])
+        records.append(record)
+    return data, records
+
+
+def card_name(device: str, threads: int | None) -> str:
+    """Folder name for bench/results/: ``h100``, ``h200``, ``cpu-2core``..."""
+    if device == "cpu":
+        return f"cpu-{threads}core" if threads else "cpu"
+    match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", device.replace("NVIDIA", ""))
+    return match.group(1).lower() if match else re.sub(r"\W+", "-", device.lower()).strip("-")
+
+
+def fused_provider(records: list[dict]) -> str:
+    """The fused_ce path the goals are judged on: Triton where it ran, else the torch path."""
+    providers = {r["provider"] for r in records}
+    return "fused_ce-triton" if "fused_ce-triton" in providers else "fused_ce-torch"
+
+
+def _key(r: dict) -> tuple:
+    return (r["family"], r["workload"], r["shape"], r["dtype"], r["pass"])
+
+
+def _provider_rank(name: str) -> int:
+    return PROVIDER_ORDER.index(name) if name in PROVIDER_ORDER else len(PROVIDER_ORDER)
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def header(data: dict, records: list[dict]) -> list[str]:
+    info = data["machine_info"].get("fused_ce", {})
+    device = info.get("device", "?")
+    card = card_name(device, info.get("torch_threads"))
+    peers = info.get("peers", {})
+    versions = [f"torch {info.get('torch')}", f"triton {info.get('triton')}"]
+    versions.append(f"fused_ce {info.get('fused_ce')}")
+    versions += [f"{name} {v}" for name, v in peers.items() if not v.startswith(("un", "ab"))]
+    ceilings = info.get("ceilings", {})
+    ceiling_text = [f"copy {ceilings.get('copy_gbps', '?')} GB/s (bytes read + written)"]
+    ceiling_text += [
+        f"matmul {k.removeprefix('matmul_tflops_')} {v} TFLOP/s"
+        for k, v in ceilings.items()
+        if k.startswith("matmul")
+    ]
+    cpu = data["machine_info"].get("cpu", {}).get("brand_raw", "")
+    lines = [
+        f"# fused_ce benchmarks: {device} ({card})",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| device | {device}" + (f"; host CPU {cpu}" if cpu else "") + " |",
+        f"| date (UTC) | {data.get('datetime', '?')[:19]} |",
+        f"| commit | {info.get('commit', '?')} |",
+        f"| versions | {', '.join(versions)} |",
+        f"| ceilings (measured in this run) | {'; '.join(ceiling_text)} |",
+        f"| command | `{info.get('command', '?')}` |",
+        f"| torch threads | {info.get('torch_threads')} of {info.get('cpu_count')} CPUs |",
+    ]
+    if device == "cpu":
+        lines.append(
+            f"| load average (1, 5, 15 min) | start {info.get('loadavg_1_5_15_start')}, "
+            f"end {info.get('loadavg_1_5_15_end')} |"
+        )
+    absent = [f"{name}: {v}" for name, v in peers.items() if v.startswith(("un", "ab"))]
+    if absent:
+        lines.append(f"| not run | {'; '.join(absent)} |")
+    lines.append(f"| records | {len(records)} |")
+    return lines
+
+
+def goals(records: list[dict]) -> list[str]:
+    """The issue's targets, judged on this run's numbers (visible here, never asserted)."""
+    fused = fused_provider(records)
+    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        by_key[_key(r)][r["provider"]] = r
+    lines = ["## Goals", "", f"Judged on `{fused}` (the fused path this device runs)."]
+
+    def fraction_goal(title: str, family: str, passes: tuple[str, ...], dtypes: tuple) -> None:
+        rows = []
+        for key, provs in sorted(by_key.items()):
+            fam, workload, shape, dtype, pass_name = key
+            if fam != family or workload != "grid" or pass_name not in passes or fused not in provs:
+                continue
+            if dtypes and dtype not in dtypes:
+                continue
+            frac = provs[fused].get("frac_copy_bw")
+            ok = frac is not None and frac >= GOAL_FRACTION
+            rows.append(
+                f"| {'x'.join(map(str, shape))} | {dtype} | {pass_name} | {fmt_pct(frac)} | "
+                f"{'met' if ok else 'missed'} |"
+            )
+        lines.extend(["", f"**{title}**", ""])
+        if rows:
+            lines.extend(
+                ["| shape | dtype | pass | of bound | goal |", "| --- | --- | --- | --- | --- |"]
+            )
+            lines.extend(rows)
+        else:
+            lines.append("no records")
+
+    fraction_goal(
+        f"CE forward+backward on bf16 logits at >= {GOAL_FRACTION:.0%} of the bound "
+        "(one read of the logits, one write of the gradient)",
+        "ce",
+        ("fwd+bwd",),
+        ("bfloat16",),
+    )
+    fraction_goal(f"BCE at >= {GOAL_FRACTION:.0%} of its bound", "bce", ("fwd", "fwd+bwd"), ())
+
+    lines.extend(["", "**Ahead of torch.compile and Liger-Kernel wherever they ran**", ""])
+    rows = []
+    for key, provs in sorted(by_key.items()):
+        if fused not in provs:
+            continue
+        for peer in ("torch-compile", "liger", "cce"):
+            if peer in provs:
+                ratio = provs[peer]["median_s"] / provs[fused]["median_s"]
+                rows.append((key, peer, ratio))
+    behind = [row for row in rows if row[2] <= 1.0]
+    lines.append(
+        f"{len(rows) - len(behind)} of {len(rows)} comparisons ahead "
+        "(ratio = peer time / fused_ce time; > 1 is ahead)."
+    )
+    if behind:
+        lines += ["", "| case | peer | ratio |", "| --- | --- | --- |"]
+        for key, peer, ratio in behind:
+            fam, workload, shape, dtype, pass_name = key
+            case = f"{fam} {workload} {'x'.join(map(str, shape))} {dtype} {pass_name}"
+            lines.append(f"| {case} | {peer} | {ratio:.2f} |")
+
+    lines.extend(
+        [
+            "",
+            f"**Majority-bits step within {MAJORITY_SLACK} x torch's per-call time**",
+            "",
+            "| case | fused_ce | torch eager | ratio | goal |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+    )
+    for key, provs in sorted(by_key.items()):
+        fam, workload, shape, dtype, pass_name = key
+        if workload != "majority-bits" or fused not in provs or "torch-eager" not in provs:
+            continue
+        ratio = provs[fused]["median_s"] / provs["torch-eager"]["median_s"]
+        lines.append(
+            f"| {fam} {'x'.join(map(str, shape))} {pass_name} | "
+            f"{fmt_time(provs[fused]['median_s'])} | "
+            f"{fmt_time(provs['torch-eager']['median_s'])} | {ratio:.2f} | "
+            f"{'met' if ratio <= MAJORITY_SLACK else 'missed'} |"
+        )
+    return lines
+
+
+def tables(records: list[dict]) -> list[str]:
+    eager_time = {_key(r): r["median_s"] for r in records if r["provider"] == "torch-eager"}
+    lines = [
+        "## Results",
+        "",
+        "Median time per call. GB/s = `bytes_min` / time; % copy = that over the measured copy "
+        "bandwidth. TFLOP/s = matmul FLOPs / time (linear ops). Peak = memory live at the peak, "
+        "inputs included; x bound = peak / (inputs + outputs + gradients). x eager = eager "
+        "time / this time (> 1 is faster). docs/benchmarks.md defines each column.",
+    ]
+    families = sorted({r["family"] for r in records}, key=list(FAMILY_TITLES).index)
+    for family in families:
+        rows = sorted(
+            (r for r in records if r["family"] == family),
+            key=lambda r: (*_key(r), _provider_rank(r["provider"])),
+        )
+        linear = family.startswith("linear")
+        head = "| workload | shape | dtype | pass | provider | time | GB/s | % copy |"
+        rule = "| --- | --- | --- | --- | --- | --: | --: | --: |"
+        if linear:
+            head += " TFLOP/s | % matmul |"
+            rule += " --: | --: |"
+        head += " peak | x bound | x eager |"
+        rule += " --: | --: | --: |"
+        lines += ["", f"### {FAMILY_TITLES.get(family, family)}", "", head, rule]
+        for r in rows:
+            eager = eager_time.get(_key(r))
+            speedup = f"{eager / r['median_s']:.2f}" if eager and r["median_s"] else "-"
+            row = (
+                f"| {r['workload']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
+                f"{r['pass']} | {r['provider']} | {fmt_time(r['median_s'])} | "
+                f"{r.get('gbps', 0):.4g} | {fmt_pct(r.get('frac_copy_bw'))} |"
+            )
+            if linear:
+                row += f" {r.get('tflops', 0):.4g} | {fmt_pct(r.get('frac_matmul'))} |"
+            row += f" {fmt_bytes(r.get('peak_mem_bytes'))} | {r.get('ratio', '-')} | {speedup} |"
+            lines.append(row)
+    return lines
+
+
+def plot(records: list[dict], device: str, out: Path) -> list[Path]:
+    """``ce_time.png`` and ``frac_bw.png``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    grid = [r for r in records if r["workload"] == "grid" and r["family"] == "ce"]
+    panels = sorted({(r["shape"][0], r["dtype"], r["pass"]) for r in grid})
+    if panels:
+        cols = min(4, len(panels))
+        rows = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+        for ax, (n, dtype, pass_name) in zip(axes.flat, panels, strict=False):
+            subset = [
+                r for r in grid if (r["shape"][0], r["dtype"], r["pass"]) == (n, dtype, pass_name)
+            ]
+            for provider in sorted({r["provider"] for r in subset}, key=_provider_rank):
+                points = sorted(
+                    (r["shape"][1], r["median_s"] * 1e3)
+                    for r in subset
+                    if r["provider"] == provider
+                )
+                ax.plot(*zip(*points, strict=True), marker="o", label=provider)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"CE N={n} {dtype} {pass_name}", fontsize=9)
+            ax.set_xlabel("classes C")
+            ax.set_ylabel("ms per call")
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.set_visible(False)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"fused_ce: CE time against C ({device})", fontsize=10)
+        fig.tight_layout()
+        path = out / "ce_time.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    bw = [r for r in records if r["workload"] == "grid" and r["family"] in ("ce", "bce")]
+    panels = sorted({(r["family"], r["pass"]) for r in bw})
+    if panels:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.8 * len(panels)), squeeze=False)
+        for ax, (family, pass_name) in zip(axes.flat, panels, strict=True):
+            subset = [r for r in bw if (r["family"], r["pass"]) == (family, pass_name)]
+            cases = sorted({(r["shape"], r["dtype"]) for r in subset})
+            providers = sorted({r["provider"] for r in subset}, key=_provider_rank)
+            width = 0.8 / len(providers)
+            for i, provider in enumerate(providers):
+                values = {
+                    (r["shape"], r["dtype"]): r.get("frac_copy_bw", 0)
+                    for r in subset
+                    if r["provider"] == provider
+                }
+                xs = [j + i * width for j in range(len(cases))]
+                ax.bar(xs, [values.get(c, 0) for c in cases], width, label=provider)
+            ax.axhline(GOAL_FRACTION, color="k", linestyle="--", linewidth=0.8)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+            labels = [f"{'x'.join(map(str, s))}\n{d}" for s, d in cases]
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_ylabel("of copy bandwidth")
+            ax.set_title(f"{family.upper()} {pass_name}: fraction of the bytes bound", fontsize=9)
+            ax.legend(fontsize=7, ncol=len(providers))
+        fig.suptitle(f"fused_ce: achieved / copy bandwidth ({device}); dashed: goal", fontsize=10)
+        fig.tight_layout()
+        path = out / "frac_bw.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="JSON written by --benchmark-json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for bench.md and PNGs")
+    args = parser.parse_args(argv)
+    data, records = load(args.results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = data["machine_info"].get("fused_ce", {}).get("device", "?")
+    written = plot(records, device, args.out)
+    lines = header(data, records)
+    lines += ["", *(f"![{p.stem}]({p.name})" for p in written)]
+    lines += ["", *goals(records), "", *tables(records), ""]
+    (args.out / "bench.md").write_text("\n".join(lines))
+    card = card_name(device, data["machine_info"].get("fused_ce", {}).get("torch_threads"))
+    print(f"wrote {args.out / 'bench.md'} and {len(written)} plots; card: {card}")
+
+
+if __name__ == "__main__":
+    main()
