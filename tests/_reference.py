@@ -81,8 +81,12 @@ def evaluate(
     return Result(loss.detach(), list(grads))
 
 
+def _floating(value) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
 def _to_fp64(value):
-    if isinstance(value, Tensor) and value.is_floating_point():
+    if _floating(value):
         return value.detach().double()
     return value
 
@@ -160,6 +164,11 @@ def assert_within_torch_error(
             )
 
 
+def coarsest(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The least precise floating dtype among ``dtypes``: it decides the accuracy rule."""
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
+
+
 def check(
     ours_fn: Callable[..., Tensor],
     torch_fn: Callable[..., Tensor],
@@ -171,11 +180,10 @@ def check(
     grad_tolerance: tuple[float, float] | None = None,
 ) -> Result:
     """Run ``ours_fn`` (with ``backend``) and hold its loss and gradients against the fp64
-    oracle by the rule for ``args[0]``'s dtype (``grad_tolerance``: see
-    :func:`assert_close_to_oracle`). Also checks that the loss dtype equals torch's for the same
-    inputs, that gradients keep their inputs' dtypes, and that no argument was written to.
-    Returns our result for further checks."""
-    dtype = args[0].dtype
+    oracle by the rule for the coarsest dtype among the arguments and the loss
+    (``grad_tolerance``: see :func:`assert_close_to_oracle`). Also checks that the loss dtype
+    equals torch's for the same inputs, that gradients keep their inputs' dtypes, and that no
+    argument was written to. Returns our result for further checks."""
     snapshots = [a.clone() if isinstance(a, Tensor) else a for a in args]
     same_dtype = evaluate(torch_fn, args, kwargs, (), None)
     upstream = upstream_for(same_dtype.loss, seed)
@@ -187,6 +195,7 @@ def check(
     )
     for i, grad in zip(wrt, ours.grads, strict=True):
         assert grad.dtype == args[i].dtype, f"grad[{i}] dtype {grad.dtype} != {args[i].dtype}"
+    dtype = coarsest([a.dtype for a in args if _floating(a)] + [ours.loss.dtype])
     if dtype in LOW_PRECISION:
         same_dtype = evaluate(torch_fn, args, kwargs, wrt, upstream)
         assert_within_torch_error(ours, same_dtype, reference, dtype)

@@ -166,6 +166,29 @@ def test_dtypes(backend_device, dtype, weights, reduction):
     )
 
 
+@pytest.mark.parametrize(
+    ("input_dtype", "target_dtype"),
+    [
+        (torch.float16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float64),
+    ],
+    ids=str,
+)
+def test_mixed_dtypes(backend_device, input_dtype, target_dtype):
+    """The loss takes the target's dtype, as torch's does; each gradient keeps its tensor's
+    dtype; values by the rule of the coarser dtype."""
+    _, device = backend_device
+    shape = (3, 7)
+    check_bce(
+        backend_device,
+        randn(shape, 0, device, input_dtype, scale=3.0),
+        make_target(shape, device, target_dtype),
+        pos_weight=shaped("last", shape, 3, device, input_dtype),
+        reduction="none",
+    )
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0, 3)], ids=str)
 def test_empty_input(backend_device, shape, reduction):

@@ -339,6 +339,31 @@ def test_dtypes(backend_device, dtype, kind, options, reduction):
     check_ce(backend_device, logits, target, weight=weight, reduction=reduction, **options)
 
 
+@pytest.mark.parametrize(
+    ("input_dtype", "target_dtype"),
+    [
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float16),
+    ],
+    ids=str,
+)
+def test_mixed_dtype_probability_targets(backend_device, input_dtype, target_dtype):
+    """The loss takes the promoted dtype of input and target, as torch's does; each gradient
+    keeps its tensor's dtype; values by the rule of the coarser dtype."""
+    _, device = backend_device
+    logits = randn((5, 6), 0, device, input_dtype, scale=2.0)
+    target = make_target(logits.shape, "prob", device, target_dtype)
+    check_ce(backend_device, logits, target, reduction="none", label_smoothing=0.1)
+
+
+def test_negative_label_smoothing_acts_as_none(backend_device):
+    _, device = backend_device
+    logits = randn((5, 6), 0, device)
+    target = make_target(logits.shape, "index", device, ignore_index=-100)
+    check_ce(backend_device, logits, target, label_smoothing=-0.3, weight=weight_for(logits, True))
+
+
 # --- bad inputs -------------------------------------------------------------------------------
 
 
