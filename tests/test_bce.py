@@ -143,6 +143,27 @@ def test_confident_elements_keep_relative_precision(backend_device, pos_weighted
         assert (error <= bound).all(), f"{name}: relative error {error / ref.abs()}"
 
 
+@pytest.mark.parametrize("weights", [(None, None), ("col", "last")], ids=["plain", "weighted"])
+@pytest.mark.parametrize("shape", [(5, 9), (3, 2, 9)], ids=str)
+def test_small_tiles(backend_device, shape, weights, monkeypatch):
+    """Tiles of 2 x 4 elements, so tiny shapes run many programs in both grid directions (for
+    the torch path, which has no tiles, the same check runs once more)."""
+    backend, device = backend_device
+    if backend == "triton":
+        import fused_ce.launch.bce as launch_bce
+
+        monkeypatch.setattr(launch_bce, "_MAX_BLOCK_C", 4)
+        monkeypatch.setattr(launch_bce, "MAX_TILE", 32)
+    check_bce(
+        backend_device,
+        randn(shape, 0, device, scale=3.0),
+        make_target(shape, device),
+        weight=shaped(weights[0], shape, 2, device),
+        pos_weight=shaped(weights[1], shape, 3, device),
+        reduction="none",
+    )
+
+
 LOW_PRECISION_CASES = {"plain": (None, None), "weighted": ("col", "last")}
 
 

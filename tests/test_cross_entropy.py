@@ -203,6 +203,42 @@ def test_shift_invariance(backend_device, kind):
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol * float(a.abs().max()), msg=name)
 
 
+def use_small_tiles(backend: str, monkeypatch) -> None:
+    """Shrink the work units so that tiny shapes take every multi-unit path: several row
+    programs, an online softmax over several class blocks and a backward split over class
+    blocks (the GPU's path) for the kernels; several row chunks for the torch path."""
+    if backend == "triton":
+        import fused_ce.launch._common as launch_common
+        import fused_ce.launch.cross_entropy as launch_ce
+
+        original_tile = launch_common.tile
+        monkeypatch.setattr(launch_common, "MAX_TILE", 8)
+        monkeypatch.setattr(launch_ce, "tile", lambda rows, cols: original_tile(rows, cols, 4))
+        monkeypatch.setattr(launch_ce, "parallel_slots", lambda tensor: 64)
+    else:
+        import fused_ce.torch_impl.cross_entropy as torch_ce
+
+        monkeypatch.setattr(torch_ce, "CHUNK_ELEMENTS", 1)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", [(7, 11), (3, 11, 5)], ids=["NC", "NCL"])
+def test_small_tiles(backend_device, shape, kind, monkeypatch):
+    backend, device = backend_device
+    use_small_tiles(backend, monkeypatch)
+    logits = randn(shape, 0, device, scale=3.0)
+    logits[0, 9] = 20.0  # the row max in the last class block
+    target = make_target(shape, kind, device, ignore_index=-100)
+    check_ce(
+        backend_device,
+        logits,
+        target,
+        weight=weight_for(logits, True),
+        reduction="none",
+        label_smoothing=0.1,
+    )
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
