@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional
+from . import functional, linear
 from ._backend import HAS_TRITON, INTERPRET
 
 Inputs = tuple[dict[str, Tensor], dict[str, Any]]
@@ -39,6 +39,7 @@ class Case:
     make: Callable[[torch.Generator], Inputs]
     fused: Callable[..., Tensor]
     reference: Callable[..., Tensor]
+    backends: tuple[str, ...] = ("torch", "triton")
 
 
 def _ce_class(
@@ -81,6 +82,59 @@ def _bce(scale: float, weighted: bool, reduction: str) -> Callable[[torch.Genera
         return {"input": logits, "target": target}, constants
 
     return make
+
+
+def _linear_ce(
+    weighted: bool, reduction: str, chunk_size: int | None
+) -> Callable[[torch.Generator], Inputs]:
+    def make(gen: torch.Generator) -> Inputs:
+        n, d, v = 40, 16, 37
+        grads_of = {
+            "input": torch.randn(n, d, generator=gen, dtype=torch.float64),
+            "linear_weight": torch.randn(v, d, generator=gen, dtype=torch.float64) / 2,
+            "linear_bias": torch.randn(v, generator=gen, dtype=torch.float64),
+        }
+        target = torch.randint(0, v, (n,), generator=gen)
+        constants: dict[str, Any] = {"target": target, "reduction": reduction}
+        if weighted:
+            target[::7] = -100
+            constants["weight"] = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+            constants["label_smoothing"] = 0.1
+        if chunk_size is not None:
+            constants["chunk_size"] = chunk_size
+        return grads_of, constants
+
+    return make
+
+
+def _linear_bce(gen: torch.Generator) -> Inputs:
+    n, d, c = 40, 16, 3
+    grads_of = {
+        "input": torch.randn(n, d, generator=gen, dtype=torch.float64),
+        "linear_weight": torch.randn(c, d, generator=gen, dtype=torch.float64) / 2,
+        "linear_bias": torch.randn(c, generator=gen, dtype=torch.float64),
+        "target": torch.rand(n, c, generator=gen, dtype=torch.float64),
+    }
+    constants = {
+        "weight": torch.rand(c, generator=gen, dtype=torch.float64),
+        "pos_weight": 2 * torch.rand(c, generator=gen, dtype=torch.float64),
+        "chunk_size": 16,
+    }
+    return grads_of, constants
+
+
+def _unfused_head(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """torch's loss of ``F.linear``: the reference of a fused linear op (chunk_size and path
+    only steer the fused op)."""
+
+    def reference(
+        input: Tensor, linear_weight: Tensor, linear_bias: Tensor, target: Tensor, **kwargs: Any
+    ) -> Tensor:
+        kwargs.pop("chunk_size", None)
+        kwargs.pop("path", None)
+        return loss(F.linear(input, linear_weight, linear_bias), target, **kwargs)
+
+    return reference
 
 
 def cases() -> list[Case]:
@@ -132,6 +186,35 @@ def cases() -> list[Case]:
             _bce(3e3, False, "sum"),
             bce,
             F.binary_cross_entropy_with_logits,
+        ),
+        Case(
+            "linear_cross_entropy",
+            "bias",
+            _linear_ce(False, "mean", None),
+            linear.linear_cross_entropy,
+            _unfused_head(F.cross_entropy),
+        ),
+        Case(
+            "linear_cross_entropy",
+            "weight, smoothing, ignore_index, 3 chunks, none",
+            _linear_ce(True, "none", 16),
+            linear.linear_cross_entropy,
+            _unfused_head(F.cross_entropy),
+        ),
+        Case(
+            "linear_cross_entropy",
+            "path=fused",
+            _linear_ce(True, "mean", None),
+            lambda **kwargs: linear.linear_cross_entropy(**kwargs, path="fused"),
+            _unfused_head(F.cross_entropy),
+            backends=("triton",),
+        ),
+        Case(
+            "linear_binary_cross_entropy_with_logits",
+            "C=3, weight, pos_weight, 3 chunks",
+            _linear_bce,
+            linear.linear_binary_cross_entropy_with_logits,
+            _unfused_head(F.binary_cross_entropy_with_logits),
         ),
     ]
 
@@ -235,6 +318,7 @@ def run_checks(
         for backend in available_backends(device)
         for dtype in dtypes
         for case in cases()
+        if backend in case.backends
     ]
 
 

@@ -127,6 +127,12 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="width of a tanh hidden layer (default: 0, no hidden layer)",
     )
+    group.add_argument(
+        "--fused-linear",
+        action="store_true",
+        help="fuse the model's last Linear layer into the loss (fused_ce.linear_cross_entropy / "
+        "linear_binary_cross_entropy_with_logits; needs --loss fused)",
+    )
     group.add_argument("--out", type=Path, help="output directory (default: runs/<task>)")
     group.add_argument(
         "--progress",
@@ -208,6 +214,16 @@ def _train(args: argparse.Namespace) -> int:
     from .train import run
 
     clusters = args.task == "clusters"
+    command = f"fused-ce train {args.task}"
+    if args.fused_linear and args.loss != "fused":
+        return _fail(command, "argument --fused-linear: needs --loss fused")
+    if args.backend is not None:
+        if args.loss != "fused":
+            return _fail(command, "argument --backend: applies to --loss fused only")
+        try:
+            use_triton(args.backend, torch.empty(0, device=resolve_device(args.device)))
+        except RuntimeError as error:
+            return _fail(command, f"argument --backend: {error}")
     config = TrainConfig(
         task=args.task,
         epochs=args.epochs,
@@ -221,6 +237,7 @@ def _train(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         normalize=args.normalize,
         hidden=args.hidden,
+        fused_linear=args.fused_linear,
         **(
             {
                 "n_classes": args.classes,
@@ -231,14 +248,6 @@ def _train(args: argparse.Namespace) -> int:
             else {"n_bits": args.bits, "all_patterns": args.all_patterns}
         ),
     )
-    command = f"fused-ce train {args.task}"
-    if args.backend is not None:
-        if args.loss != "fused":
-            return _fail(command, "argument --backend: applies to --loss fused only")
-        try:
-            use_triton(args.backend, torch.empty(0, device=resolve_device(args.device)))
-        except RuntimeError as error:
-            return _fail(command, f"argument --backend: {error}")
     out = args.out if args.out is not None else Path("runs") / args.task
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +266,8 @@ def _train(args: argparse.Namespace) -> int:
     noun = "samples" if clusters else "patterns"
     print(
         f"{args.task}: {config.epochs} epochs in {result.train_seconds:.1f} s on {result.device} "
-        f"(loss {config.loss}, {config.optimizer}, lr {config.lr:g}, batch {config.batch_size})"
+        f"(loss {config.loss}{', fused linear' if config.fused_linear else ''}, "
+        f"{config.optimizer}, lr {config.lr:g}, batch {config.batch_size})"
     )
     correct = round(test.accuracy * test.n_samples)
     print(f"test accuracy: {test.accuracy:.2%} ({correct}/{test.n_samples} {noun})")

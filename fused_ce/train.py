@@ -27,16 +27,15 @@ from torch import Tensor, nn
 
 from . import data
 from .data import _check_positive
-from .functional import (
-    binary_cross_entropy_with_logits,
-    cross_entropy,
-)
+from .functional import binary_cross_entropy_with_logits, cross_entropy
+from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 TASKS = ("majority-bits", "popcount", "clusters")
 LOSSES = ("fused", "torch")
 OPTIMIZERS = ("adam", "sgd")
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
+Objective = Callable[["Classifier", Tensor, Tensor], tuple[Tensor, Tensor]]
 
 # Learning rates that reach the documented accuracies with the default epochs and batch size
 # (docs/training.md), per task and optimizer.
@@ -57,7 +56,8 @@ class TrainConfig:
 
     ``lr=None`` and ``epochs=None`` take the task's defaults (:data:`DEFAULT_LR`,
     :data:`DEFAULT_EPOCHS`). ``hidden > 0`` puts a tanh hidden layer of that width before the
-    head. ``backend`` is passed to the fused losses (``None``: ``auto``). The cluster fields
+    head. ``backend`` is passed to the fused losses (``None``: ``auto``); ``fused_linear`` fuses
+    the head into the loss (see :func:`make_objective`). The cluster fields
     (``n_classes``, ``n_features``, ``samples_per_class``) apply to ``task="clusters"`` only,
     ``n_bits`` and ``all_patterns`` to the bit tasks.
     """
@@ -79,6 +79,7 @@ class TrainConfig:
     n_classes: int = 4
     n_features: int = 2
     samples_per_class: int = 250
+    fused_linear: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -97,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"hidden: expected 0 (no hidden layer) or more, got {self.hidden}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
+        if self.fused_linear and self.loss != "fused":
+            raise ValueError(
+                "fused_linear: fuses the head into fused_ce's loss; needs loss='fused'"
+            )
 
 
 def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -145,6 +150,46 @@ def loss_function(config: TrainConfig, binary: bool) -> LossFunction:
     if config.backend is None:
         return fused
     return lambda input, target: fused(input, target, backend=config.backend)
+
+
+def make_objective(config: TrainConfig, binary: bool) -> Objective:
+    """``objective(model, inputs, targets) -> (loss, logits)``, the logits detached (for the
+    accuracy).
+
+    By default the model computes the logits and :func:`loss_function` the loss. With
+    ``config.fused_linear`` the head and the loss are one fused op
+    (:func:`fused_ce.linear_cross_entropy` or
+    :func:`fused_ce.linear_binary_cross_entropy_with_logits` on the model's features and head
+    parameters); the logits for the accuracy are then recomputed without gradient, which costs
+    nothing at these widths.
+    """
+    if not config.fused_linear:
+        loss_fn = loss_function(config, binary)
+
+        def objective(model: Classifier, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+            logits = model(inputs)
+            return loss_fn(logits, targets), logits.detach()
+
+        return objective
+
+    def fused_linear_objective(
+        model: Classifier, inputs: Tensor, targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        features = model.features(inputs)
+        weight, bias = model.head.weight, model.head.bias
+        if binary:
+            loss = linear_binary_cross_entropy_with_logits(
+                features, weight, targets[:, None], linear_bias=bias, backend=config.backend
+            )
+        else:
+            loss = linear_cross_entropy(
+                features, weight, targets, linear_bias=bias, backend=config.backend
+            )
+        with torch.no_grad():
+            logits = model.head(features)
+        return loss, logits.squeeze(-1) if binary else logits
+
+    return fused_linear_objective
 
 
 class Standardize(nn.Module):
@@ -222,11 +267,10 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def validate(model: Classifier, loss_fn: LossFunction, split: data.Split) -> dict[str, float]:
+def validate(model: Classifier, objective: Objective, split: data.Split) -> dict[str, float]:
     """Mean loss and accuracy on a split (one forward pass; model left in eval mode)."""
     model.eval()
-    logits = model(split.inputs)
-    loss = loss_fn(logits, split.targets)
+    loss, logits = objective(model, split.inputs, split.targets)
     predicted = (logits > 0).long() if model.binary else logits.argmax(dim=1)
     accuracy = (predicted == split.targets.long()).float().mean()
     loss_value, accuracy_value = torch.stack([loss.float(), accuracy]).tolist()
@@ -253,13 +297,13 @@ class EvaluationReport:
 @torch.no_grad()
 def evaluate(
     model: Classifier,
-    loss_fn: LossFunction,
+    objective: Objective,
     split: data.Split,
     workload: data.Workload,
     name: str = "test",
 ) -> EvaluationReport:
     """The lecture's test function: validation plus confusion matrix and misclassified list."""
-    scores = validate(model, loss_fn, split)
+    scores = validate(model, objective, split)
     predicted, probabilities = model.predict(split.inputs)
     truth = split.targets.long()
     n_classes = workload.n_classes
@@ -323,7 +367,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def train_epochs(
     model: Classifier,
-    loss_fn: LossFunction,
+    objective: Objective,
     workload: data.Workload,
     config: TrainConfig,
     *,
@@ -350,13 +394,12 @@ def train_epochs(
         for begin in range(0, n, config.batch_size):
             batch = order[begin : begin + config.batch_size]
             inputs, targets = train.inputs[batch], train.targets[batch]
-            logits = model(inputs)
-            loss = loss_fn(logits, targets)
+            loss, logits = objective(model, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                loss_sum += loss.detach().float() * len(batch)
+                loss_sum += loss.float() * len(batch)
                 predicted = (logits > 0).long() if model.binary else logits.argmax(dim=1)
                 correct += (predicted == targets.long()).sum()
         mean_loss, n_correct = torch.stack([loss_sum / n, correct.float()]).tolist()
@@ -367,7 +410,7 @@ def train_epochs(
             "train_accuracy": n_correct / n,
         }
         if epoch % config.val_every == 0 or epoch == config.epochs:
-            scores = validate(model, loss_fn, workload.val)
+            scores = validate(model, objective, workload.val)
             record["val_loss"] = scores["loss"]
             record["val_accuracy"] = scores["accuracy"]
         record["seconds"] = round(time.perf_counter() - start, 4)
@@ -400,7 +443,7 @@ def run(
     workload = make_workload(config)
     model = build_model(config, workload).to(device)
     workload = workload.to(device)
-    loss_fn = loss_function(config, workload.binary)
+    objective = make_objective(config, workload.binary)
 
     log = (out / "metrics.jsonl").open("w") if out is not None else None
     try:
@@ -410,10 +453,12 @@ def run(
                 log.write(json.dumps(record) + "\n")
 
         start = time.perf_counter()
-        history = train_epochs(model, loss_fn, workload, config, on_epoch=write, progress=progress)
+        history = train_epochs(
+            model, objective, workload, config, on_epoch=write, progress=progress
+        )
         seconds = time.perf_counter() - start
-        test_report = evaluate(model, loss_fn, workload.test, workload, "test")
-        all_report = evaluate(model, loss_fn, workload.full, workload, "all")
+        test_report = evaluate(model, objective, workload.test, workload, "test")
+        all_report = evaluate(model, objective, workload.full, workload, "all")
         for report in (test_report, all_report):
             write(
                 {

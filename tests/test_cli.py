@@ -36,7 +36,11 @@ def _assert_png(path: Path) -> None:
     ("task", "extra", "plots"),
     [
         ("majority-bits", [], ["history", "weights", "probability_vs_ones", "sigmoid"]),
-        ("popcount", ["--hidden", "4", "--optimizer", "sgd"], ["history", "weights", "confusion"]),
+        (
+            "popcount",
+            ["--hidden", "4", "--optimizer", "sgd", "--fused-linear"],
+            ["history", "weights", "confusion"],
+        ),
         (
             "clusters",
             ["--samples-per-class", "30", "--classes", "3"],
@@ -99,6 +103,7 @@ def test_check_passes_on_every_backend_here(capsys):
         (["train", "majority-bits", "--bits", "40"], "argument --bits: at most 20"),
         (["train", "clusters", "--bits", "8"], "unrecognized arguments: --bits"),
         (["train", "popcount", "--loss", "torch", "--backend", "torch"], "argument --backend"),
+        (["train", "popcount", "--loss", "torch", "--fused-linear"], "argument --fused-linear"),
         (["check", "--dtype", "int8"], "argument --dtype"),
     ],
 )

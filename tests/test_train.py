@@ -56,15 +56,25 @@ def test_default_main_job_config_reaches_100_percent_on_all_patterns(one_thread)
 
 
 @pytest.mark.parametrize(
-    ("task", "epochs"), [("majority-bits", 3), ("popcount", 2), ("clusters", 3)]
+    ("task", "epochs", "fused_linear"),
+    [
+        ("majority-bits", 3, False),
+        ("popcount", 2, False),
+        ("clusters", 3, False),
+        ("majority-bits", 2, True),
+        ("popcount", 2, True),
+    ],
 )
-def test_fused_and_torch_losses_give_the_same_curves(backend_device, task, epochs):
-    """The swap-in story: the same seed, only the loss function differs."""
+def test_fused_and_torch_losses_give_the_same_curves(backend_device, task, epochs, fused_linear):
+    """The swap-in story: the same seed, only the loss function differs (with
+    ``fused_linear``, the head's Linear layer is fused into the loss as well)."""
     backend, device = backend_device
     common = {"task": task, "epochs": epochs, "val_every": 1, "device": device}
     if task == "clusters":
         common["samples_per_class"] = 60
-    fused = train.run(train.TrainConfig(loss="fused", backend=backend, **common))
+    fused = train.run(
+        train.TrainConfig(loss="fused", backend=backend, fused_linear=fused_linear, **common)
+    )
     reference = train.run(train.TrainConfig(loss="torch", **common))
     for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
         ours = torch.tensor([r[key] for r in fused.history], dtype=torch.float64)
@@ -88,7 +98,7 @@ def test_sgd_step_is_the_lecture_update():
     model = train.build_model(config, workload)
     w0 = model.head.weight.detach().double().clone()[0]
     b0 = model.head.bias.detach().double().clone()[0]
-    train.train_epochs(model, train.loss_function(config, True), workload, config)
+    train.train_epochs(model, train.make_objective(config, True), workload, config)
     x, t = workload.full.inputs.double(), workload.full.targets.double()
     o = torch.sigmoid(x @ w0 + b0)
     expected_w = w0 + 0.7 * ((t - o)[:, None] * x).mean(dim=0)
@@ -182,6 +192,7 @@ def test_checkpoint_round_trip_and_logs(tmp_path):
         ({"lr": 0.0}, "lr"),
         ({"hidden": -2}, "hidden"),
         ({"backend": "cuda"}, "backend"),
+        ({"loss": "torch", "fused_linear": True}, "fused_linear"),
     ],
 )
 def test_bad_config_names_the_argument(overrides, name):
