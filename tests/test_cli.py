@@ -78,8 +78,16 @@ def test_check_passes_on_every_backend_here(capsys):
     stdout = capsys.readouterr().out
     lines = stdout.splitlines()
     assert lines[0].split()[:5] == ["op", "case", "device", "dtype", "backend"]
-    rows = [line for line in lines if line.startswith(("softmax", "sigmoid"))]
+    summary = next(i for i, line in enumerate(lines) if line.endswith("within tolerance"))
+    rows = lines[2:summary]
     backends = {row.split()[-4] for row in rows}
+    ops = {row.split()[0] for row in rows}
+    assert ops == {
+        "softmax_cross_entropy",
+        "sigmoid_binary_cross_entropy",
+        "linear_cross_entropy",
+        "linear_binary_cross_entropy_with_logits",
+    }
     expected = {"torch", "triton"} if HAS_TRITON and (INTERPRET or CUDA) else {"torch"}
     assert expected <= backends
     assert all(row.endswith("ok") for row in rows)
