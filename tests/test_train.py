@@ -14,6 +14,17 @@ from fused_ce import train
 from fused_ce.plots import raw_input_weights
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as the CLI uses for these tiny models: OpenMP threads only add
+    synchronisation there, and slow a run several times when other processes share the cores.
+    Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_majority_bits_reaches_100_percent_on_all_patterns():
     """Full-batch Adam on the 70% training split: every one of the 1024 patterns right,
     including the 308 never trained on. The fused loss runs on the default backend."""
@@ -34,17 +45,7 @@ def test_majority_bits_reaches_100_percent_on_all_patterns():
     assert 5.0 < -bias / float(weight.mean()) < 6.0
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, as the CLI uses for these tiny models: OpenMP threads only add
-    synchronisation there, and slow a run several times when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_default_main_job_config_reaches_100_percent_on_all_patterns(one_thread):
+def test_default_main_job_config_reaches_100_percent_on_all_patterns():
     """The README's promise for ``fused-ce train majority-bits`` with its defaults (2000 epochs,
     batch 64, Adam). Run with ``backend="torch"``: 24,000 steps through the Triton interpreter
     would take minutes, and the kernels' equivalence is covered by the op tests and by the
