@@ -12,10 +12,13 @@ from .functional import (
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
 )
+from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_binary_cross_entropy_with_logits",
+    "linear_cross_entropy",
     "nn",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

@@ -8,10 +8,13 @@ torch's own.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .functional import sigmoid_binary_cross_entropy, softmax_cross_entropy
+from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -67,5 +70,149 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
             weight=self.weight,
             reduction=self.reduction,
             pos_weight=self.pos_weight,
+            backend=self.backend,
+        )
+
+
+class _LinearLossHead(torch.nn.Module):
+    """An output layer and its loss in one module: owns ``linear_weight`` ``(out_features,
+    in_features)`` and ``linear_bias`` ``(out_features,)``, created and initialised exactly as
+    :class:`torch.nn.Linear`'s ``weight`` and ``bias``, so ``head = nn.Linear(D, V)`` plus
+    ``loss_fn(head(h), y)`` becomes ``loss_fn = LinearCrossEntropyLoss(D, V)`` plus
+    ``loss_fn(h, y)``. :meth:`from_linear` shares an existing Linear's parameters instead (tied
+    embeddings, a pretrained head); :meth:`logits` gives the logits when they are wanted
+    (sampling, evaluation).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        factory = {"device": device, "dtype": dtype}
+        self.linear_weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.linear_bias = torch.nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("linear_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn.Linear's initialisation (Kaiming-uniform weight, uniform bias)."""
+        torch.nn.init.kaiming_uniform_(self.linear_weight, a=math.sqrt(5))
+        if self.linear_bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            torch.nn.init.uniform_(self.linear_bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs):
+        """A head that shares ``linear``'s ``weight`` and ``bias`` Parameters (no copy);
+        ``kwargs`` go to the constructor."""
+        head = cls(linear.in_features, linear.out_features, bias=False, device="meta", **kwargs)
+        head.linear_weight = linear.weight
+        head.linear_bias = linear.bias
+        return head
+
+    def logits(self, input: Tensor) -> Tensor:
+        """``F.linear(input, linear_weight, linear_bias)``: the ``(..., out_features)`` logits."""
+        return torch.nn.functional.linear(input, self.linear_weight, self.linear_bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.linear_bias is not None}, reduction={self.reduction!r}"
+        )
+
+
+class LinearCrossEntropyLoss(_LinearLossHead):
+    """Output head + softmax cross-entropy: ``forward(input (..., in_features), target)``
+    returns :func:`fused_ce.linear_cross_entropy` of the head's parameters, never holding the
+    ``N x out_features`` logits. ``weight`` (class weights) is a buffer, as in
+    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+        path: str = "auto",
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.path = path
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input,
+            self.linear_weight,
+            target,
+            linear_bias=self.linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
+            path=self.path,
+            backend=self.backend,
+        )
+
+
+class LinearBCEWithLogitsLoss(_LinearLossHead):
+    """Output head + sigmoid binary cross-entropy (the sigmoid neuron for ``out_features=1``, a
+    multi-label head above): ``forward(input (..., in_features), target (..., out_features))``
+    returns :func:`fused_ce.linear_binary_cross_entropy_with_logits` of the head's parameters.
+    ``weight`` and ``pos_weight`` are buffers, as in :class:`torch.nn.BCEWithLogitsLoss`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight: Tensor | None = None,
+        pos_weight: Tensor | None = None,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_binary_cross_entropy_with_logits(
+            input,
+            self.linear_weight,
+            target,
+            linear_bias=self.linear_bias,
+            weight=self.weight,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
             backend=self.backend,
         )

@@ -353,7 +353,8 @@ def linear_bce_forward(
 ) -> torch.Tensor:
     """The ``(N, C)`` elementwise loss (``target``'s dtype) of ``binary_cross_entropy_with_
     logits(input @ linear_weight.T + linear_bias, target)``, or with ``row_sums`` its ``(N,)``
-    row sums in the accumulation dtype, with no ``N x C`` buffer."""
+    row sums in the accumulation dtype, with no ``N x C`` buffer. ``target``, ``weight`` and
+    ``pos_weight`` are ``(N, C)`` (broadcast weights as stride-0 views)."""
     loss = _bce_loss_buffer(input, linear_weight, target, row_sums)
     chunked.binary_cross_entropy(
         input,
