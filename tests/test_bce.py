@@ -66,6 +66,7 @@ def check_bce(backend_device, input, target, *, seed: int = 0, wrt=(0, 1), **kwa
         wrt,
         backend,
         seed,
+        elementwise=True,
     )
 
 

@@ -64,6 +64,7 @@ def check_ce(backend_device, logits, target, *, seed: int = 0, grad_tolerance=No
         backend,
         seed,
         grad_tolerance,
+        elementwise=True,
     )
 
 
