@@ -289,6 +289,8 @@ def _layouts(device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor
     prob_wide = torch.softmax(randn((6, 14), 4, device), -1)
     index_wide = torch.randint(0, 7, (12,), generator=generator(5)).to(device)
     class_major = randn((7, 6), 6, device)  # (C, N) memory
+    odd = randn((5, 15), 8, device)
+    prob_odd = torch.softmax(randn((5, 15), 9, device)[:, :8], -1)
     prob_class_major = torch.softmax(randn((7, 6), 7, device), 0)
     return {
         # NCHW views of NHWC memory: class stride 1, spatial strides C.
@@ -303,12 +305,15 @@ def _layouts(device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor
         "row_stride_2": (wide[::2, :7], prob_wide[::2, 7:], index_wide[1::2][:3]),
         # (N, C) read from (C, N) memory: class stride N, row stride 1.
         "transposed": (class_major.t(), prob_class_major.t(), index_wide[:6]),
+        # Odd row stride 15, and every pointer one element off 16-byte alignment (int64
+        # targets included): Triton specializes on alignment, and such cases have miscompiled.
+        "odd_misaligned": (odd[:, 1:14:2], prob_odd[:, 1:8], index_wide[1:6]),
     }
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize(
-    "layout", ["nchw_from_nhwc", "class_stride_2", "row_stride_2", "transposed"]
+    "layout", ["nchw_from_nhwc", "class_stride_2", "row_stride_2", "transposed", "odd_misaligned"]
 )
 def test_non_contiguous_inputs(backend_device, layout, kind):
     """Strided and permuted inputs give the oracle's numbers, and the same numbers as
