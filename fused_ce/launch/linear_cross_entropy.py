@@ -44,9 +44,11 @@ def _dot_args(input: torch.Tensor) -> dict:
     dot_dtype = _TL_DTYPES[input.dtype]
     if INTERPRET and input.dtype in (torch.float16, torch.bfloat16):
         dot_dtype = tl.float32
+    full_precision = dot_dtype in (tl.float32, tl.float64)
     return {
         "DOT_DTYPE": dot_dtype,
-        "DOT_PRECISION": "ieee",
+        # fp16/bf16 operands ignore the setting; "tf32" is Triton's default for them.
+        "DOT_PRECISION": "ieee" if full_precision else "tf32",
         "ACC_DTYPE": tl_dtype(accumulation_dtype(input.dtype)),
     }
 

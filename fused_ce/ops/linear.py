@@ -52,7 +52,7 @@ def _fused():
 
 
 def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor) -> int:
-    return chunked.chunk_rows(chunk_size, input.shape[0], linear_weight.shape[0], input.device)
+    return chunked.chunk_rows(chunk_size, input.shape[0], linear_weight.shape[0], input)
 
 
 def _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad):

@@ -31,16 +31,17 @@ CUDA_CHUNK_BYTES = 512 << 20
 CPU_CHUNK_BYTES = 16 << 20
 
 
-def chunk_rows(chunk_size: int, n_rows: int, n_classes: int, device: torch.device) -> int:
+def chunk_rows(chunk_size: int, n_rows: int, n_classes: int, input: torch.Tensor) -> int:
     """Rows per chunk: ``chunk_size`` when positive, else the budget rule above (at least one
     row; a multiple of 64 on CUDA once the budget allows, for GEMM-friendly shapes)."""
     if chunk_size > 0:
         return max(1, min(chunk_size, n_rows))
-    if device.type == "cuda":
-        rows = CUDA_CHUNK_BYTES // (2 * max(n_classes, 1))
+    if input.device.type == "cuda":
+        rows = CUDA_CHUNK_BYTES // (input.element_size() * max(n_classes, 1))
         rows = rows - rows % 64 if rows >= 64 else rows
     else:
-        rows = CPU_CHUNK_BYTES // (4 * max(n_classes, 1))
+        # The torch path computes in fp32 (fp64 for fp64) whatever the input dtype.
+        rows = CPU_CHUNK_BYTES // (max(input.element_size(), 4) * max(n_classes, 1))
     return max(1, min(rows, n_rows))
 
 
