@@ -72,9 +72,13 @@ def _grad_target(target: torch.Tensor, wanted: bool) -> torch.Tensor:
     return target.new_empty(0)
 
 
-def _fake_grads(
+def _grad_buffers(
     input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
 ):
+    """Uninitialised ``(dX, dW, db, dtarget)`` as the ops return them (contiguous, the
+    operands' dtypes; empty when not wanted): the fake kernels' outputs and the fused path's
+    buffers."""
+
     def like(t, wanted):
         if t is None or not wanted:
             return input.new_empty(0) if t is None else t.new_empty(0)
@@ -165,7 +169,7 @@ def linear_ce_backward(
     empty unless asked for."""
     grad_target = _grad_target(target, target_grad)
     if fused:
-        grad_input, grad_weight, grad_bias, _ = _fake_grads(
+        grad_input, grad_weight, grad_bias, _ = _grad_buffers(
             input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
         )
         _fused().backward(
@@ -224,7 +228,7 @@ def _(
     bias_grad,
     target_grad,
 ):
-    return _fake_grads(
+    return _grad_buffers(
         input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
     )
 
@@ -323,7 +327,7 @@ def _(
     dtype = accumulation_dtype(input.dtype, target.dtype)
     return (
         input.new_empty((), dtype=dtype),
-        *_fake_grads(
+        *_grad_buffers(
             input,
             linear_weight,
             linear_bias,
@@ -437,7 +441,7 @@ def _(
     bias_grad,
     target_grad,
 ):
-    return _fake_grads(
+    return _grad_buffers(
         input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
     )
 
@@ -526,7 +530,7 @@ def _(
 ):
     return (
         input.new_empty((), dtype=accumulation_dtype(input.dtype, target.dtype)),
-        *_fake_grads(
+        *_grad_buffers(
             input,
             linear_weight,
             linear_bias,
