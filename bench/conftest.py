@@ -15,16 +15,9 @@ from __future__ import annotations
 import os
 import time
 
-# OpenMP workers that spin between parallel regions lose their core to any other busy process
-# on a small shared machine, and each parallel region then waits for a scheduler tick: on the
-# 2-core development machine with other work running, `x.exp()` on 1M floats took 7.6 ms
-# instead of 0.68 ms. Sleeping workers measure the op, not the scheduler. libgomp reads this
-# when torch loads it, hence before the imports below; a value in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from benchlib import CUDA, PRIORITY, Ceilings, configure_compile, device_info  # noqa: E402
+import pytest
+import torch
+from benchlib import CUDA, PRIORITY, Ceilings, configure_compile, device_info
 
 _session: dict[str, object] = {}
 

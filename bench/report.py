@@ -112,6 +112,9 @@ def header(data: dict, records: list[dict]) -> list[str]:
         if k.startswith("matmul")
     ]
     cpu = data["machine_info"].get("cpu", {}).get("brand_raw", "")
+    command = info.get("command", "?")
+    if info.get("omp_wait_policy"):
+        command = f"OMP_WAIT_POLICY={info['omp_wait_policy']} {command}"
     lines = [
         f"# fused_ce benchmarks: {device} ({card})",
         "",
@@ -122,7 +125,7 @@ def header(data: dict, records: list[dict]) -> list[str]:
         f"| commit | {info.get('commit', '?')} |",
         f"| versions | {', '.join(versions)} |",
         f"| ceilings (measured in this run) | {'; '.join(ceiling_text)} |",
-        f"| command | `{info.get('command', '?')}` |",
+        f"| command | `{command}` |",
         f"| torch threads | {info.get('torch_threads')} of {info.get('cpu_count')} CPUs |",
     ]
     if device == "cpu":
@@ -218,6 +221,41 @@ def goals(records: list[dict]) -> list[str]:
             f"{fmt_time(provs['torch-eager']['median_s'])} | {ratio:.2f} | "
             f"{'met' if ratio <= MAJORITY_SLACK else 'missed'} |"
         )
+    return lines
+
+
+def summary(records: list[dict]) -> list[str]:
+    """Providers side by side: one row per case, each provider's time per call, and the fused
+    path's fraction of the bound (bytes for the losses, FLOPs for the fused linear ops)."""
+    fused = fused_provider(records)
+    providers = sorted({r["provider"] for r in records}, key=_provider_rank)
+    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        by_key[_key(r)][r["provider"]] = r
+    lines = [
+        "## Summary",
+        "",
+        f"Time per call; the last column is `{fused}`'s fraction of the bound (copy bandwidth "
+        "for the losses, matmul rate for the fused linear ops). Fastest time in bold.",
+        "",
+        "| case | " + " | ".join(providers) + " | of bound |",
+        "| --- |" + " --: |" * (len(providers) + 1),
+    ]
+    order = list(FAMILY_TITLES)
+    for key in sorted(by_key, key=lambda k: (order.index(k[0]), *k[1:])):
+        provs = by_key[key]
+        fastest = min(r["median_s"] for r in provs.values())
+        cells = []
+        for name in providers:
+            record = provs.get(name)
+            text = fmt_time(record["median_s"]) if record else "-"
+            cells.append(f"**{text}**" if record and record["median_s"] == fastest else text)
+        bound = provs.get(fused, {}).get(
+            "frac_matmul" if key[0].startswith("linear") else "frac_copy_bw"
+        )
+        family, workload, shape, dtype, pass_name = key
+        case = f"{family} {workload} {'x'.join(map(str, shape))} {dtype} {pass_name}"
+        lines.append(f"| {case} | " + " | ".join(cells) + f" | {fmt_pct(bound)} |")
     return lines
 
 
@@ -346,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     written = plot(records, device, args.out)
     lines = header(data, records)
     lines += ["", *(f"![{p.stem}]({p.name})" for p in written)]
-    lines += ["", *goals(records), "", *tables(records), ""]
+    lines += ["", *summary(records), "", *goals(records), "", *tables(records), ""]
     (args.out / "bench.md").write_text("\n".join(lines))
     card = card_name(device, data["machine_info"].get("fused_ce", {}).get("torch_threads"))
     print(f"wrote {args.out / 'bench.md'} and {len(written)} plots; card: {card}")
