@@ -265,9 +265,11 @@ class Provider:
     build: Callable[[Case], Callable[..., Tensor]]
     devices: tuple[str, ...] = ("cpu", "cuda")
     module: str | None = None  # a peer's import name: the provider exists where it imports
+    applies: Callable[[Case], bool] | None = None  # narrower than its families, with why_not
+    why_not: str = ""
 
     def supports(self, case: Case) -> bool:
-        return case.family in self.families
+        return case.family in self.families and (self.applies is None or self.applies(case))
 
 
 def _has_fused(family: str) -> bool:
@@ -285,12 +287,15 @@ def _has_linear_path_option() -> bool:
 
 ALL_PROVIDERS = (
     Provider("fused_ce-triton", FAMILIES, lambda c: _fused(c, "triton"), devices=("cuda",)),
-    # The linear CE's all-in-registers Triton path (path="fused"), beside the default.
+    # The linear CE's all-in-registers Triton path (path="fused"), beside the default. Its
+    # backward recomputes the logits once per feature block: meant for small D only.
     Provider(
         "fused_ce-triton-fused",
         ("linear_ce",),
         lambda c: _fused(c, "triton", path="fused"),
         devices=("cuda",),
+        applies=lambda c: c.shape[1] <= 1024,
+        why_not="path='fused' recomputes the logits per feature block; timed for D <= 1024",
     ),
     Provider("fused_ce-torch", FAMILIES, lambda c: _fused(c, "torch")),
     Provider("torch-eager", FAMILIES, reference),
@@ -531,7 +536,10 @@ def run_case(benchmark, case: Case, provider_name: str, ceilings: Ceilings) -> N
     time per call. Forward+backward clears the leaves' gradients first, as a training step does.
     """
     benchmark.group = case.group
-    fn = provider(provider_name).build(case)
+    chosen = provider(provider_name)
+    if not chosen.supports(case):
+        pytest.skip(f"{provider_name}: {chosen.why_not}")
+    fn = chosen.build(case)
     pool: list[InputSet] = []
 
     def step(inputs: InputSet) -> None:
