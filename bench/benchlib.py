@@ -466,13 +466,14 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def device_info() -> dict[str, object]:
-    """What the machine info of every results JSON carries besides pytest-benchmark's own."""
+def device_info(commit: str) -> dict[str, object]:
+    """What the machine info of every results JSON carries besides pytest-benchmark's own;
+    ``commit`` is read when the run starts (the checkout may move while it runs)."""
     info: dict[str, object] = {
         "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
         "torch": torch.__version__,
         "fused_ce": fused_ce.__version__,
-        "commit": git_commit(),
+        "commit": commit,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cache_bytes": cache_bytes(),

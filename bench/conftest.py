@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from benchlib import CUDA, PRIORITY, Ceilings, configure_compile, device_info
+from benchlib import CUDA, PRIORITY, Ceilings, configure_compile, device_info, git_commit
 
 _session: dict[str, object] = {}
 
@@ -42,6 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     configure_compile()
     _session["start"] = time.monotonic()
     _session["loadavg_start"] = _loadavg()
+    _session["commit"] = git_commit()
 
 
 def _loadavg() -> list[float]:
@@ -90,7 +91,7 @@ def ceilings() -> Ceilings:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    info = device_info()
+    info = device_info(str(_session.get("commit", "unknown")))
     measured = _session.get("ceilings")
     info["ceilings"] = measured.as_dict() if isinstance(measured, Ceilings) else {}
     info["full_cpu"] = bool(config.getoption("--bench-full-cpu"))
