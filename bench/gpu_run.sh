@@ -5,7 +5,8 @@
 #
 # 1. installs the peers' wheels from .whl/ (liger-kernel, cut-cross-entropy; pure Python) with
 #    --no-deps into a scratch folder, when .whl/ holds any;
-# 2. runs the test suite on CUDA (capped at TESTS_CAP_S seconds) -> tests.log, junit.xml;
+# 2. runs the test suite on CUDA (capped at TESTS_CAP_S seconds; over 8 workers when
+#    pytest-xdist is installed) -> tests.log, junit.xml;
 # 3. runs the benchmark suite with its ceilings (a soft budget so it ends normally and writes
 #    its JSON, plus a hard cap) -> bench.log, bench.json;
 # 4. renders bench.md, ce_time.png and frac_bw.png from the JSON.
@@ -46,8 +47,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,tem
     --format=csv 2>&1 | head -3
 
 echo "== tests on CUDA (cap ${TESTS_CAP_S} s)"
-timeout -k 10 "$TESTS_CAP_S" "$PY" -m pytest tests -x -q -p no:cacheprovider \
-    --junitxml="$OUTDIR/junit.xml" >"$OUTDIR/tests.log" 2>&1
+# pytest-xdist, where present, spreads the suite over the machine's cores (one GPU is shared).
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
+timeout -k 10 "$TESTS_CAP_S" "$PY" -m pytest tests "${xdist[@]}" -q -rf --maxfail=50 \
+    -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" >"$OUTDIR/tests.log" 2>&1
 rc_tests=$?
 [ "$rc_tests" = 124 ] && echo "tests: stopped at the ${TESTS_CAP_S} s cap" | tee -a "$OUTDIR/tests.log"
 tail -n 3 "$OUTDIR/tests.log"
