@@ -7,6 +7,7 @@ by a chunked plain-PyTorch path elsewhere.
 
 from . import nn
 from .functional import (
+    CrossEntropyStats,
     binary_cross_entropy_with_logits,
     cross_entropy,
     sigmoid_binary_cross_entropy,
@@ -15,6 +16,7 @@ from .functional import (
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 __all__ = [
+    "CrossEntropyStats",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_binary_cross_entropy_with_logits",

@@ -9,6 +9,9 @@ CUDA), and the kernels never read memory through an unchecked target.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -68,6 +71,122 @@ def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dt
     return total.to(dtype)
 
 
+class CrossEntropyStats(NamedTuple):
+    """What a cross-entropy entry point returns with ``return_stats=True``.
+
+    * ``loss``: the loss exactly as without stats (z-loss included), differentiable.
+    * ``lse``: per-token log-sum-exp of the final logits (after ``logit_scale`` and
+      ``softcap``), shape of the target's batch dims, accumulation dtype (fp32, fp64 for fp64);
+      defined for ignored tokens too. Differentiable (its gradient is ``softmax``).
+    * ``z_loss``: the z-loss term ``z_loss * lse^2`` over non-ignored tokens, reduced like
+      ``loss`` (per token for ``'none'``; 0 when ``z_loss=0``); detached, for logging.
+    * ``entropy``: per-token entropy of the softmax, ``lse - sum_c p_c z_c``, accumulation
+      dtype, defined for ignored tokens too; detached (for logging and RL advantages, not for
+      gradients).
+    * ``accuracy``: 0-d, the fraction of non-ignored tokens whose argmax (first index of the
+      max of the final logits) is the target class (the target's argmax for probability
+      targets); NaN when every token is ignored. Detached.
+    """
+
+    loss: Tensor
+    lse: Tensor
+    z_loss: Tensor
+    entropy: Tensor
+    accuracy: Tensor
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: float) -> bool:
+    # Comparisons, not math.isfinite: torch.compile traces them on an unspecialised float.
+    return -math.inf < value < math.inf
+
+
+def _check_options(
+    logit_scale: float, softcap: float | None, z_loss: float, return_stats: bool
+) -> tuple[float, float]:
+    """Validate the options beyond torch; return ``(logit_scale, softcap)`` as the ops take
+    them (softcap 0.0 for none)."""
+    if not _is_number(logit_scale) or not _finite(logit_scale):
+        raise ValueError(f"logit_scale: expected a finite number, got {logit_scale!r}")
+    if softcap is not None and (not _is_number(softcap) or not _finite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
+    if not _is_number(z_loss) or not _finite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss: expected a non-negative finite number, got {z_loss!r}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats: expected a bool, got {return_stats!r}")
+    return float(logit_scale), float(softcap) if softcap is not None else 0.0
+
+
+def _finish(
+    loss_rows: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    argmax: Tensor,
+    *,
+    batch_shape: torch.Size,
+    valid: Tensor | None,
+    target_classes: Tensor,
+    reduction: str,
+    divisor: Tensor | int,
+    out_dtype: torch.dtype,
+    z_loss: float,
+    return_stats: bool,
+) -> Tensor | CrossEntropyStats:
+    """Add the z-loss to the per-row CE, reduce, and gather the stats when asked.
+
+    ``valid`` marks the non-ignored rows (None: all rows); ``target_classes`` is what the
+    argmax is compared with for accuracy.
+    """
+    loss_rows = loss_rows.view(batch_shape)
+    lse = lse.view(batch_shape)
+    if z_loss > 0.0:
+        z_rows = z_loss * lse.square()
+        if valid is not None:
+            # where(), not a product: an ignored row's lse may be inf and its term must be 0.
+            z_rows = torch.where(valid, z_rows, 0.0)
+        loss_rows = loss_rows + z_rows
+    else:
+        z_rows = torch.zeros_like(lse)
+    loss = _reduce(loss_rows, reduction, divisor, out_dtype)
+    if not return_stats:
+        return loss
+    acc = lse.dtype
+    correct = argmax.view(batch_shape) == target_classes
+    if valid is not None:
+        correct = correct & valid
+        count = valid.sum(dtype=acc)
+    else:
+        count = correct.numel()
+    return CrossEntropyStats(
+        loss,
+        lse,
+        _reduce(z_rows.detach(), reduction, divisor, out_dtype),
+        entropy.view(batch_shape),
+        correct.sum(dtype=acc) / count,
+    )
+
+
+def _check_inplace(input: Tensor) -> None:
+    """``inplace_backward`` writes the gradient over ``input``: refuse where that cannot be
+    right (a leaf's ``.grad`` would share its memory; overlapping memory would race)."""
+    if input.is_leaf and input.requires_grad:
+        raise RuntimeError(
+            "inplace_backward: input is a leaf tensor that requires grad, so its .grad would "
+            "share memory with it; pass logits computed from parameters (e.g. a matmul's "
+            "output), or inplace_backward=False"
+        )
+    if any(
+        stride == 0 and size > 1 for stride, size in zip(input.stride(), input.shape, strict=True)
+    ):
+        raise RuntimeError(
+            "inplace_backward: input has overlapping memory (a stride of 0, e.g. from "
+            "expand()); the gradient cannot be written over it"
+        )
+
+
 def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -76,10 +195,16 @@ def softmax_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+    inplace_backward: bool = False,
     backend: str | None = None,
-) -> Tensor:
+) -> Tensor | CrossEntropyStats:
     r"""Softmax + cross-entropy, fused: the same result and gradients as
-    :func:`torch.nn.functional.cross_entropy`.
+    :func:`torch.nn.functional.cross_entropy`, plus options large-model training asks for
+    (their defaults keep torch's results; see docs/options.md).
 
     With :math:`\mathrm{lse}_n = \log\sum_c e^{x_{n,c}}` (the class dim is 1, or 0 for 1-D input),
     class weights :math:`w` (ones when ``None``), :math:`v_n = [y_n \ne \text{ignore\_index}]`
@@ -96,6 +221,11 @@ def softmax_cross_entropy(
     The input gradient is the lecture's :math:`o - t` (softmax minus the one-hot or smoothed
     target), weighted; probability targets receive a gradient too.
 
+    Options: the logits become :math:`z = s\,x` (``logit_scale``), then
+    :math:`z \leftarrow c\tanh(z/c)` (``softcap`` :math:`c`), and everything above uses
+    :math:`z`; ``z_loss`` adds :math:`\lambda\,\mathrm{lse}_n^2` per non-ignored row, reduced
+    like the CE term (``'mean'`` uses the same divisor).
+
     Args:
         input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``; fp16, bf16, fp32 or fp64.
         target: class indices ``()``, ``(N)`` or ``(N, d1, ..., dK)`` (int64 or uint8), or
@@ -105,13 +235,25 @@ def softmax_cross_entropy(
             must be negative with probability targets.
         reduction: ``'none'`` (shape of the target's batch dims), ``'mean'`` or ``'sum'``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`; negative values act as 0.
+        logit_scale: finite multiplier applied to the logits first.
+        softcap: ``None`` or a positive cap :math:`c`: :math:`z \leftarrow c\tanh(z/c)`.
+        z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` term.
+        return_stats: return a :class:`CrossEntropyStats` ``(loss, lse, z_loss, entropy,
+            accuracy)`` instead of the loss alone.
+        inplace_backward: the backward writes the input gradient over ``input``'s memory
+            (saves an ``N x C`` buffer). ``input`` must not be a leaf that requires grad, and
+            nothing else may need its values later: a use saved by another op fails loudly
+            (torch's "modified by an inplace operation" error), as does a change to ``input``
+            before the backward.
         backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``.
 
     Returns:
         The loss, in ``input``'s dtype (the promoted dtype of input and target for probability
-        targets); computed in fp32 (fp64 for fp64 operands).
+        targets); computed in fp32 (fp64 for fp64 operands). With ``return_stats``, a
+        :class:`CrossEntropyStats` whose ``loss`` is that loss.
     """
     _check_reduction(reduction)
+    scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
     _check_floating("input", input)
     if not isinstance(target, Tensor):
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
@@ -162,6 +304,9 @@ def softmax_cross_entropy(
             )
         out_dtype = input.dtype
 
+    if inplace_backward:
+        _check_inplace(input)
+
     # (n_outer, C, n_inner) views: NCHW logits keep their strides, no transposed copy.
     logits = _as_rows(input, class_dim)
     n_outer, _, n_inner = logits.shape
@@ -179,8 +324,17 @@ def softmax_cross_entropy(
             "input's class dim, or ignore_index)",
         )
 
-    loss, _, _ = ce_forward(
-        logits, rows_target, weight, ignore_index, eps, use_triton(backend, input)
+    loss, lse, _, entropy, argmax = ce_forward(
+        logits,
+        rows_target,
+        weight,
+        ignore_index,
+        eps,
+        scale,
+        cap,
+        return_stats,
+        bool(inplace_backward),
+        use_triton(backend, input),
     )
     if reduction == "mean" and not prob_target:
         acc = accumulation_dtype(input.dtype)
@@ -190,7 +344,20 @@ def softmax_cross_entropy(
             divisor = (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
     else:
         divisor = n_outer * n_inner
-    return _reduce(loss.view(batch_shape), reduction, divisor, out_dtype)
+    return _finish(
+        loss,
+        lse,
+        entropy,
+        argmax,
+        batch_shape=batch_shape,
+        valid=None if prob_target else valid,
+        target_classes=target.argmax(class_dim) if prob_target and return_stats else target,
+        reduction=reduction,
+        divisor=divisor,
+        out_dtype=out_dtype,
+        z_loss=float(z_loss),
+        return_stats=return_stats,
+    )
 
 
 def sigmoid_binary_cross_entropy(

@@ -25,7 +25,15 @@ from torch import Tensor
 
 from ._backend import use_triton
 from ._common import accumulation_dtype
-from .functional import _check_constant, _check_floating, _check_reduction, _reduce
+from .functional import (
+    CrossEntropyStats,
+    _check_constant,
+    _check_floating,
+    _check_options,
+    _check_reduction,
+    _finish,
+    _reduce,
+)
 from .ops.linear import (
     linear_bce_forward,
     linear_bce_scalar,
@@ -107,8 +115,12 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     path: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
     backend: str | None = None,
-) -> Tensor:
+) -> Tensor | CrossEntropyStats:
     r"""Linear layer + softmax cross-entropy, fused: the result and gradients of
     ``softmax_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` (and of
     ``torch.nn.functional.linear_cross_entropy``), without the ``N x V`` logits.
@@ -145,20 +157,27 @@ def linear_cross_entropy(
             ``chunk_size x V`` logits. ``None``: a 512 MiB logits buffer on CUDA, 16 MiB of
             fp32 on CPU (see ``fused_ce.torch_impl.linear``). Results do not depend on it
             beyond fp32 summation order.
-        path: ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or ``'fused'`` (Triton only).
+        path: ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or ``'fused'`` (Triton only;
+            none of the four options below: they raise ``NotImplementedError`` there).
+        logit_scale, softcap, z_loss, return_stats: as in
+            :func:`fused_ce.softmax_cross_entropy` (the logits ``z`` are scaled, then capped;
+            see docs/options.md).
         backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``;
             on the chunked path it picks the per-chunk loss kernels, the GEMMs being torch's.
 
     Returns:
         The loss in ``input``'s dtype (the promoted dtype of input and target for probability
         targets), computed in fp32 (fp64 for fp64 operands). ``dW`` and ``db`` are accumulated
-        in fp32 across chunks and rounded once.
+        in fp32 across chunks and rounded once. With ``return_stats``, a
+        :class:`fused_ce.CrossEntropyStats` whose ``loss`` is that loss.
 
     With ``reduction='mean'``/``'sum'`` and a gradient wanted, the chunked path computes the
     gradients during the forward (see ``fused_ce.ops.linear``): ``loss.backward()`` then only
-    multiplies them by the upstream gradient. Double backward is not supported.
+    multiplies them by the upstream gradient (not with ``z_loss`` or ``return_stats``, whose
+    extra outputs need the saved statistics). Double backward is not supported.
     """
     _check_reduction(reduction)
+    scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
     n_classes = _check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = _check_chunk_size(chunk_size)
     _check_target(target, input)
@@ -220,6 +239,11 @@ def linear_cross_entropy(
             "path: 'fused' runs the Triton kernels, but the backend resolved to 'torch' "
             f"(backend={backend!r}, input on {input.device}); use path='chunked'"
         )
+    if fused and (scale != 1.0 or cap > 0.0 or z_loss > 0.0 or return_stats):
+        raise NotImplementedError(
+            "path: 'fused' does not support logit_scale, softcap, z_loss or return_stats yet; "
+            "use path='chunked' (the default) for them"
+        )
     x = _as_rows(input)
     n_rows = x.shape[0]
     acc = accumulation_dtype(input.dtype, target.dtype)
@@ -232,13 +256,14 @@ def linear_cross_entropy(
         divisor = n_rows
 
     wants = _grad_flags(input, linear_weight, linear_bias, target if prob_target else None)
-    if reduction != "none" and not fused and any(wants):
+    one_sweep = reduction != "none" and not fused and z_loss == 0.0 and not return_stats
+    if one_sweep and any(wants):
         if reduction == "sum":
-            scale = torch.ones((), dtype=acc, device=input.device)
+            reduce_scale = torch.ones((), dtype=acc, device=input.device)
         elif isinstance(divisor, Tensor):
-            scale = 1.0 / divisor
+            reduce_scale = 1.0 / divisor
         else:
-            scale = torch.full(
+            reduce_scale = torch.full(
                 (), 1.0 / divisor if divisor else float("nan"), dtype=acc, device=input.device
             )
         loss, *_ = linear_ce_scalar(
@@ -247,15 +272,17 @@ def linear_cross_entropy(
             linear_bias,
             rows_target,
             weight,
-            scale,
+            reduce_scale,
             ignore_index,
             eps,
+            scale,
+            cap,
             rows_per_chunk,
             triton,
             *wants,
         )
         return loss.to(out_dtype)
-    loss, _, _ = linear_ce_forward(
+    loss, lse, _, entropy, argmax = linear_ce_forward(
         x,
         linear_weight,
         linear_bias,
@@ -263,11 +290,27 @@ def linear_cross_entropy(
         weight,
         ignore_index,
         eps,
+        scale,
+        cap,
+        return_stats,
         rows_per_chunk,
         fused,
         triton,
     )
-    return _reduce(loss.view(batch_shape), reduction, divisor, out_dtype)
+    return _finish(
+        loss,
+        lse,
+        entropy,
+        argmax,
+        batch_shape=batch_shape,
+        valid=None if prob_target else valid.view(batch_shape),
+        target_classes=target.argmax(-1) if prob_target and return_stats else target,
+        reduction=reduction,
+        divisor=divisor,
+        out_dtype=out_dtype,
+        z_loss=float(z_loss),
+        return_stats=return_stats,
+    )
 
 
 def linear_binary_cross_entropy_with_logits(

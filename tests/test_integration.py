@@ -86,9 +86,11 @@ def _ce_forward_args(backend, device, kind: str):
     logits = nhwc.permute(0, 3, 1, 2).flatten(2).requires_grad_()
     if kind == "prob":
         target = torch.softmax(randn((2, 6, 5), 1, device), -1).transpose(1, 2).requires_grad_()
-        return (logits, target, None, -100, 0.1, use_triton)
+        return (logits, target, None, -100, 0.1, 1.0, 0.0, False, False, use_triton)
     target = index_target(12, 5, device).view(2, 6)
-    return (logits, target, positive((5,), 5, device), -100, 0.1, use_triton)
+    weight = positive((5,), 5, device)
+    # Every option on for index targets: scale, cap and stats.
+    return (logits, target, weight, -100, 0.1, 0.7, 3.0, True, False, use_triton)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
@@ -100,12 +102,13 @@ def test_opcheck_ce_forward(backend_device, kind):
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_opcheck_ce_backward(backend_device, kind):
     backend, device = backend_device
-    logits, target, weight, ignore_index, eps, use_triton = _ce_forward_args(backend, device, kind)
+    args = _ce_forward_args(backend, device, kind)
+    logits, target, weight, ignore_index, eps, scale, cap, _, _, use_triton = args
     logits, target = logits.detach(), target.detach()
-    _, lse, linear_sum = ce_ops.ce_forward(logits, target, weight, ignore_index, eps, use_triton)
+    saved = ce_ops.ce_forward(logits, target, *args[2:])[2]
     grad_loss = randn((12,), 2, device)
     grad_lse = randn((12,), 3, device)
-    args = (grad_loss, grad_lse, logits, target, weight, lse, linear_sum, ignore_index, eps)
+    args = (grad_loss, grad_lse, logits, target, weight, saved, ignore_index, eps, scale, cap)
     torch.library.opcheck(ce_ops.ce_backward, (*args, use_triton, kind == "prob"))
 
 

@@ -508,23 +508,23 @@ def _op_cases(device):
     scale = torch.tensor(0.1, device=device)
     weight = positive((N_CLASSES,), 5, device)
     bits = torch.rand(10, N_CLASSES, generator=generator(2)).to(device)
-    stats = ops.linear_ce_forward(x, w, b, y, weight, -100, 0.1, 3, False, False)
+    options = (-100, 0.1, 0.7, 3.0)  # ignore_index, label_smoothing, logit_scale, softcap
+    stats = ops.linear_ce_forward(x, w, b, y, weight, *options, True, 3, False, False)
     return [
-        (ops.linear_ce_forward, (x, w, b, y, weight, -100, 0.1, 3, False, False)),
-        (ops.linear_ce_forward, (x, w, None, t, None, -100, 0.0, 4, False, False)),
+        (ops.linear_ce_forward, (x, w, b, y, weight, *options, True, 3, False, False)),
+        (ops.linear_ce_forward, (x, w, None, t, None, -100, 0.0, 1.0, 0.0, False, 4, False, False)),
         (
             ops.linear_ce_backward,
             (
+                torch.rand(10, device=device),
                 torch.rand(10, device=device),
                 x,
                 w,
                 b,
                 y,
                 weight,
-                stats[1],
                 stats[2],
-                -100,
-                0.1,
+                *options,
                 3,
                 False,
                 False,
@@ -536,7 +536,7 @@ def _op_cases(device):
         ),
         (
             ops.linear_ce_scalar,
-            (x, w, b, y, weight, scale, -100, 0.1, 3, False, True, True, True, False),
+            (x, w, b, y, weight, scale, *options, 3, False, True, True, True, False),
         ),
         (ops.linear_bce_forward, (x, w, b, bits, None, weight.expand(10, -1), 3, False, True)),
         (ops.linear_bce_forward, (x, w, None, bits, weight.expand(10, -1), None, 3, False, False)),

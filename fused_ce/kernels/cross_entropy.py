@@ -20,10 +20,21 @@ Math per row (``x`` the logits, ``lse = log(sum exp x)``, ``p = exp(x - lse)``):
       dx_c = g * (p_c * sum_k w_k t'_k - w_c t'_c),   dt_c = g * (1 - eps) * w_c * (lse - x_c)
 
 Both share one form: ``loss = a * (lse - x_y) + b * sum_c u_c * (lse - x_c)`` where ``u`` is the
-"linear weight" (``w`` for smoothing, ``w * t'`` for probabilities). The forward saves ``lse`` and
-``U = sum_c u_c`` per row, and the backward recomputes ``p`` from them, so a per-row upstream
-gradient ``g`` (``reduction='none'``) is exact. ``g_lse``, an upstream gradient of ``lse`` itself
-(for z-loss and friends), adds ``g_lse * p_c``.
+"linear weight" (``w`` for smoothing, ``w * t'`` for probabilities). The forward writes ``lse``
+and saves, per row, the row max ``m``, ``log_s = log sum_c exp(x_c - m)`` and ``U = sum_c u_c``
+(the ``(3, n_rows)`` "saved" array); the backward recomputes ``p = exp((x - m) - log_s)`` from
+them, so a per-row upstream gradient ``g`` (``reduction='none'``) is exact. ``x - m`` is exact
+where ``x`` is close to the max, so ``p`` carries only ``log_s``'s rounding, not that of a large
+``lse`` (half an ulp of 1e4 is 5e-4 in fp32). ``g_lse``, an upstream gradient of ``lse`` itself
+(z-loss), adds ``g_lse * p_c``.
+
+Options (runtime float arguments, so a new value never recompiles): the logits are first
+multiplied by ``logit_scale``, then, when ``HAS_SOFTCAP``, soft-capped to
+``softcap * tanh(x / softcap)``; ``x`` above means those final logits and the backward applies
+the chain rule ``dz/dx = logit_scale * (1 - tanh^2)``. With ``WITH_STATS`` the forward also
+writes each row's softmax entropy ``H = lse - sum_c p_c x_c = log_s - S1 / s`` (with
+``S1 = sum_c e^(x_c - m) (x_c - m)``, kept online like ``s``) and its argmax (the first index of
+the max, as ``torch.argmax``).
 
 Numerics: every load is upcast to ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs) and the result is
 rounded once at the store. The online softmax keeps a running max ``m``; sums that multiply the
@@ -49,16 +60,46 @@ def _smoothing(hi, lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _tanh_and_slope(a):
+    """``(tanh(a), 1 - tanh(a)^2)`` from one exp (the interpreter has no libdevice):
+    ``tanh|a| = -expm1(-2|a|) / (2 + expm1(-2|a|))``, with expm1 by Kahan's ``(w - 1) * u /
+    log(w)`` so small ``|a|`` keeps full relative precision, and the slope as ``4w / (1 + w)^2``
+    (no cancellation near ``|tanh| = 1``). ``|a|`` is clamped at 40, where both are exact to
+    rounding in fp32 and fp64 and ``w`` is still a normal number."""
+    u = -2.0 * tl.minimum(tl.abs(a), 40.0)
+    w = tl.exp(u)
+    expm1 = tl.where(w == 1.0, u, (w - 1.0) * u / tl.log(w))
+    magnitude = -expm1 / (2.0 + expm1)
+    return tl.where(a < 0.0, -magnitude, magnitude), 4.0 * w / ((1.0 + w) * (1.0 + w))
+
+
+@triton.jit
+def _final_logits(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(z, dz/dx)``: ``z = x * logit_scale``, then ``softcap * tanh(z / softcap)``."""
+    z = x * logit_scale
+    if HAS_SOFTCAP:
+        t, slope = _tanh_and_slope(z / softcap)
+        z = softcap * t
+        slope = logit_scale * slope
+    else:
+        slope = logit_scale
+    return z, slope
+
+
+@triton.jit
 def ce_forward_kernel(
     logits_ptr,
     target_ptr,
     class_weight_ptr,
     loss_ptr,
     lse_ptr,
-    linear_sum_ptr,
+    saved_ptr,
+    entropy_ptr,
+    argmax_ptr,
     n_rows,
     n_classes,
     n_inner,
+    saved_stride,
     logits_outer_stride,
     logits_class_stride,
     logits_inner_stride,
@@ -68,27 +109,38 @@ def ce_forward_kernel(
     ignore_index,
     label_smoothing_hi,
     label_smoothing_lo,
+    logit_scale_hi,
+    logit_scale_lo,
+    softcap_hi,
+    softcap_lo,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Per-row loss, log-sum-exp and ``U = sum_c u_c`` in one pass over the logits.
+    """Per-row loss and lse, and the saved ``(m, log_s, U)``, in one pass over the logits;
+    with ``WITH_STATS`` also the entropy and argmax of each row.
 
     Bytes moved: the logits once (``n_rows * C * elem``), plus the probability target once when
-    ``PROB_TARGET``; three fp32 words written per row. ``BLOCK_R`` rows share a program when C is
-    small, so the 11-class and 1-class shapes do not launch a program per row.
+    ``PROB_TARGET``; five words written per row (seven with stats). ``BLOCK_R`` rows share a
+    program when C is small, so the 11-class and 1-class shapes do not launch a program per row.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
     target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
     label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
+    logit_scale = _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE)
+    softcap = _smoothing(softcap_hi, softcap_lo, ACC_DTYPE)
     LINEAR: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
 
     running_max = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
+    exp_dot = tl.zeros((BLOCK_R,), ACC_DTYPE)  # S1 = sum_c e^(x_c - ref) (x_c - ref)
+    argmax = tl.zeros((BLOCK_R,), tl.int64)
     ref = tl.zeros((BLOCK_R,), ACC_DTYPE)  # running_max, or 0 while it is still -inf
     sum_exp = tl.zeros((BLOCK_R,), ACC_DTYPE)
     lin_sum = tl.zeros((BLOCK_R,), ACC_DTYPE)  # sum_c u_c
@@ -98,13 +150,24 @@ def ce_forward_kernel(
         col_mask = cols < n_classes
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(
-            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride,
-            mask,
-            float("-inf"),
+            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
         ).to(ACC_DTYPE)
-        new_max = tl.maximum(running_max, tl.max(x, 1))
+        x, _ = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+        x = tl.where(mask, x, float("-inf"))
+        block_max = tl.max(x, 1)
+        new_max = tl.maximum(running_max, block_max)
         new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        sum_exp = sum_exp * tl.exp(running_max - new_ref) + tl.sum(tl.exp(x - new_ref[:, None]), 1)
+        rescale = tl.exp(running_max - new_ref)
+        e = tl.exp(x - new_ref[:, None])
+        if WITH_STATS:
+            # Rebase S1 on the new reference: e^(x - ref) (x - ref) = e^(x - new) e^(new - ref)
+            # (x - new + new - ref); masked and -inf lanes (e == 0) add nothing, not 0 * inf.
+            exp_dot = rescale * (exp_dot + (ref - new_ref) * sum_exp) + tl.sum(
+                tl.where(e > 0.0, e * (x - new_ref[:, None]), 0.0), 1
+            )
+            # Strictly greater: an earlier block keeps a tie, as torch.argmax's first index.
+            argmax = tl.where(block_max > running_max, start + tl.argmax(x, 1), argmax)
+        sum_exp = sum_exp * rescale + tl.sum(e, 1)
         if LINEAR:
             if PROB_TARGET:
                 t = tl.load(
@@ -135,6 +198,7 @@ def ce_forward_kernel(
         valid = row_mask & (y != ignore_index) & (y >= 0) & (y < n_classes)
         y = tl.where(valid, y, 0)  # never address memory with an unchecked target
         x_y = tl.load(logits_ptr + logits_row + y * logits_class_stride, valid, 0.0).to(ACC_DTYPE)
+        x_y, _ = _final_logits(x_y, logit_scale, softcap, HAS_SOFTCAP)
         nll = log_sum_exp + (ref - x_y)
         if HAS_WEIGHT:
             nll = nll * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
@@ -146,7 +210,12 @@ def ce_forward_kernel(
         loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + rows, loss, row_mask)
     tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
-    tl.store(linear_sum_ptr + rows, lin_sum, row_mask)
+    tl.store(saved_ptr + rows, ref, row_mask)
+    tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
+    tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
+    if WITH_STATS:
+        tl.store(entropy_ptr + rows, log_sum_exp - exp_dot / sum_exp, row_mask)
+        tl.store(argmax_ptr + rows, argmax, row_mask)
 
 
 @triton.jit
@@ -154,8 +223,7 @@ def ce_backward_kernel(
     logits_ptr,
     target_ptr,
     class_weight_ptr,
-    lse_ptr,
-    linear_sum_ptr,
+    saved_ptr,
     grad_loss_ptr,
     grad_lse_ptr,
     grad_logits_ptr,
@@ -164,6 +232,7 @@ def ce_backward_kernel(
     n_classes,
     n_inner,
     cols_per_program,
+    saved_stride,
     grad_loss_stride,
     grad_lse_stride,
     logits_outer_stride,
@@ -181,16 +250,21 @@ def ce_backward_kernel(
     ignore_index,
     label_smoothing_hi,
     label_smoothing_lo,
+    logit_scale_hi,
+    logit_scale_lo,
+    softcap_hi,
+    softcap_lo,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
     TARGET_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``dlogits`` (and ``dtarget``) recomputed from the saved per-row ``lse`` and ``U``.
+    """``dlogits`` (and ``dtarget``) recomputed from the saved per-row ``(m, log_s, U)``.
 
     ``grad_loss`` and ``grad_lse`` are strided (stride 0 when autograd expands the upstream
     gradient of a 'mean' or 'sum'). Grid: (row blocks, column splits); a column split lets few
@@ -204,11 +278,14 @@ def ce_backward_kernel(
     logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
     target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
     label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
+    logit_scale = _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE)
+    softcap = _smoothing(softcap_hi, softcap_lo, ACC_DTYPE)
     grad_row = _row_offsets(rows, n_inner, grad_outer_stride, grad_inner_stride)
 
-    lse = tl.load(lse_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
+    row_max = tl.load(saved_ptr + rows, row_mask, 0.0)
+    log_sum_exp = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0)
+    lin_sum = tl.load(saved_ptr + 2 * saved_stride + rows, row_mask, 0.0)
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
-    lin_sum = tl.load(linear_sum_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
     if PROB_TARGET:
         # dx = p * (g * U) - g * u_c
         coef_p = g * lin_sum
@@ -244,7 +321,9 @@ def ce_backward_kernel(
         x = tl.load(
             logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
         ).to(ACC_DTYPE)
-        p = tl.exp(x - lse[:, None])
+        x, slope = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+        shifted = x - row_max[:, None]  # exact near the max: p keeps log_s's precision only
+        p = tl.exp(shifted - log_sum_exp[:, None])
         grad = p * coef_p[:, None] - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
         if PROB_TARGET or HAS_SMOOTHING:
             if PROB_TARGET:
@@ -261,7 +340,7 @@ def ce_backward_kernel(
                 u = u * w
             grad = grad - coef_u[:, None] * u
             if TARGET_GRAD:
-                grad_t = g[:, None] * (1.0 - label_smoothing) * (lse[:, None] - x)
+                grad_t = g[:, None] * (1.0 - label_smoothing) * (log_sum_exp[:, None] - shifted)
                 if HAS_WEIGHT:
                     grad_t = grad_t * w
                 tl.store(
@@ -275,6 +354,6 @@ def ce_backward_kernel(
                 )
         tl.store(
             grad_logits_ptr + grad_row[:, None] + cols[None, :] * grad_class_stride,
-            grad.to(grad_logits_ptr.dtype.element_ty),
+            (grad * slope).to(grad_logits_ptr.dtype.element_ty),
             mask,
         )

@@ -5,8 +5,10 @@ The logits ``z = x @ W^T + b`` (``N x V``) are never written to memory. Each pro
 features (fp32 accumulator, fp64 for fp64 operands) and uses each tile at once.
 
 Per-row math is that of kernels/cross_entropy.py (read its docstring): with ``lse`` the row's
-log-sum-exp, ``p = exp(z - lse)``, class weights ``w`` and smoothing ``eps``, the forward keeps
-``lse`` and ``U = sum_c u_c`` per row, and the backward recomputes the tiles and forms
+log-sum-exp, ``p = exp(z - lse)``, class weights ``w`` and smoothing ``eps``, the forward writes
+``lse`` and saves the row max ``m``, ``log_s = lse - m`` (kept apart, so that ``p = exp((z - m) -
+log_s)`` carries no rounding of a large ``lse``) and ``U = sum_c u_c`` per row in a ``(3, N)``
+array, and the backward recomputes the tiles and forms
 
     G = dloss/dz = g * [p * coef_p - coef_y * onehot(y) - coef_u * u]     (per row coefficients)
 
@@ -15,8 +17,8 @@ then ``dX = G @ W``, ``dW = G^T @ X`` and ``db = sum_rows G``, the lecture's ``(
 Kernels:
 
 * ``lce_forward_kernel``: one program per ``BLOCK_N`` rows walks the ``V`` tiles with the
-  online softmax and writes loss, lse, U per row. HBM traffic at best: ``X`` and ``W`` once
-  each (tiles are re-read through L2), three words per row written.
+  online softmax and writes loss, lse, m, log_s, U per row. HBM traffic at best: ``X`` and
+  ``W`` once each (tiles are re-read through L2), five words per row written.
 * ``lce_backward_input_kernel``: one program per (row block, output feature block) walks ``V``,
   recomputes the logits tile and accumulates ``G @ W`` in registers; it also writes the gradient
   of a probability target (``N x V``, once).
@@ -148,10 +150,11 @@ def lce_forward_kernel(
     class_weight_ptr,
     loss_ptr,
     lse_ptr,
-    linear_sum_ptr,
+    saved_ptr,
     n_rows,
     n_classes,
     n_features,
+    saved_stride,
     input_row_stride,
     input_feature_stride,
     weight_class_stride,
@@ -266,19 +269,21 @@ def lce_forward_kernel(
         loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + rows, loss, row_mask)
     tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
-    tl.store(linear_sum_ptr + rows, lin_sum, row_mask)
+    tl.store(saved_ptr + rows, ref, row_mask)
+    tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
+    tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
 
 
 @triton.jit
 def _row_coefficients(
     target_ptr,
     class_weight_ptr,
-    lse_ptr,
-    linear_sum_ptr,
+    saved_ptr,
     grad_loss_ptr,
     rows,
     row_mask,
     n_classes,
+    saved_stride,
     grad_loss_stride,
     target_row_stride,
     ignore_index,
@@ -288,11 +293,13 @@ def _row_coefficients(
     HAS_SMOOTHING: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """Per-row (lse, g, y, coef_p, coef_y, coef_u) of ``G = p * coef_p - coef_y * onehot(y) -
-    coef_u * u``; see kernels/cross_entropy.py. Rows out of range or ignored get all zeros."""
-    lse = tl.load(lse_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
+    """Per-row (m, log_s, g, y, coef_p, coef_y, coef_u) of ``G = p * coef_p - coef_y *
+    onehot(y) - coef_u * u``; see kernels/cross_entropy.py. Rows out of range or ignored get all
+    zeros."""
+    row_max = tl.load(saved_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
+    log_sum_exp = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
+    lin_sum = tl.load(saved_ptr + 2 * saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
-    lin_sum = tl.load(linear_sum_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
     y, valid = _class_targets(
         target_ptr, rows, row_mask, target_row_stride, ignore_index, n_classes, PROB_TARGET
     )
@@ -310,7 +317,7 @@ def _row_coefficients(
         coef_y = tl.where(valid, coef_y, 0.0)
         coef_u = tl.where(valid, coef_u, 0.0)
         coef_p = coef_y + coef_u * lin_sum
-    return lse, g, y, coef_p, coef_y, coef_u
+    return row_max, log_sum_exp, g, y, coef_p, coef_y, coef_u
 
 
 @triton.jit
@@ -322,7 +329,8 @@ def _grad_tile(
     cols,
     row_mask,
     col_mask,
-    lse,
+    row_max,
+    log_sum_exp,
     y,
     coef_p,
     coef_y,
@@ -340,7 +348,7 @@ def _grad_tile(
 ):
     """``G = dloss/dz`` of one tile in ``ACC_DTYPE``, exactly 0 on masked lanes."""
     mask = row_mask[:, None] & col_mask[None, :]
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp((z - row_max[:, None]) - log_sum_exp[:, None])
     grad = p * coef_p[:, None] - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
     if PROB_TARGET or HAS_SMOOTHING:
         u, w = _linear_weight_tile(
@@ -371,8 +379,7 @@ def lce_backward_input_kernel(
     linear_bias_ptr,
     target_ptr,
     class_weight_ptr,
-    lse_ptr,
-    linear_sum_ptr,
+    saved_ptr,
     grad_loss_ptr,
     grad_input_ptr,
     grad_target_ptr,
@@ -386,6 +393,7 @@ def lce_backward_input_kernel(
     bias_stride,
     target_row_stride,
     target_class_stride,
+    saved_stride,
     grad_loss_stride,
     grad_input_row_stride,
     grad_target_row_stride,
@@ -419,15 +427,15 @@ def lce_backward_input_kernel(
     feature_block = tl.program_id(1)
     out_features = feature_block.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
     out_mask = out_features < n_features
-    lse, g, y, coef_p, coef_y, coef_u = _row_coefficients(
+    row_max, log_sum_exp, g, y, coef_p, coef_y, coef_u = _row_coefficients(
         target_ptr,
         class_weight_ptr,
-        lse_ptr,
-        linear_sum_ptr,
+        saved_ptr,
         grad_loss_ptr,
         rows,
         row_mask,
         n_classes,
+        saved_stride,
         grad_loss_stride,
         target_row_stride,
         ignore_index,
@@ -472,7 +480,8 @@ def lce_backward_input_kernel(
                 cols,
                 row_mask,
                 col_mask,
-                lse,
+                row_max,
+                log_sum_exp,
                 y,
                 coef_p,
                 coef_y,
@@ -505,7 +514,10 @@ def lce_backward_input_kernel(
             else:
                 w_c = 1.0
             if feature_block == 0:
-                grad_t = (g * (1.0 - label_smoothing))[:, None] * w_c * (lse[:, None] - z)
+                shifted = z - row_max[:, None]
+                grad_t = (
+                    (g * (1.0 - label_smoothing))[:, None] * w_c * (log_sum_exp[:, None] - shifted)
+                )
                 tl.store(
                     grad_target_ptr + rows[:, None] * grad_target_row_stride + cols[None, :],
                     grad_t.to(grad_target_ptr.dtype.element_ty),
@@ -526,8 +538,7 @@ def lce_backward_weight_kernel(
     linear_bias_ptr,
     target_ptr,
     class_weight_ptr,
-    lse_ptr,
-    linear_sum_ptr,
+    saved_ptr,
     grad_loss_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
@@ -541,6 +552,7 @@ def lce_backward_weight_kernel(
     bias_stride,
     target_row_stride,
     target_class_stride,
+    saved_stride,
     grad_loss_stride,
     grad_weight_row_stride,
     ignore_index,
@@ -578,15 +590,15 @@ def lce_backward_weight_kernel(
     for start in range(0, n_rows, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N).to(tl.int64)
         row_mask = rows < n_rows
-        lse, g, y, coef_p, coef_y, coef_u = _row_coefficients(
+        row_max, log_sum_exp, g, y, coef_p, coef_y, coef_u = _row_coefficients(
             target_ptr,
             class_weight_ptr,
-            lse_ptr,
-            linear_sum_ptr,
+            saved_ptr,
             grad_loss_ptr,
             rows,
             row_mask,
             n_classes,
+            saved_stride,
             grad_loss_stride,
             target_row_stride,
             ignore_index,
@@ -626,7 +638,8 @@ def lce_backward_weight_kernel(
             cols,
             row_mask,
             col_mask,
-            lse,
+            row_max,
+            log_sum_exp,
             y,
             coef_p,
             coef_y,

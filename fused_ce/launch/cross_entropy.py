@@ -10,12 +10,14 @@ import triton
 from .._backend import parallel_slots
 from .._common import accumulation_dtype
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
+from ..torch_impl.cross_entropy import forward_outputs
 from ._common import tile, tl_dtype
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
     """``value`` as ``hi + lo``, ``hi`` its fp32 rounding: Triton passes a Python float to a
-    kernel as fp32, which would round fp64 label smoothing to 24 bits; the pair keeps 48."""
+    kernel as fp32, which would round fp64 label smoothing (or scale, or cap) to 24 bits; the
+    pair keeps 48."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, value - hi
 
@@ -33,17 +35,21 @@ def forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (loss, lse, U) in the accumulation dtype; see kernels/cross_entropy.py."""
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    with_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Per-row ``(loss, lse, saved, entropy, argmax)`` (see :func:`forward_outputs`) in the
+    accumulation dtype; ``softcap`` 0 means none. See kernels/cross_entropy.py."""
     n_outer, n_classes, n_inner = logits.shape
     n_rows = n_outer * n_inner
     prob_target = target.dim() == 3
     dtype = accumulation_dtype(logits.dtype, target.dtype)
-    loss = torch.empty(n_rows, device=logits.device, dtype=dtype)
-    lse = torch.empty_like(loss)
-    linear_sum = torch.empty_like(loss)
+    outputs = forward_outputs(n_rows, dtype, logits.device, with_stats)
+    loss, lse, saved, entropy, argmax = outputs
     if n_rows == 0:
-        return loss, lse, linear_sum
+        return outputs
     block_r, block_c, num_warps = tile(n_rows, n_classes)
     ce_forward_kernel[(triton.cdiv(n_rows, block_r),)](
         logits,
@@ -51,23 +57,30 @@ def forward(
         weight if weight is not None else logits,
         loss,
         lse,
-        linear_sum,
+        saved,
+        entropy if with_stats else loss,
+        argmax if with_stats else saved,
         n_rows,
         n_classes,
         n_inner,
+        saved.stride(0),
         *logits.stride(),
         *_target_strides(target),
         ignore_index,
         *_split_fp64(label_smoothing),
+        *_split_fp64(logit_scale),
+        *_split_fp64(softcap),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob_target,
         HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
+        WITH_STATS=with_stats,
         ACC_DTYPE=tl_dtype(dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=num_warps,
     )
-    return loss, lse, linear_sum
+    return outputs
 
 
 def backward(
@@ -76,15 +89,18 @@ def backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    linear_sum: torch.Tensor,
+    saved: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     grad_logits: torch.Tensor,
     grad_target: torch.Tensor | None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> None:
     """Write ``dlogits`` into ``grad_logits`` (which may be ``logits`` itself) and, for
-    probability targets, ``dtarget`` into ``grad_target`` when it is given."""
+    probability targets, ``dtarget`` into ``grad_target`` when it is given; ``saved`` is the
+    forward's ``(3, n_rows)`` (unit stride along the rows)."""
     n_outer, n_classes, n_inner = logits.shape
     n_rows = n_outer * n_inner
     if n_rows == 0 or n_classes == 0:
@@ -102,16 +118,16 @@ def backward(
         logits,
         target,
         weight if weight is not None else logits,
-        lse,
-        linear_sum,
+        saved,
         grad_loss,
-        grad_lse if grad_lse is not None else lse,
+        grad_lse if grad_lse is not None else saved,
         grad_logits,
         gt,
         n_rows,
         n_classes,
         n_inner,
         cols_per_program,
+        saved.stride(0),
         grad_loss.stride(0),
         grad_lse.stride(0) if grad_lse is not None else 0,
         *logits.stride(),
@@ -120,12 +136,15 @@ def backward(
         *gt.stride(),
         ignore_index,
         *_split_fp64(label_smoothing),
+        *_split_fp64(logit_scale),
+        *_split_fp64(softcap),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob_target,
         HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
         HAS_GRAD_LSE=grad_lse is not None,
         TARGET_GRAD=grad_target is not None,
-        ACC_DTYPE=tl_dtype(lse.dtype),
+        ACC_DTYPE=tl_dtype(saved.dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=num_warps,

@@ -14,6 +14,7 @@ from ..kernels.linear_cross_entropy import (
     lce_backward_weight_kernel,
     lce_forward_kernel,
 )
+from ..torch_impl.cross_entropy import forward_outputs
 from ._common import tl_dtype
 from .cross_entropy import _split_fp64
 
@@ -103,8 +104,10 @@ def forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (loss, lse, U) of ``cross_entropy(input @ linear_weight.T + linear_bias)``.
+) -> tuple[torch.Tensor, ...]:
+    """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``cross_entropy(input @
+    linear_weight.T + linear_bias)``, as ``fused_ce.launch.cross_entropy.forward`` returns them
+    (no options: entropy and argmax are empty).
 
     ``input`` ``(N, D)``, ``linear_weight`` ``(V, D)``, ``target`` ``(N,)`` class indices or
     ``(N, V)`` probabilities; any strides.
@@ -112,23 +115,23 @@ def forward(
     n_rows, n_features = input.shape
     n_classes = linear_weight.shape[0]
     dtype = accumulation_dtype(input.dtype, target.dtype)
-    loss = torch.empty(n_rows, device=input.device, dtype=dtype)
-    lse = torch.empty_like(loss)
-    linear_sum = torch.empty_like(loss)
+    outputs = forward_outputs(n_rows, dtype, input.device, False)
+    loss, lse, saved, _, _ = outputs
     if n_rows == 0:
-        return loss, lse, linear_sum
+        return outputs
     tiles = _tiles(n_classes, n_features)
     del tiles["BLOCK_DO"]
     lce_forward_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
         loss_ptr=loss,
         lse_ptr=lse,
-        linear_sum_ptr=linear_sum,
+        saved_ptr=saved,
+        saved_stride=saved.stride(0),
         **_operands(
             input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
         ),
         **tiles,
     )
-    return loss, lse, linear_sum
+    return outputs
 
 
 def backward(
@@ -138,8 +141,7 @@ def backward(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    linear_sum: torch.Tensor,
+    saved: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     grad_input: torch.Tensor | None,
@@ -148,14 +150,14 @@ def backward(
     grad_target: torch.Tensor | None,
 ) -> None:
     """Write the requested gradients (contiguous buffers; ``None`` skips one) from the saved
-    per-row ``lse`` and ``U``; ``grad_loss`` is per row, any stride."""
+    per-row ``(m, log_s, U)``; ``grad_loss`` is per row, any stride."""
     n_rows, n_features = input.shape
     n_classes = linear_weight.shape[0]
     tiles = _tiles(n_classes, n_features)
     feature_blocks = max(1, triton.cdiv(n_features, tiles["BLOCK_DO"]))
     common = {
-        "lse_ptr": lse,
-        "linear_sum_ptr": linear_sum,
+        "saved_ptr": saved,
+        "saved_stride": saved.stride(0),
         "grad_loss_ptr": grad_loss,
         "grad_loss_stride": grad_loss.stride(0),
         **_operands(

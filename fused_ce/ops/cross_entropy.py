@@ -1,9 +1,11 @@
 """``fused_ce::ce_forward`` / ``fused_ce::ce_backward``: the softmax + CE kernel pair as
-PyTorch custom ops with fake (meta) kernels and autograd.
+PyTorch custom ops with fake (meta) kernels and autograd, and ``fused_ce::ce_backward_``, the
+in-place backward that overwrites the logits with their gradient (``inplace_backward=True``).
 
 The ops see logits as ``(n_outer, C, n_inner)`` and return per-row statistics in the
-accumulation dtype; the reduction (sum, divide by the total weight) stays in plain torch
-outside, in ``fused_ce.functional``.
+accumulation dtype; the reduction (sum, divide by the total weight) and the z-loss stay in
+plain torch outside, in ``fused_ce.functional``. ``lse`` is a differentiable output (its
+gradient adds ``g_lse * p``), which is how the z-loss gets its gradient.
 """
 
 from __future__ import annotations
@@ -30,21 +32,79 @@ def ce_forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
+    with_stats: bool,
+    inplace_backward: bool,
     use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(loss, lse, U)`` of ``(n_outer, C, n_inner)`` logits.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``(n_outer, C, n_inner)`` logits.
 
     ``target`` is ``(n_outer, n_inner)`` class indices or ``(n_outer, C, n_inner)``
-    probabilities; ``U = sum_c u_c`` is saved for the backward.
+    probabilities; ``saved`` ``(3, n_rows)`` holds the row max, ``log sum exp(x - max)`` and
+    ``U = sum_c u_c`` for the backward; entropy and argmax are empty unless ``with_stats``.
+    ``softcap`` 0 means none; ``inplace_backward`` makes the backward overwrite ``logits``.
     """
-    return _impl(use_triton).forward(logits, target, weight, ignore_index, label_smoothing)
+    return _impl(use_triton).forward(
+        logits,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        with_stats=with_stats,
+    )
 
 
 @ce_forward.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, use_triton):
+def _(
+    logits,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    logit_scale,
+    softcap,
+    with_stats,
+    inplace_backward,
+    use_triton,
+):
     n_rows = logits.shape[0] * logits.shape[2]
     dtype = accumulation_dtype(logits.dtype, target.dtype)
-    return tuple(logits.new_empty(n_rows, dtype=dtype) for _ in range(3))
+    return torch_impl.forward_outputs(n_rows, dtype, logits.device, with_stats)
+
+
+def _run_backward(
+    grad_loss,
+    grad_lse,
+    logits,
+    target,
+    weight,
+    saved,
+    options,
+    use_triton,
+    grad_logits,
+    target_grad,
+):
+    """Shared body of the two backward ops; returns ``dtarget`` (empty unless wanted)."""
+    ignore_index, label_smoothing, logit_scale, softcap = options
+    grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
+    _impl(use_triton).backward(
+        grad_loss,
+        grad_lse,
+        logits,
+        target,
+        weight,
+        saved,
+        ignore_index,
+        label_smoothing,
+        grad_logits,
+        grad_target if target_grad else None,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
+    return grad_target
 
 
 @torch.library.custom_op("fused_ce::ce_backward", mutates_args=())
@@ -54,28 +114,28 @@ def ce_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    linear_sum: torch.Tensor,
+    saved: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
     use_triton: bool,
     target_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogits, dtarget)``; ``dtarget`` is empty unless ``target_grad``."""
     grad_logits = torch.empty_like(logits)
-    grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
-    _impl(use_triton).backward(
+    options = (ignore_index, label_smoothing, logit_scale, softcap)
+    grad_target = _run_backward(
         grad_loss,
         grad_lse,
         logits,
         target,
         weight,
-        lse,
-        linear_sum,
-        ignore_index,
-        label_smoothing,
+        saved,
+        options,
+        use_triton,
         grad_logits,
-        grad_target if target_grad else None,
+        target_grad,
     )
     return grad_logits, grad_target
 
@@ -87,10 +147,11 @@ def _(
     logits,
     target,
     weight,
-    lse,
-    linear_sum,
+    saved,
     ignore_index,
     label_smoothing,
+    logit_scale,
+    softcap,
     use_triton,
     target_grad,
 ):
@@ -98,36 +159,89 @@ def _(
     return torch.empty_like(logits), grad_target
 
 
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, use_triton = inputs
-    _, lse, linear_sum = output
-    ctx.save_for_backward(logits, target, weight, lse, linear_sum)
-    # Unused outputs (lse, U) then arrive as None, not as zero tensors to read.
-    ctx.set_materialize_grads(False)
-    ctx.ignore_index = ignore_index
-    ctx.label_smoothing = label_smoothing
-    ctx.use_triton = use_triton
-
-
-def _backward(ctx, grad_loss, grad_lse, grad_linear_sum):
-    logits, target, weight, lse, linear_sum = ctx.saved_tensors
-    target_grad = target.dim() == 3 and ctx.needs_input_grad[1]
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    grad_logits, grad_target = ce_backward(
+@torch.library.custom_op("fused_ce::ce_backward_", mutates_args=("logits",))
+def ce_backward_inplace(
+    grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    saved: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
+    use_triton: bool,
+    target_grad: bool,
+) -> torch.Tensor:
+    """``ce_backward`` that writes ``dlogits`` over ``logits`` (each element is read before it
+    is written); returns ``dtarget`` (empty unless ``target_grad``)."""
+    options = (ignore_index, label_smoothing, logit_scale, softcap)
+    return _run_backward(
         grad_loss,
         grad_lse,
         logits,
         target,
         weight,
-        lse,
-        linear_sum,
-        ctx.ignore_index,
-        ctx.label_smoothing,
-        ctx.use_triton,
+        saved,
+        options,
+        use_triton,
+        logits,
         target_grad,
     )
-    return grad_logits, grad_target if target_grad else None, None, None, None, None
+
+
+@ce_backward_inplace.register_fake
+def _(
+    grad_loss,
+    grad_lse,
+    logits,
+    target,
+    weight,
+    saved,
+    ignore_index,
+    label_smoothing,
+    logit_scale,
+    softcap,
+    use_triton,
+    target_grad,
+):
+    return torch.empty_like(target) if target_grad else target.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing, logit_scale, softcap = inputs[:7]
+    _, _, saved, entropy, _ = output
+    ctx.save_for_backward(logits, target, weight, saved)
+    ctx.mark_non_differentiable(saved, entropy)
+    # Unused outputs (lse) then arrive as None, not as zero tensors to read.
+    ctx.set_materialize_grads(False)
+    ctx.options = (ignore_index, label_smoothing, logit_scale, softcap)
+    ctx.inplace_backward, ctx.use_triton = inputs[8:]
+
+
+def _backward(ctx, grad_loss, grad_lse, *unused):
+    # Unpacking checks the version counters: logits changed since the forward raise here.
+    logits, target, weight, saved = ctx.saved_tensors
+    target_grad = target.dim() == 3 and ctx.needs_input_grad[1]
+    if grad_loss is None:
+        grad_loss = saved.new_zeros(saved.shape[1])
+    args = (grad_loss, grad_lse, logits, target, weight, saved, *ctx.options, ctx.use_triton)
+    if ctx.inplace_backward:
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient is wanted
+            raise RuntimeError(
+                "fused_ce: double backward through softmax_cross_entropy is not supported, and "
+                "inplace_backward=True gradients have no graph; use inplace_backward=False "
+                "with torch.nn.functional.cross_entropy for higher-order gradients."
+            )
+        grad_target = ce_backward_inplace(*args, target_grad)
+        # The logits now hold their gradient: any other saved use of them (or of a view)
+        # fails loudly at its unpack, by torch's version check, instead of reading it.
+        torch.autograd.graph.increment_version(logits)
+        grad_logits = logits.detach()
+    else:
+        grad_logits, grad_target = ce_backward(*args, target_grad)
+    return (grad_logits, grad_target if target_grad else None) + (None,) * 8
 
 
 ce_forward.register_autograd(_backward, setup_context=_setup_context)

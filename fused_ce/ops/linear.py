@@ -2,8 +2,9 @@
 
 Two kinds of op pair, for each head (softmax CE and sigmoid BCE):
 
-* ``*_forward`` / ``*_backward``: the forward returns per-row statistics (CE: loss, lse, U; BCE:
-  the elementwise loss or its per-row sums) and saves only its inputs and those statistics; the
+* ``*_forward`` / ``*_backward``: the forward returns per-row statistics (CE: loss, lse, the
+  saved row max / log-sum / U, and optional entropy and argmax; BCE: the elementwise loss or
+  its per-row sums) and saves only its inputs and those statistics; the
   backward recomputes the logits from them, so any upstream gradient, per token included
   (``reduction='none'``), is exact.
 * ``*_scalar``: for a ``'mean'`` or ``'sum'`` loss whose gradient is wanted. The forward takes
@@ -104,13 +105,17 @@ def linear_ce_forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
+    with_stats: bool,
     chunk_size: int,
     fused: bool,
     use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(loss, lse, U)`` of ``cross_entropy(input @ linear_weight.T + linear_bias)``;
-    ``target`` is ``(N,)`` class indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is
-    automatic; ``fused`` picks the Triton kernels that never write logits."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(loss, lse, saved, entropy, argmax)`` (see ``fused_ce::ce_forward``) of
+    ``cross_entropy(input @ linear_weight.T + linear_bias)``; ``target`` is ``(N,)`` class
+    indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is automatic; ``fused`` picks the
+    Triton kernels that never write logits (no options there: scale 1, no cap, no stats)."""
     if fused:
         return _fused().forward(
             input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
@@ -125,6 +130,9 @@ def linear_ce_forward(
         label_smoothing,
         _rows(chunk_size, input, linear_weight),
         _ce(use_triton),
+        logit_scale=logit_scale,
+        softcap=softcap,
+        with_stats=with_stats,
     )
 
 
@@ -137,26 +145,31 @@ def _(
     weight,
     ignore_index,
     label_smoothing,
+    logit_scale,
+    softcap,
+    with_stats,
     chunk_size,
     fused,
     use_triton,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
-    return tuple(input.new_empty(input.shape[0], dtype=dtype) for _ in range(3))
+    return torch_ce.forward_outputs(input.shape[0], dtype, input.device, with_stats)
 
 
 @torch.library.custom_op("fused_ce::linear_ce_backward", mutates_args=())
 def linear_ce_backward(
     grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    linear_sum: torch.Tensor,
+    saved: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
     chunk_size: int,
     fused: bool,
     use_triton: bool,
@@ -165,10 +178,15 @@ def linear_ce_backward(
     bias_grad: bool,
     target_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss``, recomputing the logits; each is
-    empty unless asked for."""
+    """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss`` (and optionally ``grad_lse``, the
+    chunked path only), recomputing the logits; each is empty unless asked for."""
     grad_target = _grad_target(target, target_grad)
     if fused:
+        if grad_lse is not None:
+            raise NotImplementedError(
+                "fused_ce: path='fused' has no gradient through lse (z_loss, return_stats); "
+                "use path='chunked'"
+            )
         grad_input, grad_weight, grad_bias, _ = _grad_buffers(
             input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
         )
@@ -179,8 +197,7 @@ def linear_ce_backward(
             linear_bias,
             target,
             weight,
-            lse,
-            linear_sum,
+            saved,
             ignore_index,
             label_smoothing,
             grad_input if input_grad else None,
@@ -200,8 +217,11 @@ def linear_ce_backward(
         label_smoothing,
         _rows(chunk_size, input, linear_weight),
         _ce(use_triton),
-        stats=(None, lse, linear_sum),
+        logit_scale=logit_scale,
+        softcap=softcap,
+        saved=saved,
         grad_loss=grad_loss,
+        grad_lse=grad_lse,
         grads=grads,
         grad_target=grad_target if target_grad else None,
     )
@@ -211,15 +231,17 @@ def linear_ce_backward(
 @linear_ce_backward.register_fake
 def _(
     grad_loss,
+    grad_lse,
     input,
     linear_weight,
     linear_bias,
     target,
     weight,
-    lse,
-    linear_sum,
+    saved,
     ignore_index,
     label_smoothing,
+    logit_scale,
+    softcap,
     chunk_size,
     fused,
     use_triton,
@@ -235,34 +257,40 @@ def _(
 
 def _ce_setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, weight = inputs[:5]
-    _, lse, linear_sum = output
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, linear_sum)
+    _, _, saved, entropy, _ = output
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, saved)
+    ctx.mark_non_differentiable(saved, entropy)
     ctx.set_materialize_grads(False)
-    ctx.options = inputs[5:]  # ignore_index, label_smoothing, chunk_size, fused, use_triton
+    # ignore_index, label_smoothing, logit_scale, softcap; then chunk_size, fused, use_triton
+    ctx.options = inputs[5:9]
+    ctx.path = inputs[10:]
 
 
-def _ce_backward(ctx, grad_loss, grad_lse, grad_linear_sum):
-    input, linear_weight, linear_bias, target, weight, lse, linear_sum = ctx.saved_tensors
+def _ce_backward(ctx, grad_loss, grad_lse, *unused):
+    input, linear_weight, linear_bias, target, weight, saved = ctx.saved_tensors
+    if grad_loss is None and grad_lse is None:
+        return (None,) * 13
     if grad_loss is None:
-        return None, None, None, None, None, None, None, None, None, None
+        grad_loss = saved.new_zeros(saved.shape[1])
     needs = ctx.needs_input_grad
     target_grad = target.is_floating_point() and needs[3]
     grads = linear_ce_backward(
         grad_loss,
+        grad_lse,
         input,
         linear_weight,
         linear_bias,
         target,
         weight,
-        lse,
-        linear_sum,
+        saved,
         *ctx.options,
+        *ctx.path,
         needs[0],
         needs[1],
         needs[2],
         target_grad,
     )
-    return _wanted(grads, needs[:3] + (target_grad,)) + (None,) * 6
+    return _wanted(grads, needs[:3] + (target_grad,)) + (None,) * 9
 
 
 linear_ce_forward.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -278,6 +306,8 @@ def linear_ce_scalar(
     scale: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
     chunk_size: int,
     use_triton: bool,
     input_grad: bool,
@@ -290,7 +320,7 @@ def linear_ce_scalar(
     grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
     grad_target = _grad_target(target, target_grad)
     n_rows = input.shape[0]
-    loss, _, _ = chunked.cross_entropy(
+    loss, *_ = chunked.cross_entropy(
         input,
         linear_weight,
         linear_bias,
@@ -300,6 +330,8 @@ def linear_ce_scalar(
         label_smoothing,
         _rows(chunk_size, input, linear_weight),
         _ce(use_triton),
+        logit_scale=logit_scale,
+        softcap=softcap,
         grad_loss=scale.to(accumulation_dtype(input.dtype, target.dtype)).expand(n_rows),
         grads=grads,
         grad_target=grad_target if target_grad else None,
@@ -317,6 +349,8 @@ def _(
     scale,
     ignore_index,
     label_smoothing,
+    logit_scale,
+    softcap,
     chunk_size,
     use_triton,
     input_grad,

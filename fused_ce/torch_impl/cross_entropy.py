@@ -1,4 +1,11 @@
-"""Softmax + cross-entropy in plain PyTorch, chunked over rows (same math as the kernels)."""
+"""Softmax + cross-entropy in plain PyTorch, chunked over rows (same math as the kernels).
+
+Each chunk is worked in place in one ``rows x C`` buffer of the accumulation dtype. In the
+backward that buffer is the caller's gradient buffer itself whenever it has that dtype and a
+row-major view (the fused linear heads pass their fp32 logits buffer as both logits and
+gradient), so the backward then makes no chunk-sized temporary at all; otherwise it is one copy
+of the chunk. The forward holds two (a copy of the logits and their exponentials).
+"""
 
 from __future__ import annotations
 
@@ -8,26 +15,49 @@ from .._common import accumulation_dtype
 from . import CHUNK_ELEMENTS
 
 
-def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(n, C, s) -> (n * s, C) in the accumulation dtype (a copy of one chunk only)."""
-    return t.movedim(1, -1).reshape(-1, t.shape[1]).to(dtype)
+def forward_outputs(
+    n_rows: int, dtype: torch.dtype, device: torch.device, with_stats: bool
+) -> tuple[torch.Tensor, ...]:
+    """Uninitialised ``(loss, lse, saved, entropy, argmax)`` as the forward returns them:
+    ``saved`` is ``(3, n_rows)`` (row max, log-sum-exp minus it, U); entropy and argmax are
+    empty unless ``with_stats``. Shared with the Triton launcher and the fake kernels."""
+    n_stats = n_rows if with_stats else 0
+    return (
+        torch.empty(n_rows, device=device, dtype=dtype),
+        torch.empty(n_rows, device=device, dtype=dtype),
+        torch.empty(3, n_rows, device=device, dtype=dtype),
+        torch.empty(n_stats, device=device, dtype=dtype),
+        torch.empty(n_stats, device=device, dtype=torch.int64),
+    )
 
 
-def _linear_weight(
-    target_rows: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    label_smoothing: float,
-    n_classes: int,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """u: ``w * t'`` for probability targets, ``w`` (or ones) for smoothing."""
-    if target_rows is not None:
-        u = (1.0 - label_smoothing) * target_rows + label_smoothing / n_classes
-    else:
-        u = torch.ones_like(like[:1])
-    if weight is not None:
-        u = u * weight.to(like.dtype)
-    return u
+def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+    """(n, C, s) as an (n * s, C) view, or None when the strides allow none (NCHW)."""
+    try:
+        return t.movedim(1, -1).view(-1, t.shape[1])
+    except RuntimeError:
+        return None
+
+
+def _copy_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A private (n * s, C) copy of an (n, C, s) chunk in ``dtype``."""
+    n, n_classes, s = t.shape
+    out = torch.empty(n, s, n_classes, dtype=dtype, device=t.device)
+    out.copy_(t.movedim(1, -1))
+    return out.view(-1, n_classes)
+
+
+def _final_logits_(z: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor | None:
+    """In place: ``z *= logit_scale``, then ``z = softcap * tanh(z / softcap)`` when
+    ``softcap > 0``; returns ``1 - tanh^2`` (the cap's slope) for the backward, else None."""
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if softcap <= 0.0:
+        return None
+    z.div_(softcap).tanh_()
+    slope = z.square().neg_().add_(1.0)
+    z.mul_(softcap)
+    return slope
 
 
 def _chunks(n_outer: int, row_elements: int):
@@ -36,55 +66,81 @@ def _chunks(n_outer: int, row_elements: int):
         yield start, min(start + step, n_outer)
 
 
+def _smoothed_target_(t: torch.Tensor, weight, label_smoothing: float, n_classes: int):
+    """In place: ``u = w * ((1 - eps) * t + eps / C)`` for a probability-target chunk."""
+    if label_smoothing > 0.0:
+        t.mul_(1.0 - label_smoothing).add_(label_smoothing / n_classes)
+    if weight is not None:
+        t.mul_(weight)
+    return t
+
+
 def forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (loss, lse, U) for ``(n_outer, C, n_inner)`` logits; see kernels/cross_entropy.py."""
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    with_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Per-row ``(loss, lse, saved, entropy, argmax)`` for ``(n_outer, C, n_inner)`` logits
+    (see :func:`forward_outputs` and kernels/cross_entropy.py); ``softcap`` 0 means none."""
     n_outer, n_classes, n_inner = logits.shape
     dtype = accumulation_dtype(logits.dtype, target.dtype)
     prob_target = target.dim() == 3
-    losses, lses, linear_sums = [], [], []
+    outputs = forward_outputs(n_outer * n_inner, dtype, logits.device, with_stats)
+    loss, lse, saved, entropy, argmax = outputs
+    row_max, log_sum, linear_sum = saved
+    w = weight.to(dtype) if weight is not None else None
     for start, stop in _chunks(n_outer, n_classes * n_inner):
-        x = _rows(logits[start:stop], dtype)
+        rows = slice(start * n_inner, stop * n_inner)
+        z = _copy_rows(logits[start:stop], dtype)
+        _final_logits_(z, logit_scale, softcap)
+        if with_stats:
+            argmax[rows] = z.argmax(1) if n_classes else 0
         # Relative to the row max, as in the kernel: lse - x from an already rounded lse loses
         # |x| * eps (5e-4 at |x| = 1e4 in fp32); (lse - m) - (x - m) keeps it.
-        row_max = x.amax(1) if n_classes else x.new_zeros(x.shape[0])
-        ref = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        x = x - ref[:, None]
-        lse = torch.logsumexp(x, dim=1)
-        neg_logp = lse[:, None] - x
+        m = z.amax(1) if n_classes else z.new_zeros(z.shape[0])
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        z.sub_(m[:, None])
+        e = z.exp()
+        s = e.sum(1)
+        ls = s.log()
+        if with_stats:
+            # H = log_s - sum_c e_c (x_c - m) / s; lanes with e == 0 add 0, not 0 * -inf.
+            entropy[rows] = ls - torch.where(e > 0.0, e.mul_(z), 0.0).sum(1) / s
+        del e
         if prob_target:
-            u = _linear_weight(
-                _rows(target[start:stop], dtype), weight, label_smoothing, n_classes, x
+            u = _smoothed_target_(
+                _copy_rows(target[start:stop], dtype), w, label_smoothing, n_classes
             )
-            loss = (u * neg_logp).sum(1)
-            linear_sum = u.sum(1).expand_as(lse)
+            u_sum = u.sum(1)
+            loss[rows] = u_sum * ls - torch.linalg.vecdot(u, z)
+            linear_sum[rows] = u_sum
         else:
             y = target[start:stop].reshape(-1).long()
             valid = y != ignore_index
             y_safe = torch.where(valid, y, 0)
-            loss = neg_logp.gather(1, y_safe[:, None]).squeeze(1)
-            if weight is not None:
-                loss = loss * weight.to(dtype)[y_safe]
+            nll = ls - z.gather(1, y_safe[:, None]).squeeze(1)
+            if w is not None:
+                nll = nll * w[y_safe]
             if label_smoothing > 0.0:
-                u = _linear_weight(None, weight, label_smoothing, n_classes, x)
-                smooth = (u * neg_logp).sum(1)
-                loss = (1.0 - label_smoothing) * loss + (label_smoothing / n_classes) * smooth
-                linear_sum = u.sum(1).expand_as(lse)
+                # sum_c w_c (lse - x_c) = W log_s - sum_c w_c (x_c - m): one matrix-vector product.
+                u_sum = w.sum() if w is not None else float(n_classes)
+                dot = z @ w if w is not None else z.sum(1)
+                smooth = u_sum * ls - dot
+                nll = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
+                linear_sum[rows] = u_sum
             else:
-                linear_sum = torch.zeros_like(lse)
-            loss = torch.where(valid, loss, 0.0)
-        losses.append(loss)
-        lses.append(lse + ref)
-        linear_sums.append(linear_sum)
-    if not losses:
-        empty = logits.new_empty(0, dtype=dtype)
-        return empty, empty.clone(), empty.clone()
-    return torch.cat(losses), torch.cat(lses), torch.cat(linear_sums).contiguous()
+                linear_sum[rows] = 0.0
+            loss[rows] = torch.where(valid, nll, 0.0)
+        row_max[rows] = m
+        log_sum[rows] = ls
+        lse[rows] = m + ls
+    return outputs
 
 
 def backward(
@@ -93,49 +149,83 @@ def backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    linear_sum: torch.Tensor,
+    saved: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     grad_logits: torch.Tensor,
     grad_target: torch.Tensor | None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> None:
-    """Write ``dlogits`` (and ``dtarget`` for probability targets) chunk by chunk."""
+    """Write ``dlogits`` into ``grad_logits`` (which may be ``logits`` itself) and, for
+    probability targets, ``dtarget`` into ``grad_target``, chunk by chunk, in place::
+
+        p = exp((z - m) - log_s);  dz = p * coef_p - coef_y * onehot(y) - coef_u * u
+
+    then ``dx = dz * logit_scale * (1 - tanh^2)`` (the per-row coefficients carry the scale).
+    """
     n_outer, n_classes, n_inner = logits.shape
-    dtype = lse.dtype
+    dtype = saved.dtype
     prob_target = target.dim() == 3
+    row_max, log_sum, linear_sum = saved
+    w = weight.to(dtype) if weight is not None else None
     for start, stop in _chunks(n_outer, n_classes * n_inner):
         rows = slice(start * n_inner, stop * n_inner)
-        x = _rows(logits[start:stop], dtype)
-        g = grad_loss[rows].to(dtype)[:, None]
-        lse_c = lse[rows][:, None]
-        p = torch.exp(x - lse_c)
+        chunk, out = logits[start:stop], grad_logits[start:stop]
+        direct = _rows_view(out) if out.dtype == dtype else None
+        if direct is None:
+            buf = _copy_rows(chunk, dtype)
+        else:
+            buf = direct
+            if out.data_ptr() != chunk.data_ptr() or out.stride() != chunk.stride():
+                out.copy_(chunk)
+        slope = _final_logits_(buf, logit_scale, softcap)
+        buf.sub_(row_max[rows][:, None])  # z - m: exact near the max
+        ls = log_sum[rows][:, None]
+        g = grad_loss[rows].to(dtype)
+        if prob_target and grad_target is not None:
+            # d loss / d t_c = g (1 - eps) w_c (lse - z_c), before buf turns into p.
+            grad_t = torch.sub(ls, buf).mul_((g * (1.0 - label_smoothing))[:, None])
+            if w is not None:
+                grad_t.mul_(w)
+            grad_target[start:stop].copy_(
+                grad_t.view(stop - start, n_inner, n_classes).movedim(-1, 1)
+            )
+        p = buf.sub_(ls).exp_()
         if prob_target:
-            t = _rows(target[start:stop], dtype)
-            u = _linear_weight(t, weight, label_smoothing, n_classes, x)
-            grad = p * (g * linear_sum[rows][:, None]) - g * u
-            if grad_target is not None:
-                gt = g * (1.0 - label_smoothing) * (lse_c - x)
-                if weight is not None:
-                    gt = gt * weight.to(dtype)
-                grad_target[start:stop].copy_(
-                    gt.reshape(stop - start, n_inner, n_classes).movedim(-1, 1)
-                )
+            coef_u = g * logit_scale
+            coef_p = coef_u * linear_sum[rows]
         else:
             y = target[start:stop].reshape(-1).long()
-            valid = (y != ignore_index)[:, None]
-            y_safe = torch.where(valid.squeeze(1), y, 0)
-            coef_y = (1.0 - label_smoothing) * g
-            if weight is not None:
-                coef_y = coef_y * weight.to(dtype)[y_safe][:, None]
-            onehot = torch.zeros_like(x).scatter_(1, y_safe[:, None], 1.0)
-            grad = (p - onehot) * coef_y
+            valid = y != ignore_index
+            y_safe = torch.where(valid, y, 0)
+            coef_y = ((1.0 - label_smoothing) * logit_scale) * g
+            if w is not None:
+                coef_y = coef_y * w[y_safe]
+            # where(), not a product with v: g is inf for an all-ignored 'mean' (0/0), and the
+            # gradient of an ignored row must stay exactly 0.
+            coef_y = torch.where(valid, coef_y, 0.0)
+            coef_p = coef_y
             if label_smoothing > 0.0:
-                u = _linear_weight(None, weight, label_smoothing, n_classes, x)
-                coef_u = (label_smoothing / n_classes) * g
-                grad = grad + coef_u * (p * linear_sum[rows][:, None] - u)
-            # where(), not a product: g is inf for an all-ignored 'mean' (0/0).
-            grad = torch.where(valid, grad, 0.0)
+                coef_u = torch.where(valid, (label_smoothing / n_classes * logit_scale) * g, 0.0)
+                coef_p = coef_p + coef_u * linear_sum[rows]
         if grad_lse is not None:
-            grad = grad + grad_lse[rows].to(dtype)[:, None] * p
-        grad_logits[start:stop].copy_(grad.reshape(stop - start, n_inner, n_classes).movedim(-1, 1))
+            coef_p = coef_p + logit_scale * grad_lse[rows].to(dtype)
+        grad = p.mul_(coef_p[:, None])
+        if prob_target:
+            u = _smoothed_target_(
+                _copy_rows(target[start:stop], dtype), w, label_smoothing, n_classes
+            )
+            grad.addcmul_(u, coef_u[:, None], value=-1.0)
+        else:
+            grad.scatter_add_(1, y_safe[:, None], -coef_y[:, None])
+            if label_smoothing > 0.0:
+                if w is not None:
+                    grad.addcmul_(coef_u[:, None], w[None, :], value=-1.0)
+                else:
+                    grad.sub_(coef_u[:, None])
+        if slope is not None:
+            grad.mul_(slope)
+        if direct is None:
+            out.copy_(grad.view(stop - start, n_inner, n_classes).movedim(-1, 1))

@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 from .._common import accumulation_dtype
+from .cross_entropy import forward_outputs
 
 # Default chunk budget, in bytes of the logits buffer (the ``chunk_size=None`` rule). CUDA: large
 # enough that each chunk's three GEMMs stay efficient and the fp32 dW accumulator, read and
@@ -156,55 +157,75 @@ def cross_entropy(
     rows_per_chunk: int,
     ce: ModuleType,
     *,
-    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    with_stats: bool = False,
+    saved: torch.Tensor | None = None,
     grad_loss: torch.Tensor | None = None,
+    grad_lse: torch.Tensor | None = None,
     grads: LinearGrads | None = None,
     grad_target: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(loss, lse, U)`` of ``cross_entropy(x @ W^T + b, target)``, and gradients.
+) -> tuple[torch.Tensor, ...]:
+    """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``cross_entropy(x @ W^T + b,
+    target)`` (as the core ``ce.forward`` returns them), and gradients.
 
     ``input`` ``(N, D)``; ``target`` ``(N,)`` class indices or ``(N, V)`` probabilities; ``ce``
-    is ``fused_ce.launch.cross_entropy`` or ``fused_ce.torch_impl.cross_entropy``. Three uses:
+    is ``fused_ce.launch.cross_entropy`` or ``fused_ce.torch_impl.cross_entropy``;
+    ``logit_scale`` and ``softcap`` (0: none) go to it. Three uses:
 
-    * ``stats=None, grad_loss=None``: the forward's statistics only;
-    * ``stats=None`` with ``grad_loss``: statistics and gradients in one sweep (the scalar-loss
+    * ``saved=None, grad_loss=None``: the forward's statistics only;
+    * ``saved=None`` with ``grad_loss``: statistics and gradients in one sweep (the scalar-loss
       path: each chunk's logits are made once);
-    * ``stats`` given with ``grad_loss``: the backward, recomputing each chunk's logits.
+    * ``saved`` (the forward's ``(3, N)``) with ``grad_loss`` (and optionally ``grad_lse``):
+      the backward, recomputing each chunk's logits; nothing is returned.
 
     Gradients go to ``grads`` and, for probability targets, into ``grad_target`` (``(N, V)``).
     """
     n_rows = input.shape[0]
     n_classes = linear_weight.shape[0]
-    compute_stats = stats is None
+    compute_stats = saved is None
+    outputs = ()
     if compute_stats:
         dtype = accumulation_dtype(input.dtype, target.dtype)
-        stats = tuple(input.new_empty(n_rows, dtype=dtype) for _ in range(3))
-    loss, lse, linear_sum = stats
+        outputs = forward_outputs(n_rows, dtype, input.device, with_stats)
+        saved = outputs[2]
+    options = {"logit_scale": logit_scale, "softcap": softcap}
     buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
     for rows in _chunks(n_rows, rows_per_chunk):
         logits = _logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
         # (rows, 1) class indices or (rows, V, 1) probabilities: the core's 3-D layout.
         chunk_target = target[rows].unsqueeze(-1)
         if compute_stats:
-            chunk_stats = ce.forward(logits, chunk_target, weight, ignore_index, label_smoothing)
-            for out, value in zip(stats, chunk_stats, strict=True):
-                out[rows] = value
-        if grad_loss is not None:
-            ce.backward(
-                grad_loss[rows],
-                None,
+            chunk_outputs = ce.forward(
                 logits,
                 chunk_target,
                 weight,
-                lse[rows],
-                linear_sum[rows],
+                ignore_index,
+                label_smoothing,
+                with_stats=with_stats,
+                **options,
+            )
+            for out, value in zip(outputs, chunk_outputs, strict=True):
+                if out.dim() == 2:
+                    out[:, rows] = value
+                elif out.numel():
+                    out[rows] = value
+        if grad_loss is not None:
+            ce.backward(
+                grad_loss[rows],
+                grad_lse[rows] if grad_lse is not None else None,
+                logits,
+                chunk_target,
+                weight,
+                saved[:, rows],
                 ignore_index,
                 label_smoothing,
                 logits,  # in place: the chunk buffer becomes dL/dz
                 grad_target[rows].unsqueeze(-1) if grad_target is not None else None,
+                **options,
             )
             grads.add(rows, logits.squeeze(-1))
-    return loss, lse, linear_sum
+    return outputs
 
 
 def binary_cross_entropy(
