@@ -3,7 +3,9 @@
 Each takes one extra keyword, ``backend`` (see :func:`fused_ce.softmax_cross_entropy`), so a
 training script swaps ``torch.nn.CrossEntropyLoss`` for ``fused_ce.nn.CrossEntropyLoss`` and
 nothing else changes: ``state_dict``, ``repr`` and the ``weight``/``pos_weight`` buffers are
-torch's own.
+torch's own. The cross-entropy modules also take the functions' options beyond torch
+(``logit_scale``, ``softcap``, ``z_loss``, ``return_stats``; ``inplace_backward`` for
+:class:`CrossEntropyLoss`) as keyword-only constructor arguments, checked at construction.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import math
 import torch
 from torch import Tensor
 
-from .functional import sigmoid_binary_cross_entropy, softmax_cross_entropy
+from .functional import (
+    CrossEntropyStats,
+    _check_options,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+)
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 
@@ -29,12 +36,23 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
+        inplace_backward: bool = False,
         backend: str | None = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        _check_options(logit_scale, softcap, z_loss, return_stats)
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.return_stats = return_stats
+        self.inplace_backward = inplace_backward
         self.backend = backend
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
         return softmax_cross_entropy(
             input,
             target,
@@ -42,6 +60,11 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            return_stats=self.return_stats,
+            inplace_backward=self.inplace_backward,
             backend=self.backend,
         )
 
@@ -148,20 +171,29 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
         path: str = "auto",
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
+        _check_options(logit_scale, softcap, z_loss, return_stats)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.chunk_size = chunk_size
         self.path = path
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.return_stats = return_stats
         self.backend = backend
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
         return linear_cross_entropy(
             input,
             self.linear_weight,
@@ -173,6 +205,10 @@ class LinearCrossEntropyLoss(_LinearLossHead):
             label_smoothing=self.label_smoothing,
             chunk_size=self.chunk_size,
             path=self.path,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            return_stats=self.return_stats,
             backend=self.backend,
         )
 

@@ -222,11 +222,16 @@ MODULES = [
 
 @pytest.mark.parametrize(("ours", "theirs"), MODULES, ids=lambda c: c.__name__)
 def test_module_is_a_drop_in_subclass(ours, theirs):
-    """Subclass of torch's, same constructor (plus keyword-only ``backend``), same repr,
-    buffers and state_dict, interchangeable with torch's module's state."""
+    """Subclass of torch's, same constructor (plus keyword-only ``backend`` and, for CE, the
+    keyword-only options of docs/options.md), same repr, buffers and state_dict,
+    interchangeable with torch's module's state."""
     assert issubclass(ours, theirs)
     params = dict(inspect.signature(ours).parameters)
-    assert params.pop("backend").kind is inspect.Parameter.KEYWORD_ONLY
+    extras = {"backend"}
+    if ours is fused_ce.nn.CrossEntropyLoss:
+        extras |= {"logit_scale", "softcap", "z_loss", "return_stats", "inplace_backward"}
+    for name in extras:
+        assert params.pop(name).kind is inspect.Parameter.KEYWORD_ONLY, name
     assert list(params) == list(inspect.signature(theirs).parameters)
     for name, param in params.items():
         assert param.default == inspect.signature(theirs).parameters[name].default, name
