@@ -157,11 +157,10 @@ def linear_cross_entropy(
             ``chunk_size x V`` logits. ``None``: a 512 MiB logits buffer on CUDA, 16 MiB of
             fp32 on CPU (see ``fused_ce.torch_impl.linear``). Results do not depend on it
             beyond fp32 summation order.
-        path: ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or ``'fused'`` (Triton only;
-            none of the four options below: they raise ``NotImplementedError`` there).
+        path: ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or ``'fused'`` (Triton only).
         logit_scale, softcap, z_loss, return_stats: as in
             :func:`fused_ce.softmax_cross_entropy` (the logits ``z`` are scaled, then capped;
-            see docs/options.md).
+            see docs/options.md); both paths take them.
         backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``;
             on the chunked path it picks the per-chunk loss kernels, the GEMMs being torch's.
 
@@ -238,11 +237,6 @@ def linear_cross_entropy(
         raise RuntimeError(
             "path: 'fused' runs the Triton kernels, but the backend resolved to 'torch' "
             f"(backend={backend!r}, input on {input.device}); use path='chunked'"
-        )
-    if fused and (scale != 1.0 or cap > 0.0 or z_loss > 0.0 or return_stats):
-        raise NotImplementedError(
-            "path: 'fused' does not support logit_scale, softcap, z_loss or return_stats yet; "
-            "use path='chunked' (the default) for them"
         )
     x = _as_rows(input)
     n_rows = x.shape[0]

@@ -17,6 +17,7 @@ from conftest import CUDA, backend_cases
 from test_cross_entropy import make_target, use_small_tiles
 
 import fused_ce
+from fused_ce.ops import cross_entropy as ce_ops
 
 OPTIONS = {
     "scale": dict(logit_scale=0.6),
@@ -217,7 +218,7 @@ def test_module_options(backend_device):
 # --- linear heads -----------------------------------------------------------------------------
 
 
-def linear_reference(input, linear_weight, target, **kwargs):
+def linear_reference(input, linear_weight, target, path=None, **kwargs):
     return ce_reference(F.linear(input, linear_weight), target, **kwargs)
 
 
@@ -225,59 +226,53 @@ def linear_ours(input, linear_weight, target, **kwargs):
     return fused_ce.linear_cross_entropy(input, linear_weight, target, chunk_size=4, **kwargs)
 
 
+PATH_CASES = [(b, d, "chunked") for b, d in backend_cases()] + [
+    (b, d, "fused") for b, d in backend_cases() if b == "triton"
+]
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["scale", "softcap", "all"])
-def test_linear_options(backend_device, option, reduction):
-    """The chunked path (chunks of 4 rows): 'mean'/'sum' without z-loss take the one-sweep
-    scalar path, the others the saved-statistics backward."""
-    backend, device = backend_device
+@pytest.mark.parametrize("case", PATH_CASES, ids=lambda c: "-".join(c))
+def test_linear_options(case, option, reduction):
+    """Both paths; on the chunked one (chunks of 4 rows) 'mean'/'sum' without z-loss take the
+    one-sweep scalar op, the others the saved-statistics backward."""
+    backend, device, path = case
     x = randn((10, 16), 11, device)
     w = randn((37, 16), 12, device, scale=0.7)
     target = make_target((10, 37), "index", device, ignore_index=-100)
     kwargs = dict(weight=positive((37,), 5, device), reduction=reduction, label_smoothing=0.1)
-    check(
-        linear_ours,
-        linear_reference,
-        (x, w, target),
-        {**kwargs, **OPTIONS[option]},
-        (0, 1),
-        backend,
-    )
+    kwargs = {**kwargs, **OPTIONS[option], "path": path}
+    check(linear_ours, linear_reference, (x, w, target), kwargs, (0, 1), backend)
 
 
-def test_linear_stats_match_softmax_stats(backend_device):
-    backend, device = backend_device
+@pytest.mark.parametrize("case", PATH_CASES, ids=lambda c: "-".join(c))
+def test_linear_prob_target_options(case):
+    """Probability targets receive their gradient through the options too."""
+    backend, device, path = case
+    x = randn((10, 16), 11, device)
+    w = randn((37, 16), 12, device, scale=0.7)
+    target = make_target((10, 37), "prob", device)
+    kwargs = dict(reduction="none", label_smoothing=0.1, path=path, **ALL)
+    check(linear_ours, linear_reference, (x, w, target), kwargs, (0, 1, 2), backend)
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=lambda c: "-".join(c))
+def test_linear_stats_match_softmax_stats(case):
+    backend, device, path = case
     x = randn((10, 16), 11, device)
     w = randn((37, 16), 12, device, scale=0.7)
     target = make_target((10, 37), "index", device, ignore_index=-100)
     kwargs = dict(return_stats=True, backend=backend, **ALL)
-    ours = linear_ours(x, w, target, **kwargs)
+    ours = linear_ours(x, w, target, path=path, **kwargs)
     theirs = fused_ce.softmax_cross_entropy(F.linear(x, w), target, **kwargs)
     for name, a, b in zip(ours._fields, ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    module = fused_ce.nn.LinearCrossEntropyLoss(16, 37, bias=False, chunk_size=4, **kwargs)
+    module = fused_ce.nn.LinearCrossEntropyLoss(
+        16, 37, bias=False, chunk_size=4, path=path, **kwargs
+    )
     module.linear_weight.data.copy_(w)
     torch.testing.assert_close(module.to(device)(x, target).loss, ours.loss, rtol=0, atol=0)
-
-
-TRITON_CASES = [case for case in backend_cases() if case[0] == "triton"]
-
-
-@pytest.mark.parametrize("option", ["scale", "softcap", "z_loss", "stats"])
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_linear_fused_path_refuses_options(case, option):
-    backend, device = case
-    kwargs = {**OPTIONS, "stats": dict(return_stats=True)}[option]
-    x, w = randn((4, 16), 0, device), randn((5, 16), 1, device)
-    with pytest.raises(NotImplementedError, match="path='chunked'"):
-        fused_ce.linear_cross_entropy(
-            x,
-            w,
-            torch.zeros(4, dtype=torch.long, device=device),
-            path="fused",
-            backend=backend,
-            **kwargs,
-        )
 
 
 # --- bad values -------------------------------------------------------------------------------
@@ -379,6 +374,19 @@ def test_inplace_backward_refuses_leaves_and_double_backward(backend_device):
         torch.autograd.grad(loss, head, create_graph=True)
 
 
+def test_opcheck_inplace_backward_op(backend_device):
+    """The mutating backward op is declared as such (opcheck's schema and fake-tensor tests)."""
+    backend, device = backend_device
+    use_triton = backend == "triton"
+    logits = randn((4, 5), 0, device).unsqueeze(-1)
+    target = make_target((4, 5), "index", device, ignore_index=-100).view(4, 1)
+    options = (-100, 0.1, 0.7, 3.0)  # ignore_index, label_smoothing, logit_scale, softcap
+    saved = ce_ops.ce_forward(logits, target, None, *options, False, True, use_triton)[2]
+    grads = (randn((4,), 1, device), randn((4,), 2, device))
+    args = (*grads, logits, target, None, saved, *options, use_triton, False)
+    torch.library.opcheck(ce_ops.ce_backward_inplace, args)
+
+
 # --- torch.compile and determinism --------------------------------------------------------------
 
 
@@ -400,8 +408,11 @@ def _public_cases(device, backend):
             logits, target, reduction="none", inplace_backward=True, **options
         )
 
+    # The Triton backend takes the fused path here; the chunked one is linear-scalar's.
+    path = "fused" if backend == "triton" else "chunked"
+
     def linear(hidden, head, target):
-        stats = linear_ours(hidden, head, target, return_stats=True, **options)
+        stats = linear_ours(hidden, head, target, return_stats=True, path=path, **options)
         return stats.loss + stats.lse.sum() + stats.entropy.sum() + stats.accuracy
 
     def linear_scalar(hidden, head, target):

@@ -87,6 +87,32 @@ def _final_logits(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(
+    x, start, running_max, ref, sum_exp, exp_dot, argmax, WITH_STATS: tl.constexpr
+):
+    """Take one ``(rows, BLOCK)`` block of final logits (masked lanes ``-inf``) starting at
+    class ``start`` into the online softmax state; return ``(new_max, new_ref, sum_exp,
+    exp_dot, argmax)``. ``ref`` is the running max, or 0 while that is still ``-inf``;
+    ``sum_exp = sum e^(x - ref)``; with ``WITH_STATS``, ``exp_dot = S1 = sum e^(x - ref) (x -
+    ref)`` and the running argmax."""
+    block_max = tl.max(x, 1)
+    new_max = tl.maximum(running_max, block_max)
+    new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - new_ref)
+    e = tl.exp(x - new_ref[:, None])
+    if WITH_STATS:
+        # Rebase S1 on the new reference: e^(x - ref) (x - ref) = e^(x - new) e^(new - ref)
+        # (x - new + new - ref); masked and -inf lanes (e == 0) add nothing, not 0 * inf.
+        exp_dot = rescale * (exp_dot + (ref - new_ref) * sum_exp) + tl.sum(
+            tl.where(e > 0.0, e * (x - new_ref[:, None]), 0.0), 1
+        )
+        # Strictly greater: an earlier block keeps a tie, as torch.argmax's first index.
+        argmax = tl.where(block_max > running_max, start + tl.argmax(x, 1), argmax)
+    sum_exp = sum_exp * rescale + tl.sum(e, 1)
+    return new_max, new_ref, sum_exp, exp_dot, argmax
+
+
+@triton.jit
 def ce_forward_kernel(
     logits_ptr,
     target_ptr,
@@ -154,20 +180,9 @@ def ce_forward_kernel(
         ).to(ACC_DTYPE)
         x, _ = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
         x = tl.where(mask, x, float("-inf"))
-        block_max = tl.max(x, 1)
-        new_max = tl.maximum(running_max, block_max)
-        new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - new_ref)
-        e = tl.exp(x - new_ref[:, None])
-        if WITH_STATS:
-            # Rebase S1 on the new reference: e^(x - ref) (x - ref) = e^(x - new) e^(new - ref)
-            # (x - new + new - ref); masked and -inf lanes (e == 0) add nothing, not 0 * inf.
-            exp_dot = rescale * (exp_dot + (ref - new_ref) * sum_exp) + tl.sum(
-                tl.where(e > 0.0, e * (x - new_ref[:, None]), 0.0), 1
-            )
-            # Strictly greater: an earlier block keeps a tie, as torch.argmax's first index.
-            argmax = tl.where(block_max > running_max, start + tl.argmax(x, 1), argmax)
-        sum_exp = sum_exp * rescale + tl.sum(e, 1)
+        new_max, new_ref, sum_exp, exp_dot, argmax = _online_softmax_step(
+            x, start, running_max, ref, sum_exp, exp_dot, argmax, WITH_STATS
+        )
         if LINEAR:
             if PROB_TARGET:
                 t = tl.load(

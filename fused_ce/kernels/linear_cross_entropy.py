@@ -13,6 +13,9 @@ array, and the backward recomputes the tiles and forms
     G = dloss/dz = g * [p * coef_p - coef_y * onehot(y) - coef_u * u]     (per row coefficients)
 
 then ``dX = G @ W``, ``dW = G^T @ X`` and ``db = sum_rows G``, the lecture's ``(o - t) x``.
+The options (logit scale, soft-cap, the statistics, an upstream gradient of ``lse``) are those
+of kernels/cross_entropy.py, applied to each logits tile by the same helpers; with them ``G``
+is the gradient with respect to the raw logits ``x @ W^T + b`` (the cap's slope included).
 
 Kernels:
 
@@ -35,7 +38,7 @@ recomputes the logits tiles over all ``D`` features, so the backward costs
 import triton
 import triton.language as tl
 
-from .cross_entropy import _smoothing
+from .cross_entropy import _final_logits, _online_softmax_step, _smoothing
 
 
 @triton.jit
@@ -151,6 +154,8 @@ def lce_forward_kernel(
     loss_ptr,
     lse_ptr,
     saved_ptr,
+    entropy_ptr,
+    argmax_ptr,
     n_rows,
     n_classes,
     n_features,
@@ -165,10 +170,16 @@ def lce_forward_kernel(
     ignore_index,
     label_smoothing_hi,
     label_smoothing_lo,
+    logit_scale_hi,
+    logit_scale_lo,
+    softcap_hi,
+    softcap_lo,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -176,7 +187,9 @@ def lce_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per-row loss, lse and ``U`` without writing logits (online softmax over the V tiles).
+    """Per-row loss, lse and the saved ``(m, log_s, U)`` (with ``WITH_STATS`` also entropy
+    and argmax) without writing logits (online softmax over the V tiles; the options of
+    kernels/cross_entropy.py applied to each logits tile).
 
     Sums that multiply logits are kept relative to the running max (as in the core kernel), so
     a shift of the whole row or logits of size 1e4 cost no precision.
@@ -184,12 +197,16 @@ def lce_forward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < n_rows
     label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
+    logit_scale = _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE)
+    softcap = _smoothing(softcap_hi, softcap_lo, ACC_DTYPE)
     y, valid = _class_targets(
         target_ptr, rows, row_mask, target_row_stride, ignore_index, n_classes, PROB_TARGET
     )
     LINEAR: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
 
     running_max = tl.full((BLOCK_N,), float("-inf"), ACC_DTYPE)
+    exp_dot = tl.zeros((BLOCK_N,), ACC_DTYPE)  # S1 = sum_c e^(z_c - ref) (z_c - ref)
+    argmax = tl.zeros((BLOCK_N,), tl.int64)
     ref = tl.zeros((BLOCK_N,), ACC_DTYPE)  # running_max, or 0 while it is still -inf
     sum_exp = tl.zeros((BLOCK_N,), ACC_DTYPE)
     lin_sum = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_c u_c
@@ -221,10 +238,11 @@ def lce_forward_kernel(
             BLOCK_V,
             BLOCK_D,
         )
+        z, _ = _final_logits(z, logit_scale, softcap, HAS_SOFTCAP)
         z = tl.where(mask, z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, 1))
-        new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-        sum_exp = sum_exp * tl.exp(running_max - new_ref) + tl.sum(tl.exp(z - new_ref[:, None]), 1)
+        new_max, new_ref, sum_exp, exp_dot, argmax = _online_softmax_step(
+            z, start, running_max, ref, sum_exp, exp_dot, argmax, WITH_STATS
+        )
         if LINEAR:
             u, w = _linear_weight_tile(
                 target_ptr,
@@ -272,6 +290,9 @@ def lce_forward_kernel(
     tl.store(saved_ptr + rows, ref, row_mask)
     tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
     tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
+    if WITH_STATS:
+        tl.store(entropy_ptr + rows, log_sum_exp - exp_dot / sum_exp, row_mask)
+        tl.store(argmax_ptr + rows, argmax, row_mask)
 
 
 @triton.jit
@@ -280,17 +301,20 @@ def _row_coefficients(
     class_weight_ptr,
     saved_ptr,
     grad_loss_ptr,
+    grad_lse_ptr,
     rows,
     row_mask,
     n_classes,
     saved_stride,
     grad_loss_stride,
+    grad_lse_stride,
     target_row_stride,
     ignore_index,
     label_smoothing,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """Per-row (m, log_s, g, y, coef_p, coef_y, coef_u) of ``G = p * coef_p - coef_y *
@@ -317,12 +341,15 @@ def _row_coefficients(
         coef_y = tl.where(valid, coef_y, 0.0)
         coef_u = tl.where(valid, coef_u, 0.0)
         coef_p = coef_y + coef_u * lin_sum
+    if HAS_GRAD_LSE:  # an upstream gradient of lse (z-loss) adds g_lse * p
+        coef_p += tl.load(grad_lse_ptr + rows * grad_lse_stride, row_mask, 0.0).to(ACC_DTYPE)
     return row_max, log_sum_exp, g, y, coef_p, coef_y, coef_u
 
 
 @triton.jit
 def _grad_tile(
     z,
+    slope,
     target_ptr,
     class_weight_ptr,
     rows,
@@ -346,7 +373,8 @@ def _grad_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """``G = dloss/dz`` of one tile in ``ACC_DTYPE``, exactly 0 on masked lanes."""
+    """``G = dloss/dx`` of one tile in ``ACC_DTYPE`` from the final logits ``z`` and their
+    slope ``dz/dx`` (see ``_final_logits``), exactly 0 on masked lanes."""
     mask = row_mask[:, None] & col_mask[None, :]
     p = tl.exp((z - row_max[:, None]) - log_sum_exp[:, None])
     grad = p * coef_p[:, None] - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
@@ -369,7 +397,7 @@ def _grad_tile(
             BLOCK_V,
         )
         grad = grad - coef_u[:, None] * u
-    return tl.where(mask, grad, 0.0)
+    return tl.where(mask, grad * slope, 0.0)
 
 
 @triton.jit
@@ -381,6 +409,7 @@ def lce_backward_input_kernel(
     class_weight_ptr,
     saved_ptr,
     grad_loss_ptr,
+    grad_lse_ptr,
     grad_input_ptr,
     grad_target_ptr,
     n_rows,
@@ -395,15 +424,22 @@ def lce_backward_input_kernel(
     target_class_stride,
     saved_stride,
     grad_loss_stride,
+    grad_lse_stride,
     grad_input_row_stride,
     grad_target_row_stride,
     ignore_index,
     label_smoothing_hi,
     label_smoothing_lo,
+    logit_scale_hi,
+    logit_scale_lo,
+    softcap_hi,
+    softcap_lo,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
     COMPUTE_GRAD_INPUT: tl.constexpr,
     COMPUTE_GRAD_TARGET: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -424,6 +460,8 @@ def lce_backward_input_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < n_rows
     label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
+    logit_scale = _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE)
+    softcap = _smoothing(softcap_hi, softcap_lo, ACC_DTYPE)
     feature_block = tl.program_id(1)
     out_features = feature_block.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
     out_mask = out_features < n_features
@@ -432,17 +470,20 @@ def lce_backward_input_kernel(
         class_weight_ptr,
         saved_ptr,
         grad_loss_ptr,
+        grad_lse_ptr,
         rows,
         row_mask,
         n_classes,
         saved_stride,
         grad_loss_stride,
+        grad_lse_stride,
         target_row_stride,
         ignore_index,
         label_smoothing,
         HAS_WEIGHT,
         PROB_TARGET,
         HAS_SMOOTHING,
+        HAS_GRAD_LSE,
         ACC_DTYPE,
     )
     grad_input = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)
@@ -471,9 +512,11 @@ def lce_backward_input_kernel(
             BLOCK_V,
             BLOCK_D,
         )
+        z, slope = _final_logits(z, logit_scale, softcap, HAS_SOFTCAP)
         if COMPUTE_GRAD_INPUT:
             grad = _grad_tile(
                 z,
+                slope,
                 target_ptr,
                 class_weight_ptr,
                 rows,
@@ -514,10 +557,8 @@ def lce_backward_input_kernel(
             else:
                 w_c = 1.0
             if feature_block == 0:
-                shifted = z - row_max[:, None]
-                grad_t = (
-                    (g * (1.0 - label_smoothing))[:, None] * w_c * (log_sum_exp[:, None] - shifted)
-                )
+                neg_logp = log_sum_exp[:, None] - (z - row_max[:, None])
+                grad_t = (g * (1.0 - label_smoothing))[:, None] * w_c * neg_logp
                 tl.store(
                     grad_target_ptr + rows[:, None] * grad_target_row_stride + cols[None, :],
                     grad_t.to(grad_target_ptr.dtype.element_ty),
@@ -540,6 +581,7 @@ def lce_backward_weight_kernel(
     class_weight_ptr,
     saved_ptr,
     grad_loss_ptr,
+    grad_lse_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
     n_rows,
@@ -554,14 +596,21 @@ def lce_backward_weight_kernel(
     target_class_stride,
     saved_stride,
     grad_loss_stride,
+    grad_lse_stride,
     grad_weight_row_stride,
     ignore_index,
     label_smoothing_hi,
     label_smoothing_lo,
+    logit_scale_hi,
+    logit_scale_lo,
+    softcap_hi,
+    softcap_lo,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
     COMPUTE_GRAD_WEIGHT: tl.constexpr,
     COMPUTE_GRAD_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -582,6 +631,8 @@ def lce_backward_weight_kernel(
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_mask = cols < n_classes
     label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
+    logit_scale = _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE)
+    softcap = _smoothing(softcap_hi, softcap_lo, ACC_DTYPE)
     feature_block = tl.program_id(1)
     out_features = feature_block.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
     out_mask = out_features < n_features
@@ -595,17 +646,20 @@ def lce_backward_weight_kernel(
             class_weight_ptr,
             saved_ptr,
             grad_loss_ptr,
+            grad_lse_ptr,
             rows,
             row_mask,
             n_classes,
             saved_stride,
             grad_loss_stride,
+            grad_lse_stride,
             target_row_stride,
             ignore_index,
             label_smoothing,
             HAS_WEIGHT,
             PROB_TARGET,
             HAS_SMOOTHING,
+            HAS_GRAD_LSE,
             ACC_DTYPE,
         )
         z = _logits_tile(
@@ -630,8 +684,10 @@ def lce_backward_weight_kernel(
             BLOCK_V,
             BLOCK_D,
         )
+        z, slope = _final_logits(z, logit_scale, softcap, HAS_SOFTCAP)
         grad = _grad_tile(
             z,
+            slope,
             target_ptr,
             class_weight_ptr,
             rows,

@@ -62,11 +62,16 @@ def _operands(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
 ) -> dict:
-    """Arguments shared by the three kernels: operands, sizes, strides and constexpr flags."""
+    """Arguments shared by the three kernels: operands, sizes, strides, options and constexpr
+    flags."""
     prob_target = target.dim() == 2
     n_classes, n_features = linear_weight.shape
     smoothing_hi, smoothing_lo = _split_fp64(label_smoothing)
+    scale_hi, scale_lo = _split_fp64(logit_scale)
+    softcap_hi, softcap_lo = _split_fp64(softcap)
     return {
         "input_ptr": input,
         "linear_weight_ptr": linear_weight,
@@ -88,10 +93,15 @@ def _operands(
         # fp64 smoothing as two fp32 halves: a float kernel argument arrives as fp32.
         "label_smoothing_hi": smoothing_hi,
         "label_smoothing_lo": smoothing_lo,
+        "logit_scale_hi": scale_hi,
+        "logit_scale_lo": scale_lo,
+        "softcap_hi": softcap_hi,
+        "softcap_lo": softcap_lo,
         "HAS_BIAS": linear_bias is not None,
         "HAS_WEIGHT": weight is not None,
         "PROB_TARGET": prob_target,
         "HAS_SMOOTHING": label_smoothing > 0.0,
+        "HAS_SOFTCAP": softcap > 0.0,
         **_dot_args(input),
     }
 
@@ -104,10 +114,14 @@ def forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``cross_entropy(input @
-    linear_weight.T + linear_bias)``, as ``fused_ce.launch.cross_entropy.forward`` returns them
-    (no options: entropy and argmax are empty).
+    linear_weight.T + linear_bias)`` with the options of ``fused_ce.launch.cross_entropy.
+    forward``, returned as that returns them.
 
     ``input`` ``(N, D)``, ``linear_weight`` ``(V, D)``, ``target`` ``(N,)`` class indices or
     ``(N, V)`` probabilities; any strides.
@@ -115,8 +129,8 @@ def forward(
     n_rows, n_features = input.shape
     n_classes = linear_weight.shape[0]
     dtype = accumulation_dtype(input.dtype, target.dtype)
-    outputs = forward_outputs(n_rows, dtype, input.device, False)
-    loss, lse, saved, _, _ = outputs
+    outputs = forward_outputs(n_rows, dtype, input.device, with_stats)
+    loss, lse, saved, entropy, argmax = outputs
     if n_rows == 0:
         return outputs
     tiles = _tiles(n_classes, n_features)
@@ -125,9 +139,21 @@ def forward(
         loss_ptr=loss,
         lse_ptr=lse,
         saved_ptr=saved,
+        # Absent outputs: any buffer of their dtype; WITH_STATS keeps them unwritten.
+        entropy_ptr=entropy if with_stats else loss,
+        argmax_ptr=argmax if with_stats else target,
         saved_stride=saved.stride(0),
+        WITH_STATS=with_stats,
         **_operands(
-            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            ignore_index,
+            label_smoothing,
+            logit_scale,
+            softcap,
         ),
         **tiles,
     )
@@ -136,6 +162,7 @@ def forward(
 
 def backward(
     grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -148,9 +175,13 @@ def backward(
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
     grad_target: torch.Tensor | None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> None:
     """Write the requested gradients (contiguous buffers; ``None`` skips one) from the saved
-    per-row ``(m, log_s, U)``; ``grad_loss`` is per row, any stride."""
+    per-row ``(m, log_s, U)``; ``grad_loss`` and ``grad_lse`` (optional) are per row, any
+    stride."""
     n_rows, n_features = input.shape
     n_classes = linear_weight.shape[0]
     tiles = _tiles(n_classes, n_features)
@@ -160,8 +191,19 @@ def backward(
         "saved_stride": saved.stride(0),
         "grad_loss_ptr": grad_loss,
         "grad_loss_stride": grad_loss.stride(0),
+        "grad_lse_ptr": grad_lse if grad_lse is not None else grad_loss,
+        "grad_lse_stride": grad_lse.stride(0) if grad_lse is not None else 0,
+        "HAS_GRAD_LSE": grad_lse is not None,
         **_operands(
-            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            ignore_index,
+            label_smoothing,
+            logit_scale,
+            softcap,
         ),
         **tiles,
     }

@@ -115,10 +115,19 @@ def linear_ce_forward(
     """Per-row ``(loss, lse, saved, entropy, argmax)`` (see ``fused_ce::ce_forward``) of
     ``cross_entropy(input @ linear_weight.T + linear_bias)``; ``target`` is ``(N,)`` class
     indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is automatic; ``fused`` picks the
-    Triton kernels that never write logits (no options there: scale 1, no cap, no stats)."""
+    Triton kernels that never write logits."""
     if fused:
         return _fused().forward(
-            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            ignore_index,
+            label_smoothing,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            with_stats=with_stats,
         )
     return chunked.cross_entropy(
         input,
@@ -178,20 +187,16 @@ def linear_ce_backward(
     bias_grad: bool,
     target_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss`` (and optionally ``grad_lse``, the
-    chunked path only), recomputing the logits; each is empty unless asked for."""
+    """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss`` (and optionally ``grad_lse``),
+    recomputing the logits; each is empty unless asked for."""
     grad_target = _grad_target(target, target_grad)
     if fused:
-        if grad_lse is not None:
-            raise NotImplementedError(
-                "fused_ce: path='fused' has no gradient through lse (z_loss, return_stats); "
-                "use path='chunked'"
-            )
         grad_input, grad_weight, grad_bias, _ = _grad_buffers(
             input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
         )
         _fused().backward(
             grad_loss,
+            grad_lse,
             input,
             linear_weight,
             linear_bias,
@@ -204,6 +209,8 @@ def linear_ce_backward(
             grad_weight if weight_grad else None,
             grad_bias if bias_grad and linear_bias is not None else None,
             grad_target if target_grad else None,
+            logit_scale=logit_scale,
+            softcap=softcap,
         )
         return grad_input, grad_weight, grad_bias, grad_target
     grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
