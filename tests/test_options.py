@@ -114,6 +114,17 @@ def test_options_combined(backend_device, shape, kind, reduction):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_options_other_dtypes(backend_device, dtype):
+    """fp16/bf16 within twice torch's own same-dtype error; fp64 tight (the scale and the cap
+    reach the kernels as two fp32 halves, so fp64 keeps their precision)."""
+    _, device = backend_device
+    logits = randn((6, 7), 3, device, dtype, scale=3.0)
+    target = make_target(logits.shape, "index", device, ignore_index=-100)
+    options = dict(logit_scale=0.1 + 2.0**-30, softcap=3.0 + 2.0**-40, z_loss=0.05)
+    check_options(backend_device, logits, target, reduction="none", label_smoothing=0.1, **options)
+
+
 def test_options_small_tiles(backend_device, monkeypatch):
     """Several class blocks and row programs (chunks for the torch path): the online max,
     entropy and argmax rebase across blocks."""
