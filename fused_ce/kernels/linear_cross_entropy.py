@@ -81,7 +81,14 @@ def _logits_tile(
             feature_mask[:, None] & col_mask[None, :],
             0.0,
         )
-        z = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), z, input_precision=DOT_PRECISION)
+        # out_dtype must name the accumulator's dtype: Triton 3.6 asserts it for fp64 (3.9 infers).
+        z = tl.dot(
+            x.to(DOT_DTYPE),
+            w.to(DOT_DTYPE),
+            z,
+            input_precision=DOT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
     if HAS_BIAS:
         z += tl.load(linear_bias_ptr + cols * bias_stride, col_mask, 0.0).to(ACC_DTYPE)[None, :]
     return z
@@ -548,7 +555,11 @@ def lce_backward_input_kernel(
                 0.0,
             )
             grad_input = tl.dot(
-                grad.to(DOT_DTYPE), w.to(DOT_DTYPE), grad_input, input_precision=DOT_PRECISION
+                grad.to(DOT_DTYPE),
+                w.to(DOT_DTYPE),
+                grad_input,
+                input_precision=DOT_PRECISION,
+                out_dtype=ACC_DTYPE,
             )
         if COMPUTE_GRAD_TARGET:
             # d loss / d t_c = g (1 - eps) w_c (lse - z_c), stored by the first feature block.
@@ -724,6 +735,7 @@ def lce_backward_weight_kernel(
                 x.to(DOT_DTYPE),
                 grad_weight,
                 input_precision=DOT_PRECISION,
+                out_dtype=ACC_DTYPE,
             )
         if COMPUTE_GRAD_BIAS:
             grad_bias += tl.sum(grad, 0)
