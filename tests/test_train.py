@@ -157,14 +157,16 @@ def test_test_report_matches_predictions_counted_independently():
 def test_checkpoint_round_trip_and_logs(tmp_path):
     config = train.TrainConfig(task="popcount", epochs=4, val_every=2, hidden=8)
     result = train.run(config, out_dir=tmp_path)
-    model, loaded = train.load_checkpoint(tmp_path / "checkpoint.pt")
+    # Load onto the device it trained on (CUDA when present), so both models see one input.
+    device = next(result.model.parameters()).device
+    model, loaded = train.load_checkpoint(tmp_path / "checkpoint.pt", map_location=device)
     assert loaded == config
     assert not model.training
     state = result.model.state_dict()
     assert set(model.state_dict()) == set(state)
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
-    inputs = result.workload.full.inputs
+    inputs = result.workload.full.inputs.to(device)
     assert torch.equal(model(inputs), result.model(inputs))
 
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(
