@@ -113,6 +113,61 @@ def _online_softmax_step(
 
 
 @triton.jit
+def _store_row_results(
+    loss_ptr,
+    lse_ptr,
+    saved_ptr,
+    entropy_ptr,
+    argmax_ptr,
+    class_weight_ptr,
+    saved_stride,
+    rows,
+    row_mask,
+    y,
+    valid,
+    target_logit,
+    ref,
+    sum_exp,
+    lin_sum,
+    lin_dot,
+    exp_dot,
+    argmax,
+    n_classes,
+    label_smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Finish a forward pass: the per-row loss from the online statistics (``a (lse - x_y) +
+    b (U log_s - sum_c u_c (x_c - ref))``), then every per-row output stored: loss, lse, the
+    saved ``(m, log_s, U)`` and, with ``WITH_STATS``, entropy and argmax. ``y``, ``valid`` and
+    ``target_logit`` are unused for probability targets."""
+    log_sum_exp = tl.log(sum_exp)  # lse - ref
+    if PROB_TARGET:
+        loss = lin_sum * log_sum_exp - lin_dot
+    else:
+        nll = log_sum_exp + (ref - target_logit)
+        if HAS_WEIGHT:
+            nll = nll * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
+        if HAS_SMOOTHING:
+            smooth = lin_sum * log_sum_exp - lin_dot
+            loss = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
+        else:
+            loss = nll
+        loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + rows, loss, row_mask)
+    tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
+    tl.store(saved_ptr + rows, ref, row_mask)
+    tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
+    tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
+    if WITH_STATS:
+        tl.store(entropy_ptr + rows, log_sum_exp - exp_dot / sum_exp, row_mask)
+        tl.store(argmax_ptr + rows, argmax, row_mask)
+
+
+@triton.jit
 def ce_forward_kernel(
     logits_ptr,
     target_ptr,
@@ -205,32 +260,43 @@ def ce_forward_kernel(
         running_max = new_max
         ref = new_ref
 
-    log_sum_exp = tl.log(sum_exp)  # lse - ref
     if PROB_TARGET:
-        loss = lin_sum * log_sum_exp - lin_dot
+        y = tl.zeros((BLOCK_R,), tl.int64)
+        valid = row_mask
+        x_y = tl.zeros((BLOCK_R,), ACC_DTYPE)
     else:
         y = tl.load(target_ptr + target_row, row_mask, 0).to(tl.int64)
         valid = row_mask & (y != ignore_index) & (y >= 0) & (y < n_classes)
         y = tl.where(valid, y, 0)  # never address memory with an unchecked target
         x_y = tl.load(logits_ptr + logits_row + y * logits_class_stride, valid, 0.0).to(ACC_DTYPE)
         x_y, _ = _final_logits(x_y, logit_scale, softcap, HAS_SOFTCAP)
-        nll = log_sum_exp + (ref - x_y)
-        if HAS_WEIGHT:
-            nll = nll * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
-        if HAS_SMOOTHING:
-            smooth = lin_sum * log_sum_exp - lin_dot
-            loss = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
-        else:
-            loss = nll
-        loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + rows, loss, row_mask)
-    tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
-    tl.store(saved_ptr + rows, ref, row_mask)
-    tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
-    tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
-    if WITH_STATS:
-        tl.store(entropy_ptr + rows, log_sum_exp - exp_dot / sum_exp, row_mask)
-        tl.store(argmax_ptr + rows, argmax, row_mask)
+    _store_row_results(
+        loss_ptr,
+        lse_ptr,
+        saved_ptr,
+        entropy_ptr,
+        argmax_ptr,
+        class_weight_ptr,
+        saved_stride,
+        rows,
+        row_mask,
+        y,
+        valid,
+        x_y,
+        ref,
+        sum_exp,
+        lin_sum,
+        lin_dot,
+        exp_dot,
+        argmax,
+        n_classes,
+        label_smoothing,
+        HAS_WEIGHT,
+        PROB_TARGET,
+        HAS_SMOOTHING,
+        WITH_STATS,
+        ACC_DTYPE,
+    )
 
 
 @triton.jit

@@ -38,7 +38,12 @@ recomputes the logits tiles over all ``D`` features, so the backward costs
 import triton
 import triton.language as tl
 
-from .cross_entropy import _final_logits, _online_softmax_step, _smoothing
+from .cross_entropy import (
+    _final_logits,
+    _online_softmax_step,
+    _smoothing,
+    _store_row_results,
+)
 
 
 @triton.jit
@@ -279,27 +284,33 @@ def lce_forward_kernel(
         running_max = new_max
         ref = new_ref
 
-    log_sum_exp = tl.log(sum_exp)  # lse - ref
-    if PROB_TARGET:
-        loss = lin_sum * log_sum_exp - lin_dot
-    else:
-        nll = log_sum_exp + (ref - z_y)
-        if HAS_WEIGHT:
-            nll = nll * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
-        if HAS_SMOOTHING:
-            smooth = lin_sum * log_sum_exp - lin_dot
-            loss = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
-        else:
-            loss = nll
-        loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + rows, loss, row_mask)
-    tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
-    tl.store(saved_ptr + rows, ref, row_mask)
-    tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
-    tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
-    if WITH_STATS:
-        tl.store(entropy_ptr + rows, log_sum_exp - exp_dot / sum_exp, row_mask)
-        tl.store(argmax_ptr + rows, argmax, row_mask)
+    _store_row_results(
+        loss_ptr,
+        lse_ptr,
+        saved_ptr,
+        entropy_ptr,
+        argmax_ptr,
+        class_weight_ptr,
+        saved_stride,
+        rows,
+        row_mask,
+        y,
+        valid,
+        z_y,
+        ref,
+        sum_exp,
+        lin_sum,
+        lin_dot,
+        exp_dot,
+        argmax,
+        n_classes,
+        label_smoothing,
+        HAS_WEIGHT,
+        PROB_TARGET,
+        HAS_SMOOTHING,
+        WITH_STATS,
+        ACC_DTYPE,
+    )
 
 
 @triton.jit
