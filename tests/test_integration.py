@@ -312,11 +312,11 @@ def _spy_on_implementations(monkeypatch) -> list[bool]:
     calls: list[bool] = []
     for module in (ce_ops, bce_ops):
 
-        def spy(use_triton, original=module._impl):
+        def spy(family, use_triton, original=module.implementation):
             calls.append(use_triton)
-            return original(use_triton)
+            return original(family, use_triton)
 
-        monkeypatch.setattr(module, "_impl", spy)
+        monkeypatch.setattr(module, "implementation", spy)
     return calls
 
 

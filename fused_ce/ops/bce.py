@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_impl import bce as torch_impl
 from ._autograd import forbid_double_backward
-
-
-def _impl(use_triton: bool):
-    if use_triton:
-        from ..launch import bce as triton_impl
-
-        return triton_impl
-    return torch_impl
+from ._impl import implementation
 
 
 @torch.library.custom_op("fused_ce::bce_forward", mutates_args=())
@@ -27,7 +19,7 @@ def bce_forward(
 ) -> torch.Tensor:
     """Elementwise loss, contiguous, of ``input``'s shape and ``target``'s dtype (as torch)."""
     loss = torch.empty(input.shape, dtype=target.dtype, device=input.device)
-    _impl(use_triton).run(input, target, weight, pos_weight, None, loss, None, None)
+    implementation("bce", use_triton).run(input, target, weight, pos_weight, None, loss, None, None)
     return loss
 
 
@@ -49,7 +41,7 @@ def bce_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dinput, dtarget)``, contiguous; each is empty unless asked for."""
     grad_input, grad_target = _grad_buffers(input, target, input_grad, target_grad)
-    _impl(use_triton).run(
+    implementation("bce", use_triton).run(
         input,
         target,
         weight,

@@ -15,14 +15,7 @@ import torch
 from .._common import accumulation_dtype
 from ..torch_impl import cross_entropy as torch_impl
 from ._autograd import forbid_double_backward
-
-
-def _impl(use_triton: bool):
-    if use_triton:
-        from ..launch import cross_entropy as triton_impl
-
-        return triton_impl
-    return torch_impl
+from ._impl import implementation
 
 
 @torch.library.custom_op("fused_ce::ce_forward", mutates_args=())
@@ -45,7 +38,7 @@ def ce_forward(
     ``U = sum_c u_c`` for the backward; entropy and argmax are empty unless ``with_stats``.
     ``softcap`` 0 means none; ``inplace_backward`` makes the backward overwrite ``logits``.
     """
-    return _impl(use_triton).forward(
+    return implementation("cross_entropy", use_triton).forward(
         logits,
         target,
         weight,
@@ -90,7 +83,7 @@ def _run_backward(
     """Shared body of the two backward ops; returns ``dtarget`` (empty unless wanted)."""
     ignore_index, label_smoothing, logit_scale, softcap = options
     grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
-    _impl(use_triton).backward(
+    implementation("cross_entropy", use_triton).backward(
         grad_loss,
         grad_lse,
         logits,

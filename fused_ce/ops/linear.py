@@ -24,32 +24,10 @@ from __future__ import annotations
 import torch
 
 from .._common import accumulation_dtype
-from ..torch_impl import bce as torch_bce
 from ..torch_impl import cross_entropy as torch_ce
 from ..torch_impl import linear as chunked
 from ._autograd import forbid_double_backward
-
-
-def _ce(use_triton: bool):
-    if use_triton:
-        from ..launch import cross_entropy
-
-        return cross_entropy
-    return torch_ce
-
-
-def _bce(use_triton: bool):
-    if use_triton:
-        from ..launch import bce
-
-        return bce
-    return torch_bce
-
-
-def _fused():
-    from ..launch import linear_cross_entropy
-
-    return linear_cross_entropy
+from ._impl import implementation
 
 
 def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor) -> int:
@@ -117,7 +95,7 @@ def linear_ce_forward(
     indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is automatic; ``fused`` picks the
     Triton kernels that never write logits."""
     if fused:
-        return _fused().forward(
+        return implementation("linear_cross_entropy", True).forward(
             input,
             linear_weight,
             linear_bias,
@@ -138,7 +116,7 @@ def linear_ce_forward(
         ignore_index,
         label_smoothing,
         _rows(chunk_size, input, linear_weight),
-        _ce(use_triton),
+        implementation("cross_entropy", use_triton),
         logit_scale=logit_scale,
         softcap=softcap,
         with_stats=with_stats,
@@ -194,7 +172,7 @@ def linear_ce_backward(
         grad_input, grad_weight, grad_bias, _ = _grad_buffers(
             input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
         )
-        _fused().backward(
+        implementation("linear_cross_entropy", True).backward(
             grad_loss,
             grad_lse,
             input,
@@ -223,7 +201,7 @@ def linear_ce_backward(
         ignore_index,
         label_smoothing,
         _rows(chunk_size, input, linear_weight),
-        _ce(use_triton),
+        implementation("cross_entropy", use_triton),
         logit_scale=logit_scale,
         softcap=softcap,
         saved=saved,
@@ -336,7 +314,7 @@ def linear_ce_scalar(
         ignore_index,
         label_smoothing,
         _rows(chunk_size, input, linear_weight),
-        _ce(use_triton),
+        implementation("cross_entropy", use_triton),
         logit_scale=logit_scale,
         softcap=softcap,
         grad_loss=scale.to(accumulation_dtype(input.dtype, target.dtype)).expand(n_rows),
@@ -409,7 +387,7 @@ def linear_bce_forward(
         weight,
         pos_weight,
         _rows(chunk_size, input, linear_weight),
-        _bce(use_triton),
+        implementation("bce", use_triton),
         loss=loss,
     )
     return loss
@@ -458,7 +436,7 @@ def linear_bce_backward(
         weight,
         pos_weight,
         _rows(chunk_size, input, linear_weight),
-        _bce(use_triton),
+        implementation("bce", use_triton),
         grad=grad,
         grads=grads,
         grad_target=grad_target if target_grad else None,
@@ -544,7 +522,7 @@ def linear_bce_scalar(
         weight,
         pos_weight,
         _rows(chunk_size, input, linear_weight),
-        _bce(use_triton),
+        implementation("bce", use_triton),
         loss=loss,
         grad=scale.to(loss.dtype).expand(target.shape),
         grads=grads,
