@@ -21,6 +21,7 @@ import triton
 import triton.testing
 
 import fused_ce.launch.cross_entropy as launch
+from fused_ce._common import CEOptions
 
 SHAPES = [(8192, 32768), (16384, 131072)]
 TILES = [
@@ -62,14 +63,14 @@ def main(out_path: str | None) -> None:
         n_bytes = logits.numel() * logits.element_size()
         for tile in TILES:
             launch.tile = default_tile if tile is None else (lambda r, c, tile=tile: tile)
-            _, _, saved, _, _ = launch.forward(logits, target, None, -100, 0.0)
+            _, _, saved, _, _ = launch.forward(logits, target, None, CEOptions())
             fwd = triton.testing.do_bench(
-                functools.partial(launch.forward, logits, target, None, -100, 0.0)
+                functools.partial(launch.forward, logits, target, None, CEOptions())
             )
             bwd = triton.testing.do_bench(
                 functools.partial(
                     launch.backward,
-                    *(grad_loss, None, logits, target, None, saved, -100, 0.0, grad_logits, None),
+                    *(grad_loss, None, logits, target, None, saved, CEOptions(), grad_logits, None),
                 )
             )
             row = {

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from .._backend import parallel_slots
-from .._common import accumulation_dtype
+from .._common import CEOptions, accumulation_dtype
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ..torch_impl.cross_entropy import forward_outputs
 from ._common import tile, tl_dtype
@@ -22,6 +22,25 @@ def _split_fp64(value: float) -> tuple[float, float]:
     return hi, value - hi
 
 
+def option_args(options: CEOptions) -> dict:
+    """``options`` as every CE kernel (plain and fused linear) takes them: the scalars by
+    name, each float as two fp32 halves, and the constexpr flags that compile their use out."""
+    smoothing_hi, smoothing_lo = _split_fp64(options.label_smoothing)
+    scale_hi, scale_lo = _split_fp64(options.logit_scale)
+    softcap_hi, softcap_lo = _split_fp64(options.softcap)
+    return {
+        "ignore_index": options.ignore_index,
+        "label_smoothing_hi": smoothing_hi,
+        "label_smoothing_lo": smoothing_lo,
+        "logit_scale_hi": scale_hi,
+        "logit_scale_lo": scale_lo,
+        "softcap_hi": softcap_hi,
+        "softcap_lo": softcap_lo,
+        "HAS_SMOOTHING": options.label_smoothing > 0.0,
+        "HAS_SOFTCAP": options.softcap > 0.0,
+    }
+
+
 def _target_strides(target: torch.Tensor) -> tuple[int, int, int]:
     """(outer, class, inner) strides: class-index targets are ``(n_outer, n_inner)``."""
     if target.dim() == 3:
@@ -33,15 +52,12 @@ def forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` (see :func:`forward_outputs`) in the
-    accumulation dtype; ``softcap`` 0 means none. See kernels/cross_entropy.py."""
+    accumulation dtype. See kernels/cross_entropy.py."""
     n_outer, n_classes, n_inner = logits.shape
     n_rows = n_outer * n_inner
     prob_target = target.dim() == 3
@@ -66,14 +82,9 @@ def forward(
         saved.stride(0),
         *logits.stride(),
         *_target_strides(target),
-        ignore_index,
-        *_split_fp64(label_smoothing),
-        *_split_fp64(logit_scale),
-        *_split_fp64(softcap),
+        **option_args(options),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob_target,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap > 0.0,
         WITH_STATS=with_stats,
         ACC_DTYPE=tl_dtype(dtype),
         BLOCK_R=block_r,
@@ -90,13 +101,9 @@ def backward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     saved: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     grad_logits: torch.Tensor,
     grad_target: torch.Tensor | None,
-    *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
 ) -> None:
     """Write ``dlogits`` into ``grad_logits`` (which may be ``logits`` itself) and, for
     probability targets, ``dtarget`` into ``grad_target`` when it is given; ``saved`` is the
@@ -134,14 +141,9 @@ def backward(
         *_target_strides(target),
         *grad_logits.stride(),
         *gt.stride(),
-        ignore_index,
-        *_split_fp64(label_smoothing),
-        *_split_fp64(logit_scale),
-        *_split_fp64(softcap),
+        **option_args(options),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob_target,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap > 0.0,
         HAS_GRAD_LSE=grad_lse is not None,
         TARGET_GRAD=grad_target is not None,
         ACC_DTYPE=tl_dtype(saved.dtype),

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._backend import INTERPRET
-from .._common import accumulation_dtype
+from .._common import CEOptions, accumulation_dtype
 from ..kernels.linear_cross_entropy import (
     lce_backward_input_kernel,
     lce_backward_weight_kernel,
@@ -16,7 +16,7 @@ from ..kernels.linear_cross_entropy import (
 )
 from ..torch_impl.cross_entropy import forward_outputs
 from ._common import tl_dtype
-from .cross_entropy import _split_fp64
+from .cross_entropy import option_args
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -60,18 +60,12 @@ def _operands(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    logit_scale: float,
-    softcap: float,
+    options: CEOptions,
 ) -> dict:
     """Arguments shared by the three kernels: operands, sizes, strides, options and constexpr
     flags."""
     prob_target = target.dim() == 2
     n_classes, n_features = linear_weight.shape
-    smoothing_hi, smoothing_lo = _split_fp64(label_smoothing)
-    scale_hi, scale_lo = _split_fp64(logit_scale)
-    softcap_hi, softcap_lo = _split_fp64(softcap)
     return {
         "input_ptr": input,
         "linear_weight_ptr": linear_weight,
@@ -89,19 +83,10 @@ def _operands(
         "bias_stride": linear_bias.stride(0) if linear_bias is not None else 0,
         "target_row_stride": target.stride(0),
         "target_class_stride": target.stride(1) if prob_target else 0,
-        "ignore_index": ignore_index,
-        # fp64 smoothing as two fp32 halves: a float kernel argument arrives as fp32.
-        "label_smoothing_hi": smoothing_hi,
-        "label_smoothing_lo": smoothing_lo,
-        "logit_scale_hi": scale_hi,
-        "logit_scale_lo": scale_lo,
-        "softcap_hi": softcap_hi,
-        "softcap_lo": softcap_lo,
         "HAS_BIAS": linear_bias is not None,
         "HAS_WEIGHT": weight is not None,
         "PROB_TARGET": prob_target,
-        "HAS_SMOOTHING": label_smoothing > 0.0,
-        "HAS_SOFTCAP": softcap > 0.0,
+        **option_args(options),
         **_dot_args(input),
     }
 
@@ -112,11 +97,8 @@ def forward(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``cross_entropy(input @
@@ -144,17 +126,7 @@ def forward(
         argmax_ptr=argmax if with_stats else target,
         saved_stride=saved.stride(0),
         WITH_STATS=with_stats,
-        **_operands(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            weight,
-            ignore_index,
-            label_smoothing,
-            logit_scale,
-            softcap,
-        ),
+        **_operands(input, linear_weight, linear_bias, target, weight, options),
         **tiles,
     )
     return outputs
@@ -169,15 +141,11 @@ def backward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     saved: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     grad_input: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
     grad_target: torch.Tensor | None,
-    *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
 ) -> None:
     """Write the requested gradients (contiguous buffers; ``None`` skips one) from the saved
     per-row ``(m, log_s, U)``; ``grad_loss`` and ``grad_lse`` (optional) are per row, any
@@ -194,17 +162,7 @@ def backward(
         "grad_lse_ptr": grad_lse if grad_lse is not None else grad_loss,
         "grad_lse_stride": grad_lse.stride(0) if grad_lse is not None else 0,
         "HAS_GRAD_LSE": grad_lse is not None,
-        **_operands(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            weight,
-            ignore_index,
-            label_smoothing,
-            logit_scale,
-            softcap,
-        ),
+        **_operands(input, linear_weight, linear_bias, target, weight, options),
         **tiles,
     }
     if (grad_input is not None or grad_target is not None) and n_rows > 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import accumulation_dtype
+from .._common import CEOptions, accumulation_dtype
 from ..torch_impl import cross_entropy as torch_impl
 from ._autograd import forbid_double_backward
 from ._impl import implementation
@@ -38,15 +38,9 @@ def ce_forward(
     ``U = sum_c u_c`` for the backward; entropy and argmax are empty unless ``with_stats``.
     ``softcap`` 0 means none; ``inplace_backward`` makes the backward overwrite ``logits``.
     """
+    options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     return implementation("cross_entropy", use_triton).forward(
-        logits,
-        target,
-        weight,
-        ignore_index,
-        label_smoothing,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        with_stats=with_stats,
+        logits, target, weight, options, with_stats=with_stats
     )
 
 
@@ -81,7 +75,6 @@ def _run_backward(
     target_grad,
 ):
     """Shared body of the two backward ops; returns ``dtarget`` (empty unless wanted)."""
-    ignore_index, label_smoothing, logit_scale, softcap = options
     grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
     implementation("cross_entropy", use_triton).backward(
         grad_loss,
@@ -90,12 +83,9 @@ def _run_backward(
         target,
         weight,
         saved,
-        ignore_index,
-        label_smoothing,
+        options,
         grad_logits,
         grad_target if target_grad else None,
-        logit_scale=logit_scale,
-        softcap=softcap,
     )
     return grad_target
 
@@ -117,7 +107,7 @@ def ce_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogits, dtarget)``; ``dtarget`` is empty unless ``target_grad``."""
     grad_logits = torch.empty_like(logits)
-    options = (ignore_index, label_smoothing, logit_scale, softcap)
+    options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     grad_target = _run_backward(
         grad_loss,
         grad_lse,
@@ -169,7 +159,7 @@ def ce_backward_inplace(
 ) -> torch.Tensor:
     """``ce_backward`` that writes ``dlogits`` over ``logits`` (each element is read before it
     is written); returns ``dtarget`` (empty unless ``target_grad``)."""
-    options = (ignore_index, label_smoothing, logit_scale, softcap)
+    options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     return _run_backward(
         grad_loss,
         grad_lse,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import accumulation_dtype
+from .._common import CEOptions, accumulation_dtype
 from ..torch_impl import cross_entropy as torch_ce
 from ..torch_impl import linear as chunked
 from ._autograd import forbid_double_backward
@@ -94,31 +94,17 @@ def linear_ce_forward(
     ``cross_entropy(input @ linear_weight.T + linear_bias)``; ``target`` is ``(N,)`` class
     indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is automatic; ``fused`` picks the
     Triton kernels that never write logits."""
+    operands = (input, linear_weight, linear_bias, target, weight)
+    options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     if fused:
         return implementation("linear_cross_entropy", True).forward(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            weight,
-            ignore_index,
-            label_smoothing,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            with_stats=with_stats,
+            *operands, options, with_stats=with_stats
         )
     return chunked.cross_entropy(
-        input,
-        linear_weight,
-        linear_bias,
-        target,
-        weight,
-        ignore_index,
-        label_smoothing,
+        *operands,
+        options,
         _rows(chunk_size, input, linear_weight),
         implementation("cross_entropy", use_triton),
-        logit_scale=logit_scale,
-        softcap=softcap,
         with_stats=with_stats,
     )
 
@@ -168,6 +154,7 @@ def linear_ce_backward(
     """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss`` (and optionally ``grad_lse``),
     recomputing the logits; each is empty unless asked for."""
     grad_target = _grad_target(target, target_grad)
+    options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     if fused:
         grad_input, grad_weight, grad_bias, _ = _grad_buffers(
             input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
@@ -181,14 +168,11 @@ def linear_ce_backward(
             target,
             weight,
             saved,
-            ignore_index,
-            label_smoothing,
+            options,
             grad_input if input_grad else None,
             grad_weight if weight_grad else None,
             grad_bias if bias_grad and linear_bias is not None else None,
             grad_target if target_grad else None,
-            logit_scale=logit_scale,
-            softcap=softcap,
         )
         return grad_input, grad_weight, grad_bias, grad_target
     grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
@@ -198,12 +182,9 @@ def linear_ce_backward(
         linear_bias,
         target,
         weight,
-        ignore_index,
-        label_smoothing,
+        options,
         _rows(chunk_size, input, linear_weight),
         implementation("cross_entropy", use_triton),
-        logit_scale=logit_scale,
-        softcap=softcap,
         saved=saved,
         grad_loss=grad_loss,
         grad_lse=grad_lse,
@@ -311,12 +292,9 @@ def linear_ce_scalar(
         linear_bias,
         target,
         weight,
-        ignore_index,
-        label_smoothing,
+        CEOptions(ignore_index, label_smoothing, logit_scale, softcap),
         _rows(chunk_size, input, linear_weight),
         implementation("cross_entropy", use_triton),
-        logit_scale=logit_scale,
-        softcap=softcap,
         grad_loss=scale.to(accumulation_dtype(input.dtype, target.dtype)).expand(n_rows),
         grads=grads,
         grad_target=grad_target if target_grad else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import accumulation_dtype
+from .._common import CEOptions, accumulation_dtype
 from . import CHUNK_ELEMENTS
 
 
@@ -79,15 +79,13 @@ def forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` for ``(n_outer, C, n_inner)`` logits
-    (see :func:`forward_outputs` and kernels/cross_entropy.py); ``softcap`` 0 means none."""
+    (see :func:`forward_outputs` and kernels/cross_entropy.py)."""
+    ignore_index, label_smoothing, logit_scale, softcap = options
     n_outer, n_classes, n_inner = logits.shape
     dtype = accumulation_dtype(logits.dtype, target.dtype)
     prob_target = target.dim() == 3
@@ -150,13 +148,9 @@ def backward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     saved: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     grad_logits: torch.Tensor,
     grad_target: torch.Tensor | None,
-    *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
 ) -> None:
     """Write ``dlogits`` into ``grad_logits`` (which may be ``logits`` itself) and, for
     probability targets, ``dtarget`` into ``grad_target``, chunk by chunk, in place::
@@ -165,6 +159,7 @@ def backward(
 
     then ``dx = dz * logit_scale * (1 - tanh^2)`` (the per-row coefficients carry the scale).
     """
+    ignore_index, label_smoothing, logit_scale, softcap = options
     n_outer, n_classes, n_inner = logits.shape
     dtype = saved.dtype
     prob_target = target.dim() == 3

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from .._common import accumulation_dtype
+from .._common import CEOptions, accumulation_dtype
 from .cross_entropy import forward_outputs
 
 # Default chunk budget, in bytes of the logits buffer (the ``chunk_size=None`` rule). CUDA: large
@@ -155,13 +155,10 @@ def cross_entropy(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
+    options: CEOptions,
     rows_per_chunk: int,
     ce: ModuleType,
     *,
-    logit_scale: float = 1.0,
-    softcap: float = 0.0,
     with_stats: bool = False,
     saved: torch.Tensor | None = None,
     grad_loss: torch.Tensor | None = None,
@@ -173,8 +170,8 @@ def cross_entropy(
     target)`` (as the core ``ce.forward`` returns them), and gradients.
 
     ``input`` ``(N, D)``; ``target`` ``(N,)`` class indices or ``(N, V)`` probabilities; ``ce``
-    is ``fused_ce.launch.cross_entropy`` or ``fused_ce.torch_impl.cross_entropy``;
-    ``logit_scale`` and ``softcap`` (0: none) go to it. Three uses:
+    is ``fused_ce.launch.cross_entropy`` or ``fused_ce.torch_impl.cross_entropy``, which gets
+    ``options``. Three uses:
 
     * ``saved=None, grad_loss=None``: the forward's statistics only;
     * ``saved=None`` with ``grad_loss``: statistics and gradients in one sweep (the scalar-loss
@@ -192,22 +189,13 @@ def cross_entropy(
         dtype = accumulation_dtype(input.dtype, target.dtype)
         outputs = forward_outputs(n_rows, dtype, input.device, with_stats)
         saved = outputs[2]
-    options = {"logit_scale": logit_scale, "softcap": softcap}
     buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
     for rows in _chunks(n_rows, rows_per_chunk):
         logits = _logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
         # (rows, 1) class indices or (rows, V, 1) probabilities: the core's 3-D layout.
         chunk_target = target[rows].unsqueeze(-1)
         if compute_stats:
-            chunk_outputs = ce.forward(
-                logits,
-                chunk_target,
-                weight,
-                ignore_index,
-                label_smoothing,
-                with_stats=with_stats,
-                **options,
-            )
+            chunk_outputs = ce.forward(logits, chunk_target, weight, options, with_stats=with_stats)
             for out, value in zip(outputs, chunk_outputs, strict=True):
                 if out.dim() == 2:
                     out[:, rows] = value
@@ -221,11 +209,9 @@ def cross_entropy(
                 chunk_target,
                 weight,
                 saved[:, rows],
-                ignore_index,
-                label_smoothing,
+                options,
                 logits,  # in place: the chunk buffer becomes dL/dz
                 grad_target[rows].unsqueeze(-1) if grad_target is not None else None,
-                **options,
             )
             grads.add(rows, logits.squeeze(-1))
     return outputs
