@@ -52,6 +52,13 @@ def _check_constant(name: str, tensor: Tensor | None, input: Tensor) -> None:
         raise RuntimeError(f"{name}: expected a tensor on {input.device}, got {tensor.device}")
 
 
+def _check_target(target: Tensor, input: Tensor) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise RuntimeError(f"target: expected a tensor on {input.device}, got {target.device}")
+
+
 def _as_rows(tensor: Tensor, class_dim: int) -> Tensor:
     """``(C)``, ``(N, C)`` or ``(N, C, d1..dK)`` as an ``(n_outer, C, n_inner)`` view (a copy
     only when the spatial dims cannot be merged by a view)."""
@@ -118,6 +125,88 @@ def _check_options(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats: expected a bool, got {return_stats!r}")
     return float(logit_scale), float(softcap) if softcap is not None else 0.0
+
+
+def _check_ce_target(
+    target: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    batch_shape: tuple[int, ...],
+    prob_shape: tuple[int, ...],
+    n_classes: int,
+) -> tuple[float, torch.dtype, Tensor | None]:
+    """The checks :func:`softmax_cross_entropy` and ``linear_cross_entropy`` share after the
+    logits' own: ``label_smoothing``, the class ``weight`` and the ``target``, class indices of
+    ``batch_shape`` (bounds asserted on the device, no host sync) or probabilities of
+    ``prob_shape``. Returns the smoothing as the ops take it, the loss's dtype, and the
+    non-ignored mask of class-index targets (None for probabilities)."""
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
+    # Like torch, a negative (or NaN) smoothing acts as none.
+    eps = float(label_smoothing) if label_smoothing > 0.0 else 0.0
+    _check_constant("weight", weight, input)
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n_classes):
+        raise RuntimeError(
+            f"weight: should be defined either for all {n_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    if target.is_floating_point():
+        if tuple(target.shape) != tuple(prob_shape):
+            raise ValueError(
+                f"target: probability targets must have shape {tuple(prob_shape)} (one per "
+                f"class of each row), got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError(
+                f"ignore_index: not supported for probability (floating point) targets; "
+                f"got {ignore_index}, expected a negative value"
+            )
+        return eps, torch.promote_types(input.dtype, target.dtype), None
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(
+            f"target: expected target dtype to be Long or Byte (class indices) or a "
+            f"floating dtype (probabilities), but got {target.dtype}"
+        )
+    if tuple(target.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"target: expected shape {tuple(batch_shape)} (one class index per row) for input "
+            f"of shape {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    if weight is not None and weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
+        )
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    # A constant message: under torch.compile with dynamic shapes, n_classes and
+    # ignore_index may be SymInts, and formatting them breaks the graph.
+    torch._assert_async(
+        (in_range | ~valid).all(),
+        "target: a class index is out of bounds (expected values in [0, C), C the number of "
+        "classes, or ignore_index)",
+    )
+    return eps, input.dtype, valid
+
+
+def _ce_divisor(
+    reduction: str,
+    valid: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    n_rows: int,
+    dtype: torch.dtype,
+) -> Tensor | int:
+    """What ``'mean'`` divides the summed loss by: torch's rule, the (weighted) count of
+    non-ignored class indices, in the accumulation dtype of ``dtype`` (the input's); the row
+    count for probability targets and the other reductions."""
+    if reduction != "mean" or valid is None:
+        return n_rows
+    acc = accumulation_dtype(dtype)
+    if weight is None:
+        return valid.sum().to(acc)
+    return (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
 
 
 def _finish(
@@ -255,74 +344,23 @@ def softmax_cross_entropy(
     _check_reduction(reduction)
     scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
     _check_floating("input", input)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    _check_target(target, input)
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
-    if target.device != input.device:
-        raise RuntimeError(f"target: expected a tensor on {input.device}, got {target.device}")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
-    # Like torch, a negative (or NaN) smoothing acts as none.
-    eps = float(label_smoothing) if label_smoothing > 0.0 else 0.0
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
-    _check_constant("weight", weight, input)
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n_classes):
-        raise RuntimeError(
-            f"weight: should be defined either for all {n_classes} classes or no classes "
-            f"but got weight tensor of shape: {list(weight.shape)}"
-        )
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    prob_target = target.is_floating_point()
-    if prob_target:
-        if target.shape != input.shape:
-            raise ValueError(
-                f"target: probability targets must have input's shape {tuple(input.shape)}, "
-                f"got {tuple(target.shape)}"
-            )
-        if ignore_index >= 0:
-            raise RuntimeError(
-                f"ignore_index: not supported for probability (floating point) targets; "
-                f"got {ignore_index}, expected a negative value"
-            )
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-    else:
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(
-                f"target: expected target dtype to be Long or Byte (class indices) or a "
-                f"floating dtype (probabilities), but got {target.dtype}"
-            )
-        if target.shape != batch_shape:
-            raise ValueError(
-                f"target: expected shape {tuple(batch_shape)} for input of shape "
-                f"{tuple(input.shape)}, got {tuple(target.shape)}"
-            )
-        if weight is not None and weight.dtype != input.dtype:
-            raise RuntimeError(
-                f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
-            )
-        out_dtype = input.dtype
-
+    eps, out_dtype, valid = _check_ce_target(
+        target, input, weight, ignore_index, label_smoothing, batch_shape, input.shape, n_classes
+    )
+    prob_target = valid is None
     if inplace_backward:
         _check_inplace(input)
 
     # (n_outer, C, n_inner) views: NCHW logits keep their strides, no transposed copy.
     logits = _as_rows(input, class_dim)
     n_outer, _, n_inner = logits.shape
-    if prob_target:
-        rows_target = _as_rows(target, class_dim)
-    else:
-        rows_target = target.reshape(n_outer, n_inner)
-        valid = target != ignore_index
-        in_range = (target >= 0) & (target < n_classes)
-        # A constant message: under torch.compile with dynamic shapes, n_classes and
-        # ignore_index may be SymInts, and formatting them breaks the graph.
-        torch._assert_async(
-            (in_range | ~valid).all(),
-            "target: a class index is out of bounds (expected values in [0, C), C the size of "
-            "input's class dim, or ignore_index)",
-        )
+    rows_target = _as_rows(target, class_dim) if prob_target else target.reshape(n_outer, n_inner)
 
     loss, lse, _, entropy, argmax = ce_forward(
         logits,
@@ -336,21 +374,14 @@ def softmax_cross_entropy(
         bool(inplace_backward),
         use_triton(backend, input),
     )
-    if reduction == "mean" and not prob_target:
-        acc = accumulation_dtype(input.dtype)
-        if weight is None:
-            divisor = valid.sum().to(acc)
-        else:
-            divisor = (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
-    else:
-        divisor = n_outer * n_inner
+    divisor = _ce_divisor(reduction, valid, target, weight, n_outer * n_inner, input.dtype)
     return _finish(
         loss,
         lse,
         entropy,
         argmax,
         batch_shape=batch_shape,
-        valid=None if prob_target else valid,
+        valid=valid,
         target_classes=target.argmax(class_dim) if prob_target and return_stats else target,
         reduction=reduction,
         divisor=divisor,
@@ -396,15 +427,12 @@ def sigmoid_binary_cross_entropy(
     """
     _check_reduction(reduction)
     _check_floating("input", input)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    _check_target(target, input)
     if target.shape != input.shape:
         raise ValueError(
             f"target: Target size ({target.shape}) must be the same as input size ({input.shape})"
         )
     _check_floating("target", target)
-    if target.device != input.device:
-        raise RuntimeError(f"target: expected a tensor on {input.device}, got {target.device}")
     for name, tensor in (("weight", weight), ("pos_weight", pos_weight)):
         _check_constant(name, tensor, input)
         if tensor is not None:

@@ -27,10 +27,13 @@ from ._backend import use_triton
 from ._common import accumulation_dtype
 from .functional import (
     CrossEntropyStats,
+    _ce_divisor,
+    _check_ce_target,
     _check_constant,
     _check_floating,
     _check_options,
     _check_reduction,
+    _check_target,
     _finish,
     _reduce,
 )
@@ -83,13 +86,6 @@ def _check_chunk_size(chunk_size: int | None) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     return chunk_size
-
-
-def _check_target(target: Tensor, input: Tensor) -> None:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
-        raise RuntimeError(f"target: expected a tensor on {input.device}, got {target.device}")
 
 
 def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
@@ -182,54 +178,19 @@ def linear_cross_entropy(
     _check_target(target, input)
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
-    eps = float(label_smoothing) if label_smoothing > 0.0 else 0.0
-    _check_constant("weight", weight, input)
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n_classes):
-        raise RuntimeError(
-            f"weight: should be defined either for all {n_classes} classes or no classes "
-            f"but got weight tensor of shape: {list(weight.shape)}"
-        )
     batch_shape = input.shape[:-1]
-    prob_target = target.is_floating_point()
-    if prob_target:
-        expected = (*batch_shape, n_classes)
-        if tuple(target.shape) != expected:
-            raise ValueError(
-                f"target: probability targets must have shape {expected} (input's leading dims "
-                f"and the {n_classes} classes), got {tuple(target.shape)}"
-            )
-        if ignore_index >= 0:
-            raise RuntimeError(
-                f"ignore_index: not supported for probability (floating point) targets; "
-                f"got {ignore_index}, expected a negative value"
-            )
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        rows_target = target.reshape(-1, n_classes)
-    else:
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(
-                f"target: expected target dtype to be Long or Byte (class indices) or a "
-                f"floating dtype (probabilities), but got {target.dtype}"
-            )
-        if target.shape != batch_shape:
-            raise ValueError(
-                f"target: expected shape {tuple(batch_shape)} (input's leading dims) for input "
-                f"of shape {tuple(input.shape)}, got {tuple(target.shape)}"
-            )
-        if weight is not None and weight.dtype != input.dtype:
-            raise RuntimeError(
-                f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
-            )
-        out_dtype = input.dtype
-        rows_target = target.reshape(-1)
-        valid = rows_target != ignore_index
-        torch._assert_async(
-            (((rows_target >= 0) & (rows_target < n_classes)) | ~valid).all(),
-            f"target: a class index is out of bounds (expected values in [0, {n_classes}) "
-            f"or ignore_index={ignore_index})",
-        )
+    eps, out_dtype, valid = _check_ce_target(
+        target,
+        input,
+        weight,
+        ignore_index,
+        label_smoothing,
+        batch_shape,
+        (*batch_shape, n_classes),
+        n_classes,
+    )
+    prob_target = valid is None
+    rows_target = target.reshape(-1, n_classes) if prob_target else target.reshape(-1)
 
     triton = use_triton(backend, input)
     fused = path == "fused"
@@ -241,13 +202,7 @@ def linear_cross_entropy(
     x = _as_rows(input)
     n_rows = x.shape[0]
     acc = accumulation_dtype(input.dtype, target.dtype)
-    if reduction == "mean" and not prob_target:
-        if weight is None:
-            divisor = valid.sum().to(acc)
-        else:
-            divisor = (weight.to(acc)[torch.where(valid, rows_target, 0).long()] * valid).sum()
-    else:
-        divisor = n_rows
+    divisor = _ce_divisor(reduction, valid, target, weight, n_rows, input.dtype)
 
     wants = _grad_flags(input, linear_weight, linear_bias, target if prob_target else None)
     one_sweep = reduction != "none" and not fused and z_loss == 0.0 and not return_stats
@@ -297,7 +252,7 @@ def linear_cross_entropy(
         entropy,
         argmax,
         batch_shape=batch_shape,
-        valid=None if prob_target else valid.view(batch_shape),
+        valid=valid,
         target_classes=target.argmax(-1) if prob_target and return_stats else target,
         reduction=reduction,
         divisor=divisor,
