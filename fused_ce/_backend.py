@@ -18,8 +18,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
-    """Resolve ``backend`` for a call whose main operand is ``tensor``.
+def resolve(backend: str | None, tensor: torch.Tensor) -> str:
+    """Resolve ``backend`` for a call whose main operand is ``tensor`` to the implementation
+    that runs it: ``"triton"`` or ``"torch"``.
 
     ``None`` reads ``FUSED_CE_BACKEND`` (default ``"auto"``). ``"auto"`` picks Triton for CUDA
     tensors, and for CPU tensors when ``TRITON_INTERPRET=1``; the torch path otherwise.
@@ -29,10 +30,10 @@ def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return False
+        return "torch"
     runnable = tensor.device.type == "cuda" or (INTERPRET and tensor.device.type == "cpu")
     if backend == "auto":
-        return HAS_TRITON and runnable
+        return "triton" if HAS_TRITON and runnable else "torch"
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
     if not runnable:
@@ -40,7 +41,7 @@ def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
             f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
             f"got a tensor on {tensor.device}"
         )
-    return True
+    return "triton"
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._backend import use_triton
+from ._backend import resolve
 from .train import DEFAULT_EPOCHS, LOSSES, OPTIMIZERS, TASKS, TrainConfig, resolve_device
 
 DTYPES = {
@@ -222,7 +222,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.loss != "fused":
             return _fail(command, "argument --backend: applies to --loss fused only")
         try:
-            use_triton(args.backend, torch.empty(0, device=resolve_device(args.device)))
+            resolve(args.backend, torch.empty(0, device=resolve_device(args.device)))
         except RuntimeError as error:
             return _fail(command, f"argument --backend: {error}")
     config = TrainConfig(

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._backend import use_triton
+from ._backend import resolve
 from ._common import accumulation_dtype
 from .ops.bce import bce_forward
 from .ops.cross_entropy import ce_forward
@@ -372,7 +372,7 @@ def softmax_cross_entropy(
         cap,
         return_stats,
         bool(inplace_backward),
-        use_triton(backend, input),
+        resolve(backend, input),
     )
     divisor = _ce_divisor(reduction, valid, target, weight, n_outer * n_inner, input.dtype)
     return _finish(
@@ -448,7 +448,7 @@ def sigmoid_binary_cross_entropy(
                     f"{name}: shape {tuple(tensor.shape)} would enlarge the loss beyond input's "
                     f"shape {tuple(input.shape)} (broadcast shape {tuple(shape)})"
                 )
-    loss = bce_forward(input, target, weight, pos_weight, use_triton(backend, input))
+    loss = bce_forward(input, target, weight, pos_weight, resolve(backend, input))
     return _reduce(loss, reduction, input.numel(), target.dtype)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import use_triton
+from ._backend import resolve
 from ._common import accumulation_dtype
 from .functional import (
     CrossEntropyStats,
@@ -192,12 +192,12 @@ def linear_cross_entropy(
     prob_target = valid is None
     rows_target = target.reshape(-1, n_classes) if prob_target else target.reshape(-1)
 
-    triton = use_triton(backend, input)
+    backend = resolve(backend, input)
     fused = path == "fused"
-    if fused and not triton:
+    if fused and backend != "triton":
         raise RuntimeError(
-            "path: 'fused' runs the Triton kernels, but the backend resolved to 'torch' "
-            f"(backend={backend!r}, input on {input.device}); use path='chunked'"
+            f"path: 'fused' runs the Triton kernels, but the backend resolved to {backend!r} "
+            f"(input on {input.device}); use path='chunked'"
         )
     x = _as_rows(input)
     n_rows = x.shape[0]
@@ -227,7 +227,7 @@ def linear_cross_entropy(
             scale,
             cap,
             rows_per_chunk,
-            triton,
+            backend,
             *wants,
         )
         return loss.to(out_dtype)
@@ -244,7 +244,7 @@ def linear_cross_entropy(
         return_stats,
         rows_per_chunk,
         fused,
-        triton,
+        backend,
     )
     return _finish(
         loss,
@@ -337,7 +337,7 @@ def linear_binary_cross_entropy_with_logits(
             tensor = tensor.expand(logits_shape).reshape(-1, n_classes)
         rows.append(tensor)
 
-    triton = use_triton(backend, input)
+    backend = resolve(backend, input)
     x = _as_rows(input)
     rows_target = target.reshape(-1, n_classes)
     acc = accumulation_dtype(input.dtype, target.dtype)
@@ -354,7 +354,7 @@ def linear_binary_cross_entropy_with_logits(
             *rows,
             scale,
             rows_per_chunk,
-            triton,
+            backend,
             *wants,
         )
         return loss.to(target.dtype)
@@ -365,7 +365,7 @@ def linear_binary_cross_entropy_with_logits(
         rows_target,
         *rows,
         rows_per_chunk,
-        triton,
+        backend,
         reduction != "none",
     )
     if reduction == "none":

@@ -492,7 +492,7 @@ def test_kernel_never_reads_through_a_bad_target(case):
     target = torch.tensor([1, 5, -7, 10**12], device=device)
     weight = positive((5,), 5, device, torch.float64)
     loss, lse, *_ = ce_forward(
-        logits.unsqueeze(-1), target.view(4, 1), weight, -100, 0.1, 1.0, 0.0, False, False, True
+        logits.unsqueeze(-1), target.view(4, 1), weight, -100, 0.1, 1.0, 0.0, False, False, "triton"
     )
     expected = F.cross_entropy(
         logits[:1].detach(), target[:1], weight=weight, reduction="none", label_smoothing=0.1

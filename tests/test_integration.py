@@ -81,16 +81,15 @@ def test_gradcheck_bce(backend_device, reduction):
 def _ce_forward_args(backend, device, kind: str):
     """ce_forward's arguments for (n_outer, C, n_inner) = (2, 5, 6) logits viewed from NHWC
     memory (class stride 1), as the public function passes NCHW input."""
-    use_triton = backend == "triton"
     nhwc = randn((2, 2, 3, 5), 0, device)
     logits = nhwc.permute(0, 3, 1, 2).flatten(2).requires_grad_()
     if kind == "prob":
         target = torch.softmax(randn((2, 6, 5), 1, device), -1).transpose(1, 2).requires_grad_()
-        return (logits, target, None, -100, 0.1, 1.0, 0.0, False, False, use_triton)
+        return (logits, target, None, -100, 0.1, 1.0, 0.0, False, False, backend)
     target = index_target(12, 5, device).view(2, 6)
     weight = positive((5,), 5, device)
     # Every option on for index targets: scale, cap and stats.
-    return (logits, target, weight, -100, 0.1, 0.7, 3.0, True, False, use_triton)
+    return (logits, target, weight, -100, 0.1, 0.7, 3.0, True, False, backend)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
@@ -103,13 +102,13 @@ def test_opcheck_ce_forward(backend_device, kind):
 def test_opcheck_ce_backward(backend_device, kind):
     backend, device = backend_device
     args = _ce_forward_args(backend, device, kind)
-    logits, target, weight, ignore_index, eps, scale, cap, _, _, use_triton = args
+    logits, target, weight, ignore_index, eps, scale, cap, _, _, backend = args
     logits, target = logits.detach(), target.detach()
     saved = ce_ops.ce_forward(logits, target, *args[2:])[2]
     grad_loss = randn((12,), 2, device)
     grad_lse = randn((12,), 3, device)
     args = (grad_loss, grad_lse, logits, target, weight, saved, ignore_index, eps, scale, cap)
-    torch.library.opcheck(ce_ops.ce_backward, (*args, use_triton, kind == "prob"))
+    torch.library.opcheck(ce_ops.ce_backward, (*args, backend, kind == "prob"))
 
 
 def _bce_args(backend, device):
@@ -121,23 +120,23 @@ def _bce_args(backend, device):
         target,
         positive((3, 1), 2, device),
         positive((4,), 3, device),
-        backend == "triton",
+        backend,
     )
 
 
 def test_opcheck_bce_forward(backend_device):
     backend, device = backend_device
-    input, target, weight, pos_weight, use_triton = _bce_args(backend, device)
-    args = (input.requires_grad_(), target.requires_grad_(), weight, pos_weight, use_triton)
+    input, target, weight, pos_weight, backend = _bce_args(backend, device)
+    args = (input.requires_grad_(), target.requires_grad_(), weight, pos_weight, backend)
     torch.library.opcheck(bce_ops.bce_forward, args)
 
 
 @pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)], ids=str)
 def test_opcheck_bce_backward(backend_device, grads):
     backend, device = backend_device
-    input, target, weight, pos_weight, use_triton = _bce_args(backend, device)
+    input, target, weight, pos_weight, backend = _bce_args(backend, device)
     grad = randn(input.shape, 4, device)
-    args = (grad, input, target, weight, pos_weight, use_triton, *grads)
+    args = (grad, input, target, weight, pos_weight, backend, *grads)
     torch.library.opcheck(bce_ops.bce_backward, args)
 
 
@@ -307,14 +306,14 @@ def _assert_modules_agree(mine, reference, input, target):
 # --- backend selection ------------------------------------------------------------------------
 
 
-def _spy_on_implementations(monkeypatch) -> list[bool]:
-    """Record the use_triton flag each custom op receives."""
-    calls: list[bool] = []
+def _spy_on_implementations(monkeypatch) -> list[str]:
+    """Record the resolved backend each custom op receives."""
+    calls: list[str] = []
     for module in (ce_ops, bce_ops):
 
-        def spy(family, use_triton, original=module.implementation):
-            calls.append(use_triton)
-            return original(family, use_triton)
+        def spy(family, backend, original=module.implementation):
+            calls.append(backend)
+            return original(family, backend)
 
         monkeypatch.setattr(module, "implementation", spy)
     return calls
@@ -330,7 +329,7 @@ def test_env_var_selects_the_backend(backend_device, monkeypatch):
     fused_ce.softmax_cross_entropy(logits, index_target(3, 4, device))
     fused_ce.sigmoid_binary_cross_entropy(logits, torch.rand_like(logits))
     fused_ce.softmax_cross_entropy(logits, index_target(3, 4, device), backend="torch")
-    assert calls == [backend == "triton", backend == "triton", False]
+    assert calls == [backend, backend, "torch"]
 
 
 def test_auto_backend(monkeypatch):
@@ -340,15 +339,15 @@ def test_auto_backend(monkeypatch):
     monkeypatch.delenv("FUSED_CE_BACKEND", raising=False)
     monkeypatch.setattr(backend_module, "HAS_TRITON", True)
     monkeypatch.setattr(backend_module, "INTERPRET", True)
-    assert backend_module.use_triton("auto", cpu) is True
-    assert backend_module.use_triton(None, cpu) is True
-    assert backend_module.use_triton("torch", cpu) is False
-    assert backend_module.use_triton("auto", torch.zeros(1, device="meta")) is False
+    assert backend_module.resolve("auto", cpu) == "triton"
+    assert backend_module.resolve(None, cpu) == "triton"
+    assert backend_module.resolve("torch", cpu) == "torch"
+    assert backend_module.resolve("auto", torch.zeros(1, device="meta")) == "torch"
     monkeypatch.setattr(backend_module, "INTERPRET", False)
-    assert backend_module.use_triton("auto", cpu) is False
+    assert backend_module.resolve("auto", cpu) == "torch"
     monkeypatch.setattr(backend_module, "INTERPRET", True)
     monkeypatch.setattr(backend_module, "HAS_TRITON", False)
-    assert backend_module.use_triton("auto", cpu) is False
+    assert backend_module.resolve("auto", cpu) == "torch"
 
 
 def test_auto_uses_triton_on_cpu_under_the_interpreter(monkeypatch):
@@ -358,7 +357,7 @@ def test_auto_uses_triton_on_cpu_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("FUSED_CE_BACKEND", raising=False)
     fused_ce.softmax_cross_entropy(randn((2, 3), 0, "cpu"), torch.tensor([0, 2]))
     expected = backend_module.HAS_TRITON and backend_module.INTERPRET
-    assert calls == [expected]
+    assert calls == ["triton" if expected else "torch"]
 
 
 def test_triton_backend_unavailable_raises(monkeypatch):
@@ -367,7 +366,7 @@ def test_triton_backend_unavailable_raises(monkeypatch):
     cpu = randn((2, 3), 0, "cpu")
     monkeypatch.setattr(backend_module, "INTERPRET", False)
     with pytest.raises(RuntimeError, match=r"backend='triton'.*cpu"):
-        backend_module.use_triton("triton", cpu)
+        backend_module.resolve("triton", cpu)
     with pytest.raises(RuntimeError, match=r"backend='triton'"):
         fused_ce.softmax_cross_entropy(cpu, torch.tensor([0, 1]), backend="triton")
     monkeypatch.setenv("FUSED_CE_BACKEND", "triton")
@@ -375,7 +374,7 @@ def test_triton_backend_unavailable_raises(monkeypatch):
         fused_ce.sigmoid_binary_cross_entropy(cpu, torch.rand_like(cpu))
     monkeypatch.setattr(backend_module, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match=r"backend='triton'.*triton package"):
-        backend_module.use_triton("triton", cpu)
+        backend_module.resolve("triton", cpu)
 
 
 @pytest.mark.parametrize("via", ["argument", "env"])

@@ -509,10 +509,13 @@ def _op_cases(device):
     weight = positive((N_CLASSES,), 5, device)
     bits = torch.rand(10, N_CLASSES, generator=generator(2)).to(device)
     options = (-100, 0.1, 0.7, 3.0)  # ignore_index, label_smoothing, logit_scale, softcap
-    stats = ops.linear_ce_forward(x, w, b, y, weight, *options, True, 3, False, False)
+    stats = ops.linear_ce_forward(x, w, b, y, weight, *options, True, 3, False, "torch")
     return [
-        (ops.linear_ce_forward, (x, w, b, y, weight, *options, True, 3, False, False)),
-        (ops.linear_ce_forward, (x, w, None, t, None, -100, 0.0, 1.0, 0.0, False, 4, False, False)),
+        (ops.linear_ce_forward, (x, w, b, y, weight, *options, True, 3, False, "torch")),
+        (
+            ops.linear_ce_forward,
+            (x, w, None, t, None, -100, 0.0, 1.0, 0.0, False, 4, False, "torch"),
+        ),
         (
             ops.linear_ce_backward,
             (
@@ -527,7 +530,7 @@ def _op_cases(device):
                 *options,
                 3,
                 False,
-                False,
+                "torch",
                 True,
                 True,
                 True,
@@ -536,10 +539,13 @@ def _op_cases(device):
         ),
         (
             ops.linear_ce_scalar,
-            (x, w, b, y, weight, scale, *options, 3, False, True, True, True, False),
+            (x, w, b, y, weight, scale, *options, 3, "torch", True, True, True, False),
         ),
-        (ops.linear_bce_forward, (x, w, b, bits, None, weight.expand(10, -1), 3, False, True)),
-        (ops.linear_bce_forward, (x, w, None, bits, weight.expand(10, -1), None, 3, False, False)),
+        (ops.linear_bce_forward, (x, w, b, bits, None, weight.expand(10, -1), 3, "torch", True)),
+        (
+            ops.linear_bce_forward,
+            (x, w, None, bits, weight.expand(10, -1), None, 3, "torch", False),
+        ),
         (
             ops.linear_bce_backward,
             (
@@ -551,7 +557,7 @@ def _op_cases(device):
                 None,
                 None,
                 3,
-                False,
+                "torch",
                 True,
                 True,
                 True,
@@ -560,7 +566,7 @@ def _op_cases(device):
         ),
         (
             ops.linear_bce_scalar,
-            (x, w, b, bits, None, None, scale, 3, False, True, True, True, True),
+            (x, w, b, bits, None, None, scale, 3, "torch", True, True, True, True),
         ),
     ]
 

@@ -388,13 +388,12 @@ def test_inplace_backward_refuses_leaves_and_double_backward(backend_device):
 def test_opcheck_inplace_backward_op(backend_device):
     """The mutating backward op is declared as such (opcheck's schema and fake-tensor tests)."""
     backend, device = backend_device
-    use_triton = backend == "triton"
     logits = randn((4, 5), 0, device).unsqueeze(-1)
     target = make_target((4, 5), "index", device, ignore_index=-100).view(4, 1)
     options = (-100, 0.1, 0.7, 3.0)  # ignore_index, label_smoothing, logit_scale, softcap
-    saved = ce_ops.ce_forward(logits, target, None, *options, False, True, use_triton)[2]
+    saved = ce_ops.ce_forward(logits, target, None, *options, False, True, backend)[2]
     grads = (randn((4,), 1, device), randn((4,), 2, device))
-    args = (*grads, logits, target, None, saved, *options, use_triton, False)
+    args = (*grads, logits, target, None, saved, *options, backend, False)
     torch.library.opcheck(ce_ops.ce_backward_inplace, args)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# Resolved backend -> the package whose modules expose each family's functions under the same
+# names: the Triton launchers, the plain-PyTorch reference path.
+_PACKAGES = {"triton": "launch", "torch": "torch_impl"}
 
-def implementation(family: str, use_triton: bool) -> ModuleType:
-    """``fused_ce.launch.<family>`` (the Triton launchers) or ``fused_ce.torch_impl.<family>``
-    (the plain-PyTorch path), which expose the same functions. The launchers are imported on
-    first use, so ``import fused_ce`` neither needs Triton nor compiles anything."""
-    package = "launch" if use_triton else "torch_impl"
-    return importlib.import_module(f"fused_ce.{package}.{family}")
+
+def implementation(family: str, backend: str) -> ModuleType:
+    """``fused_ce.<package>.<family>`` for a resolved ``backend`` (see ``_backend.resolve``).
+    The modules are imported on first use, so ``import fused_ce`` neither needs Triton nor
+    compiles anything."""
+    return importlib.import_module(f"fused_ce.{_PACKAGES[backend]}.{family}")

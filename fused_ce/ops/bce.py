@@ -15,16 +15,16 @@ def bce_forward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
-    use_triton: bool,
+    backend: str,
 ) -> torch.Tensor:
     """Elementwise loss, contiguous, of ``input``'s shape and ``target``'s dtype (as torch)."""
     loss = torch.empty(input.shape, dtype=target.dtype, device=input.device)
-    implementation("bce", use_triton).run(input, target, weight, pos_weight, None, loss, None, None)
+    implementation("bce", backend).run(input, target, weight, pos_weight, None, loss, None, None)
     return loss
 
 
 @bce_forward.register_fake
-def _(input, target, weight, pos_weight, use_triton):
+def _(input, target, weight, pos_weight, backend):
     return torch.empty(input.shape, dtype=target.dtype, device=input.device)
 
 
@@ -35,13 +35,13 @@ def bce_backward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
-    use_triton: bool,
+    backend: str,
     input_grad: bool,
     target_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dinput, dtarget)``, contiguous; each is empty unless asked for."""
     grad_input, grad_target = _grad_buffers(input, target, input_grad, target_grad)
-    implementation("bce", use_triton).run(
+    implementation("bce", backend).run(
         input,
         target,
         weight,
@@ -63,21 +63,21 @@ def _grad_buffers(input, target, input_grad, target_grad):
 
 
 @bce_backward.register_fake
-def _(grad, input, target, weight, pos_weight, use_triton, input_grad, target_grad):
+def _(grad, input, target, weight, pos_weight, backend, input_grad, target_grad):
     return _grad_buffers(input, target, input_grad, target_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, weight, pos_weight, use_triton = inputs
+    input, target, weight, pos_weight, backend = inputs
     ctx.save_for_backward(input, target, weight, pos_weight)
-    ctx.use_triton = use_triton
+    ctx.backend = backend
 
 
 def _backward(ctx, grad):
     input, target, weight, pos_weight = ctx.saved_tensors
     input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_input, grad_target = bce_backward(
-        grad, input, target, weight, pos_weight, ctx.use_triton, input_grad, target_grad
+        grad, input, target, weight, pos_weight, ctx.backend, input_grad, target_grad
     )
     return (
         grad_input if input_grad else None,

@@ -29,7 +29,7 @@ def ce_forward(
     softcap: float,
     with_stats: bool,
     inplace_backward: bool,
-    use_triton: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``(n_outer, C, n_inner)`` logits.
 
@@ -39,7 +39,7 @@ def ce_forward(
     ``softcap`` 0 means none; ``inplace_backward`` makes the backward overwrite ``logits``.
     """
     options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
-    return implementation("cross_entropy", use_triton).forward(
+    return implementation("cross_entropy", backend).forward(
         logits, target, weight, options, with_stats=with_stats
     )
 
@@ -55,7 +55,7 @@ def _(
     softcap,
     with_stats,
     inplace_backward,
-    use_triton,
+    backend,
 ):
     n_rows = logits.shape[0] * logits.shape[2]
     dtype = accumulation_dtype(logits.dtype, target.dtype)
@@ -70,13 +70,13 @@ def _run_backward(
     weight,
     saved,
     options,
-    use_triton,
+    backend,
     grad_logits,
     target_grad,
 ):
     """Shared body of the two backward ops; returns ``dtarget`` (empty unless wanted)."""
     grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
-    implementation("cross_entropy", use_triton).backward(
+    implementation("cross_entropy", backend).backward(
         grad_loss,
         grad_lse,
         logits,
@@ -102,7 +102,7 @@ def ce_backward(
     label_smoothing: float,
     logit_scale: float,
     softcap: float,
-    use_triton: bool,
+    backend: str,
     target_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogits, dtarget)``; ``dtarget`` is empty unless ``target_grad``."""
@@ -116,7 +116,7 @@ def ce_backward(
         weight,
         saved,
         options,
-        use_triton,
+        backend,
         grad_logits,
         target_grad,
     )
@@ -135,7 +135,7 @@ def _(
     label_smoothing,
     logit_scale,
     softcap,
-    use_triton,
+    backend,
     target_grad,
 ):
     grad_target = torch.empty_like(target) if target_grad else target.new_empty(0)
@@ -154,7 +154,7 @@ def ce_backward_inplace(
     label_smoothing: float,
     logit_scale: float,
     softcap: float,
-    use_triton: bool,
+    backend: str,
     target_grad: bool,
 ) -> torch.Tensor:
     """``ce_backward`` that writes ``dlogits`` over ``logits`` (each element is read before it
@@ -168,7 +168,7 @@ def ce_backward_inplace(
         weight,
         saved,
         options,
-        use_triton,
+        backend,
         logits,
         target_grad,
     )
@@ -186,7 +186,7 @@ def _(
     label_smoothing,
     logit_scale,
     softcap,
-    use_triton,
+    backend,
     target_grad,
 ):
     return torch.empty_like(target) if target_grad else target.new_empty(0)
@@ -200,7 +200,7 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs (lse) then arrive as None, not as zero tensors to read.
     ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, label_smoothing, logit_scale, softcap)
-    ctx.inplace_backward, ctx.use_triton = inputs[8:]
+    ctx.inplace_backward, ctx.backend = inputs[8:]
 
 
 def _backward(ctx, grad_loss, grad_lse, *unused):
@@ -209,7 +209,7 @@ def _backward(ctx, grad_loss, grad_lse, *unused):
     target_grad = target.dim() == 3 and ctx.needs_input_grad[1]
     if grad_loss is None:
         grad_loss = saved.new_zeros(saved.shape[1])
-    args = (grad_loss, grad_lse, logits, target, weight, saved, *ctx.options, ctx.use_triton)
+    args = (grad_loss, grad_lse, logits, target, weight, saved, *ctx.options, ctx.backend)
     if ctx.inplace_backward:
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient is wanted
             raise RuntimeError(

@@ -88,7 +88,7 @@ def linear_ce_forward(
     with_stats: bool,
     chunk_size: int,
     fused: bool,
-    use_triton: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` (see ``fused_ce::ce_forward``) of
     ``cross_entropy(input @ linear_weight.T + linear_bias)``; ``target`` is ``(N,)`` class
@@ -97,14 +97,14 @@ def linear_ce_forward(
     operands = (input, linear_weight, linear_bias, target, weight)
     options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     if fused:
-        return implementation("linear_cross_entropy", True).forward(
+        return implementation("linear_cross_entropy", "triton").forward(
             *operands, options, with_stats=with_stats
         )
     return chunked.cross_entropy(
         *operands,
         options,
         _rows(chunk_size, input, linear_weight),
-        implementation("cross_entropy", use_triton),
+        implementation("cross_entropy", backend),
         with_stats=with_stats,
     )
 
@@ -123,7 +123,7 @@ def _(
     with_stats,
     chunk_size,
     fused,
-    use_triton,
+    backend,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
     return torch_ce.forward_outputs(input.shape[0], dtype, input.device, with_stats)
@@ -145,7 +145,7 @@ def linear_ce_backward(
     softcap: float,
     chunk_size: int,
     fused: bool,
-    use_triton: bool,
+    backend: str,
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -159,7 +159,7 @@ def linear_ce_backward(
         grad_input, grad_weight, grad_bias, _ = _grad_buffers(
             input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, False
         )
-        implementation("linear_cross_entropy", True).backward(
+        implementation("linear_cross_entropy", "triton").backward(
             grad_loss,
             grad_lse,
             input,
@@ -184,7 +184,7 @@ def linear_ce_backward(
         weight,
         options,
         _rows(chunk_size, input, linear_weight),
-        implementation("cross_entropy", use_triton),
+        implementation("cross_entropy", backend),
         saved=saved,
         grad_loss=grad_loss,
         grad_lse=grad_lse,
@@ -210,7 +210,7 @@ def _(
     softcap,
     chunk_size,
     fused,
-    use_triton,
+    backend,
     input_grad,
     weight_grad,
     bias_grad,
@@ -227,7 +227,7 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, saved)
     ctx.mark_non_differentiable(saved, entropy)
     ctx.set_materialize_grads(False)
-    # ignore_index, label_smoothing, logit_scale, softcap; then chunk_size, fused, use_triton
+    # ignore_index, label_smoothing, logit_scale, softcap; then chunk_size, fused, backend
     ctx.options = inputs[5:9]
     ctx.path = inputs[10:]
 
@@ -275,7 +275,7 @@ def linear_ce_scalar(
     logit_scale: float,
     softcap: float,
     chunk_size: int,
-    use_triton: bool,
+    backend: str,
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -294,7 +294,7 @@ def linear_ce_scalar(
         weight,
         CEOptions(ignore_index, label_smoothing, logit_scale, softcap),
         _rows(chunk_size, input, linear_weight),
-        implementation("cross_entropy", use_triton),
+        implementation("cross_entropy", backend),
         grad_loss=scale.to(accumulation_dtype(input.dtype, target.dtype)).expand(n_rows),
         grads=grads,
         grad_target=grad_target if target_grad else None,
@@ -315,7 +315,7 @@ def _(
     logit_scale,
     softcap,
     chunk_size,
-    use_triton,
+    backend,
     input_grad,
     weight_grad,
     bias_grad,
@@ -349,7 +349,7 @@ def linear_bce_forward(
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
     chunk_size: int,
-    use_triton: bool,
+    backend: str,
     row_sums: bool,
 ) -> torch.Tensor:
     """The ``(N, C)`` elementwise loss (``target``'s dtype) of ``binary_cross_entropy_with_
@@ -365,7 +365,7 @@ def linear_bce_forward(
         weight,
         pos_weight,
         _rows(chunk_size, input, linear_weight),
-        implementation("bce", use_triton),
+        implementation("bce", backend),
         loss=loss,
     )
     return loss
@@ -378,9 +378,7 @@ def _bce_loss_buffer(input, linear_weight, target, row_sums):
 
 
 @linear_bce_forward.register_fake
-def _(
-    input, linear_weight, linear_bias, target, weight, pos_weight, chunk_size, use_triton, row_sums
-):
+def _(input, linear_weight, linear_bias, target, weight, pos_weight, chunk_size, backend, row_sums):
     return _bce_loss_buffer(input, linear_weight, target, row_sums)
 
 
@@ -394,7 +392,7 @@ def linear_bce_backward(
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
     chunk_size: int,
-    use_triton: bool,
+    backend: str,
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -414,7 +412,7 @@ def linear_bce_backward(
         weight,
         pos_weight,
         _rows(chunk_size, input, linear_weight),
-        implementation("bce", use_triton),
+        implementation("bce", backend),
         grad=grad,
         grads=grads,
         grad_target=grad_target if target_grad else None,
@@ -432,7 +430,7 @@ def _(
     weight,
     pos_weight,
     chunk_size,
-    use_triton,
+    backend,
     input_grad,
     weight_grad,
     bias_grad,
@@ -446,7 +444,7 @@ def _(
 def _bce_setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, weight, pos_weight = inputs[:6]
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, pos_weight)
-    ctx.options = inputs[6:8]  # chunk_size, use_triton
+    ctx.options = inputs[6:8]  # chunk_size, backend
 
 
 def _bce_backward(ctx, grad):
@@ -482,7 +480,7 @@ def linear_bce_scalar(
     pos_weight: torch.Tensor | None,
     scale: torch.Tensor,
     chunk_size: int,
-    use_triton: bool,
+    backend: str,
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -500,7 +498,7 @@ def linear_bce_scalar(
         weight,
         pos_weight,
         _rows(chunk_size, input, linear_weight),
-        implementation("bce", use_triton),
+        implementation("bce", backend),
         loss=loss,
         grad=scale.to(loss.dtype).expand(target.shape),
         grads=grads,
@@ -519,7 +517,7 @@ def _(
     pos_weight,
     scale,
     chunk_size,
-    use_triton,
+    backend,
     input_grad,
     weight_grad,
     bias_grad,
