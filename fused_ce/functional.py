@@ -258,21 +258,46 @@ def _finish(
     )
 
 
+def _may_overlap(tensor: Tensor) -> bool:
+    """Whether two indices of ``tensor`` may address the same memory (metadata only, no sync).
+
+    A sufficient test for no overlap: with the dims sorted by stride, each stride must step
+    over everything the smaller strides reach. It answers every layout that
+    ``torch._debug_has_internal_overlap`` settles (a stride of 0: overlap; dense: none) and the
+    strided ones it calls "too hard" (``unfold`` windows overlap, ``x[:, ::2]`` does not),
+    and, unlike that function, torch.compile traces it."""
+    reach = 0
+    for stride, size in sorted(zip(tensor.stride(), tensor.shape, strict=True)):
+        if size <= 1:
+            continue
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def _check_inplace(input: Tensor) -> None:
     """``inplace_backward`` writes the gradient over ``input``: refuse where that cannot be
-    right (a leaf's ``.grad`` would share its memory; overlapping memory would race)."""
+    right (a leaf's ``.grad`` would share its memory, also through a view of the leaf;
+    overlapping memory would make the writes race)."""
     if input.is_leaf and input.requires_grad:
         raise RuntimeError(
             "inplace_backward: input is a leaf tensor that requires grad, so its .grad would "
             "share memory with it; pass logits computed from parameters (e.g. a matmul's "
             "output), or inplace_backward=False"
         )
-    if any(
-        stride == 0 and size > 1 for stride, size in zip(input.stride(), input.shape, strict=True)
-    ):
+    base = input._base
+    if base is not None and base.is_leaf and base.requires_grad:
         raise RuntimeError(
-            "inplace_backward: input has overlapping memory (a stride of 0, e.g. from "
-            "expand()); the gradient cannot be written over it"
+            "inplace_backward: input is a view of a leaf tensor that requires grad (e.g. p.t() "
+            "of a parameter p): the gradient would overwrite that leaf's data; pass logits "
+            "computed from parameters (e.g. a matmul's output), or inplace_backward=False"
+        )
+    if _may_overlap(input):
+        raise RuntimeError(
+            "inplace_backward: input has overlapping memory (e.g. a stride of 0 from expand(), "
+            "or windows from unfold()); the gradient cannot be written over it; pass "
+            "input.contiguous(), or inplace_backward=False"
         )
 
 

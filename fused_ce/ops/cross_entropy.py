@@ -210,7 +210,8 @@ def _backward(ctx, grad_loss, grad_lse, *unused):
     if grad_loss is None:
         grad_loss = saved.new_zeros(saved.shape[1])
     args = (grad_loss, grad_lse, logits, target, weight, saved, *ctx.options, ctx.backend)
-    if ctx.inplace_backward:
+    # Logits that need no gradient (only a probability target does) keep their values.
+    if ctx.inplace_backward and ctx.needs_input_grad[0]:
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient is wanted
             raise RuntimeError(
                 "fused_ce: double backward through softmax_cross_entropy is not supported, and "

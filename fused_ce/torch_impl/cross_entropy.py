@@ -102,7 +102,9 @@ def forward(
         # Relative to the row max, as in the kernel: lse - x from an already rounded lse loses
         # |x| * eps (5e-4 at |x| = 1e4 in fp32); (lse - m) - (x - m) keeps it.
         m = z.amax(1) if n_classes else z.new_zeros(z.shape[0])
-        m = torch.where(torch.isfinite(m), m, 0.0)
+        # An all -inf row shifts by 0 (as the kernel's reference); a +inf (or NaN) max stays,
+        # so that row's loss and gradient are NaN, as torch's.
+        m = torch.where(m == float("-inf"), 0.0, m)
         z.sub_(m[:, None])
         e = z.exp()
         s = e.sum(1)
@@ -168,6 +170,11 @@ def backward(
     for start, stop in _chunks(n_outer, n_classes * n_inner):
         rows = slice(start * n_inner, stop * n_inner)
         chunk, out = logits[start:stop], grad_logits[start:stop]
+        if prob_target:
+            # Copied first: with an in-place backward the target may share the logits' memory.
+            u = _smoothed_target_(
+                _copy_rows(target[start:stop], dtype), w, label_smoothing, n_classes
+            )
         direct = _rows_view(out) if out.dtype == dtype else None
         if direct is None:
             buf = _copy_rows(chunk, dtype)
@@ -209,9 +216,6 @@ def backward(
             coef_p = coef_p + logit_scale * grad_lse[rows].to(dtype)
         grad = p.mul_(coef_p[:, None])
         if prob_target:
-            u = _smoothed_target_(
-                _copy_rows(target[start:stop], dtype), w, label_smoothing, n_classes
-            )
             grad.addcmul_(u, coef_u[:, None], value=-1.0)
         else:
             grad.scatter_add_(1, y_safe[:, None], -coef_y[:, None])

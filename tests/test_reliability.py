@@ -1,0 +1,134 @@
+"""Regression tests for the wrong results an audit found (issue 12): each case is held against
+PyTorch (float64 oracle) on every (backend, device) pair, or must be refused with a clear error
+where torch has no equivalent. Shapes are tiny: the Triton kernels run through the interpreter
+on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _reference import REDUCTIONS, check, positive, randn
+
+import fused_ce
+
+INF = float("inf")
+NAN = float("nan")
+
+
+def linear_ce_reference(input, linear_weight, target, **kwargs):
+    return F.cross_entropy(F.linear(input, linear_weight), target, **kwargs)
+
+
+def linear_ce(input, linear_weight, target, **kwargs):
+    return fused_ce.linear_cross_entropy(input, linear_weight, target, **kwargs)
+
+
+# --- 1. a +inf logit: NaN loss and NaN gradient for its row, as torch ------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("target_class", [0, 2], ids=["other-class", "inf-class"])
+def test_positive_inf_logit(backend_device, reduction, target_class):
+    backend, device = backend_device
+    logits = randn((4, 5), 0, device)
+    logits[1, 2] = INF
+    target = torch.tensor([3, target_class, 0, -100], device=device)
+    ours = check(
+        fused_ce.softmax_cross_entropy,
+        F.cross_entropy,
+        (logits, target),
+        dict(reduction=reduction),
+        (0,),
+        backend,
+    )
+    assert ours.grads[0][1].isnan().all()
+
+
+def test_positive_inf_logit_linear(backend_device):
+    """What fp16 logits that overflow look like on the chunked linear path: a feature of +inf
+    makes a row of +inf and -inf logits, and the target is a -inf class (torch: NaN, not
+    inf)."""
+    backend, device = backend_device
+    features = randn((4, 3), 0, device)
+    features[2, 1] = INF
+    head = positive((5, 3), 1, device)
+    head[1::2, 1] *= -1.0
+    target = torch.tensor([1, 4, 1, 2], device=device)
+    ours = check(
+        linear_ce,
+        linear_ce_reference,
+        (features, head, target),
+        dict(reduction="none"),
+        (0, 1),
+        backend,
+    )
+    assert ours.loss[2].isnan() and ours.loss[[0, 1, 3]].isfinite().all()
+
+
+# --- 2-4. inplace_backward only where the overwrite is sound ------------------------------------
+
+
+def test_inplace_backward_refuses_a_view_of_a_leaf(backend_device):
+    """``p.t()`` is not a leaf, but its memory is the parameter's: the gradient written over it
+    would replace the parameter's values."""
+    backend, device = backend_device
+    parameter = randn((7, 6), 0, device).requires_grad_()
+    target = torch.arange(6, device=device) % 7
+    with pytest.raises(RuntimeError, match="inplace_backward: input is a view of a leaf"):
+        fused_ce.softmax_cross_entropy(
+            parameter.t(), target, inplace_backward=True, backend=backend
+        )
+
+
+def test_inplace_backward_keeps_logits_that_need_no_gradient(backend_device):
+    """Only the probability target wants a gradient: the logits are not the in-place output."""
+    backend, device = backend_device
+    logits = randn((4, 5), 0, device)
+    target = torch.softmax(randn((4, 5), 1, device), 1).requires_grad_()
+    before = logits.clone()
+    loss = fused_ce.softmax_cross_entropy(
+        logits, target, reduction="sum", inplace_backward=True, backend=backend
+    )
+    (grad_target,) = torch.autograd.grad(loss, target)
+    assert torch.equal(logits, before)
+    expected_target = target.detach().double().requires_grad_()
+    expected = F.cross_entropy(logits.double(), expected_target, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, expected_target)
+    torch.testing.assert_close(grad_target.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_backward_refuses_self_overlapping_logits(backend_device):
+    """unfold() windows share memory: a gradient written over them would race (it was off by
+    up to 635); a stride-0 broadcast likewise."""
+    backend, device = backend_device
+    base = randn((10, 3), 0, device).requires_grad_()
+    windows = (base * 1).unfold(0, 5, 1)  # (6, 3, 5): C = 3, five positions per window
+    target = torch.zeros(6, 5, dtype=torch.long, device=device)
+    with pytest.raises(RuntimeError, match="inplace_backward: input has overlapping memory"):
+        fused_ce.softmax_cross_entropy(windows, target, inplace_backward=True, backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_inplace_backward_on_strided_logits(backend_device, kind):
+    """A strided slice does not overlap itself (the overlap test must not refuse it), and a
+    probability target that shares the logits' memory is read before it is overwritten."""
+    backend, device = backend_device
+    hidden = randn((4, 3), 0, device)
+    head = randn((10, 3), 1, device).requires_grad_()
+    logits = (hidden @ head.t())[:, ::2]  # (4, 5), strides (10, 2)
+    # A probability target in the logits' own memory (an entropy-like loss).
+    index = torch.tensor([0, 4, 2, 1], device=device)
+    target = index if kind == "index" else logits.detach()
+    expected_target = target.clone()
+    loss = fused_ce.softmax_cross_entropy(
+        logits, target, reduction="sum", inplace_backward=True, backend=backend
+    )
+    (grad_head,) = torch.autograd.grad(loss, head)
+    expected_head = head.detach().double().requires_grad_()
+    expected_logits = (hidden.double() @ expected_head.t())[:, ::2]
+    if kind == "prob":
+        expected_target = expected_target.double()
+    expected = F.cross_entropy(expected_logits, expected_target, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, expected_head)
+    torch.testing.assert_close(grad_head.double(), expected_grad, rtol=1e-5, atol=1e-5)
