@@ -178,7 +178,8 @@ def _check_ce_target(
         raise RuntimeError(
             f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
         )
-    valid = target != ignore_index
+    # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
+    valid = target.long() != ignore_index
     in_range = (target >= 0) & (target < n_classes)
     # A constant message: under torch.compile with dynamic shapes, n_classes and
     # ignore_index may be SymInts, and formatting them breaks the graph.

@@ -132,3 +132,60 @@ def test_inplace_backward_on_strided_logits(backend_device, kind):
     expected = F.cross_entropy(expected_logits, expected_target, reduction="sum")
     (expected_grad,) = torch.autograd.grad(expected, expected_head)
     torch.testing.assert_close(grad_head.double(), expected_grad, rtol=1e-5, atol=1e-5)
+
+
+# --- 5. uint8 targets: ignore_index compared as int64, never wrapped to 156 ---------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_uint8_target_with_default_ignore_index(backend_device, reduction):
+    """-100 as uint8 is 156: class 156 must count as a class ('mean' divides by 3, not 2), for
+    the z-loss mask and the accuracy too."""
+    backend, device = backend_device
+    logits = randn((3, 200), 0, device)
+    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    check(
+        fused_ce.softmax_cross_entropy,
+        lambda x, y, **kw: F.cross_entropy(x, y.long(), **kw),
+        (logits, target),
+        dict(reduction=reduction),
+        (0,),
+        backend,
+    )
+    stats = fused_ce.softmax_cross_entropy(
+        logits, target, z_loss=0.5, reduction=reduction, return_stats=True, backend=backend
+    )
+    lse = torch.logsumexp(logits.double(), 1)
+    expected_z = 0.5 * lse.square()
+    expected_z = {"none": expected_z, "sum": expected_z.sum(), "mean": expected_z.mean()}
+    torch.testing.assert_close(stats.z_loss.double(), expected_z[reduction], rtol=1e-5, atol=0)
+    expected_accuracy = (logits.argmax(1) == target.long()).double().mean()
+    torch.testing.assert_close(stats.accuracy.double(), expected_accuracy)
+
+
+@pytest.mark.parametrize("entry", ["softmax", "linear"])
+def test_uint8_target_out_of_range_is_refused(backend_device, entry):
+    """156 with C = 100 is out of range (it is not ignore_index -100): a clear error on every
+    backend, never a silently ignored row or a bare gather error."""
+    backend, device = backend_device
+    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    with pytest.raises(RuntimeError, match="target: a class index is out of bounds"):
+        if entry == "softmax":
+            fused_ce.softmax_cross_entropy(randn((3, 100), 0, device), target, backend=backend)
+        else:
+            features, head = randn((3, 4), 0, device), randn((100, 4), 1, device)
+            fused_ce.linear_cross_entropy(features, head, target, backend=backend)
+
+
+def test_uint8_target_linear(backend_device):
+    backend, device = backend_device
+    features, head = randn((3, 4), 0, device), randn((200, 4), 1, device)
+    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    check(
+        linear_ce,
+        lambda x, w, y, **kw: linear_ce_reference(x, w, y.long(), **kw),
+        (features, head, target),
+        dict(reduction="mean"),
+        (0, 1),
+        backend,
+    )
