@@ -5,6 +5,8 @@ on CPU."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,5 +189,71 @@ def test_uint8_target_linear(backend_device):
         (features, head, target),
         dict(reduction="mean"),
         (0, 1),
+        backend,
+    )
+
+
+# --- 6. NaN logits (and NaN features of the linear heads) propagate through softcap ------------
+
+
+def capped_ce_reference(input, target, *, softcap, **kwargs):
+    return F.cross_entropy(softcap * torch.tanh(input / softcap), target, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_softcap_propagates_nan(backend_device, kind):
+    backend, device = backend_device
+    logits = randn((3, 5), 0, device, scale=3.0)
+    logits[1, 2] = NAN
+    if kind == "index":
+        target = torch.tensor([0, 1, 4], device=device)
+    else:
+        target = torch.softmax(randn((3, 5), 1, device), 1)
+    ours = check(
+        fused_ce.softmax_cross_entropy,
+        capped_ce_reference,
+        (logits, target),
+        dict(softcap=2.0, reduction="none"),
+        (0, 1) if kind == "prob" else (0,),
+        backend,
+    )
+    assert ours.loss[1].isnan() and ours.grads[0][1].isnan().all()
+
+
+def linear_paths(backend: str) -> list[str]:
+    """The fused path runs the Triton kernels only."""
+    return ["chunked", "fused"] if backend == "triton" else ["chunked"]
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_linear_heads_propagate_nan_features(backend_device, softcap):
+    backend, device = backend_device
+    features, head = randn((3, 4), 0, device), randn((6, 4), 1, device)
+    features[1, 2] = NAN
+    target = torch.tensor([0, 1, 5], device=device)
+
+    def reference(x, w, y, **kwargs):
+        logits = F.linear(x, w)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, y, **kwargs)
+
+    for path in linear_paths(backend):
+        ours = check(
+            functools.partial(linear_ce, softcap=softcap, path=path),
+            reference,
+            (features, head, target),
+            dict(reduction="none"),
+            (0, 1),
+            backend,
+        )
+        assert ours.loss[1].isnan() and ours.loss[[0, 2]].isfinite().all(), path
+    bce_target = torch.rand((3, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    check(
+        fused_ce.linear_binary_cross_entropy_with_logits,
+        lambda x, w, t, **kw: F.binary_cross_entropy_with_logits(F.linear(x, w), t, **kw),
+        (features, head, bce_target),
+        dict(reduction="none"),
+        (0, 1, 2),
         backend,
     )

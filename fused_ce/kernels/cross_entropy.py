@@ -65,8 +65,10 @@ def _tanh_and_slope(a):
     ``tanh|a| = -expm1(-2|a|) / (2 + expm1(-2|a|))``, with expm1 by Kahan's ``(w - 1) * u /
     log(w)`` so small ``|a|`` keeps full relative precision, and the slope as ``4w / (1 + w)^2``
     (no cancellation near ``|tanh| = 1``). ``|a|`` is clamped at 40, where both are exact to
-    rounding in fp32 and fp64 and ``w`` is still a normal number."""
-    u = -2.0 * tl.minimum(tl.abs(a), 40.0)
+    rounding in fp32 and fp64 and ``w`` is still a normal number; by a select, not
+    ``tl.minimum``, which drops a NaN (both results must be NaN then, as torch's)."""
+    magnitude = tl.abs(a)
+    u = -2.0 * tl.where(magnitude > 40.0, 40.0, magnitude)
     w = tl.exp(u)
     expm1 = tl.where(w == 1.0, u, (w - 1.0) * u / tl.log(w))
     magnitude = -expm1 / (2.0 + expm1)
