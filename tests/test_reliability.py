@@ -257,3 +257,31 @@ def test_linear_heads_propagate_nan_features(backend_device, softcap):
         (0, 1, 2),
         backend,
     )
+
+
+# --- 7. BCE d loss / d target at x = -inf: +inf as torch, with and without pos_weight ----------
+
+SPECIAL_LOGITS = [-INF, -1e4, -3.0, -0.0, 0.0, 2.0, 1e4, INF, NAN]
+
+
+@pytest.mark.parametrize("pos_weight", [None, 0.5, 2.0, "per-class"])
+@pytest.mark.parametrize("with_weight", [False, True], ids=["unweighted", "weighted"])
+def test_bce_special_logits(backend_device, pos_weight, with_weight):
+    """Every output at infinite, huge, signed-zero and NaN logits, for targets 0, 0.3 and 1."""
+    backend, device = backend_device
+    logits = torch.tensor(SPECIAL_LOGITS, device=device).repeat(3, 1)
+    target = torch.tensor([0.0, 0.3, 1.0], device=device)[:, None].expand_as(logits).clone()
+    n_classes = logits.shape[1]
+    if pos_weight == "per-class":
+        pos_weight = positive((n_classes,), 3, device)
+    elif pos_weight is not None:
+        pos_weight = torch.full((n_classes,), pos_weight, device=device)
+    weight = positive((3, 1), 4, device) if with_weight else None
+    check(
+        fused_ce.sigmoid_binary_cross_entropy,
+        F.binary_cross_entropy_with_logits,
+        (logits, target),
+        dict(weight=weight, pos_weight=pos_weight, reduction="none"),
+        (0, 1),
+        backend,
+    )

@@ -11,7 +11,11 @@ gradient; ``e = exp(-|x|)`` never overflows)::
     c        = (pw - 1) * t + 1
     loss     = w * [(1 - t) * x + c * (log1p(e) + max(-x, 0))]        # -logsigmoid(x) = ...
     dloss/dx = w * [(1 - t) * sigmoid(x) - pw * t * sigmoid(-x)]      # = w * (c*o - pw*t)
-    dloss/dt = w * [-x + (pw - 1) * (log1p(e) + max(-x, 0))]
+    dloss/dt = w * [(pw - 1) * log1p(e) - (x if x >= 0 else pw * x)]
+
+The target gradient is torch's ``log_sigmoid(-x) - pw * log_sigmoid(x)`` with the infinite
+parts split off: ``(pw - 1) * log1p(e)`` is finite, so at ``x = -inf`` no ``0 * inf`` or
+``inf - inf`` arises (torch gives ``+inf`` there, with or without ``pos_weight``).
 
 With ``w = pw = 1`` the input gradient is the lecture's ``o - t``. Writing it as
 ``(1 - t) * o - t * (1 - o)`` keeps full relative precision when ``o`` is within 1e-8 of ``t``.
@@ -93,7 +97,8 @@ def bce_kernel(
         pw = tl.full((BLOCK_R, BLOCK_C), 1.0, ACC_DTYPE)
 
     e = tl.exp(-tl.abs(x))
-    neg_log_sigmoid = _log1p(e) + tl.maximum(-x, 0.0)
+    log1p_e = _log1p(e)
+    neg_log_sigmoid = log1p_e + tl.maximum(-x, 0.0)
     out = r * n_cols + c
     if COMPUTE_LOSS:
         loss = w * ((1.0 - t) * x + ((pw - 1.0) * t + 1.0) * neg_log_sigmoid)
@@ -108,5 +113,5 @@ def bce_kernel(
         grad_x = g * ((1.0 - t) * sig_pos - pw * t * sig_neg)
         tl.store(grad_input_ptr + out, grad_x.to(grad_input_ptr.dtype.element_ty), mask)
     if COMPUTE_GRAD_TARGET:
-        grad_t = g * ((pw - 1.0) * neg_log_sigmoid - x)
+        grad_t = g * ((pw - 1.0) * log1p_e - tl.where(x >= 0, x, pw * x))
         tl.store(grad_target_ptr + out, grad_t.to(grad_target_ptr.dtype.element_ty), mask)

@@ -2,7 +2,8 @@
 
 The elementwise loss is torch's own fused ``binary_cross_entropy_with_logits`` on upcast
 operands (one pass, no temporaries of ours); the gradients are the analytic
-``w * (((pw - 1) t + 1) sigmoid(x) - pw t)`` and ``w * (-x - (pw - 1) logsigmoid(x))``, formed
+``w * (((pw - 1) t + 1) sigmoid(x) - pw t)`` and ``w * (log_sigmoid(-x) - pw log_sigmoid(x))``
+(in the form of kernels/bce.py, finite parts split from infinite ones), formed
 in place in one buffer each, so a backward costs a few passes over the input, not a dozen.
 """
 
@@ -45,5 +46,8 @@ def run(
     if grad_target is not None:
         value = torch.neg(x)
         if pw is not None:
-            value.sub_((pw - 1.0) * F.logsigmoid(x))
+            # (pw - 1) log1p(e^-|x|) - (x >= 0 ? x : pw x): torch's log_sigmoid(-x) - pw
+            # log_sigmoid(x) with no inf - inf or 0 * inf at x = -inf (see kernels/bce.py).
+            value = torch.where(x >= 0, value, value * pw)
+            value.addcmul_(pw - 1.0, x.abs().neg_().exp_().log1p_())
         grad_target.copy_(value.mul_(g))
