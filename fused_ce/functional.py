@@ -111,6 +111,22 @@ def _finite(value: float) -> bool:
     return -math.inf < value < math.inf
 
 
+# The magnitudes the Triton kernels carry exactly: a float kernel argument arrives as fp32,
+# so logit_scale and softcap travel as two fp32 halves (hi + lo), and beyond fp32's normal
+# range the high half overflows (1e39 gave NaN) or the low half underflows. Every backend
+# refuses such values alike.
+_FP32_TINY = torch.finfo(torch.float32).tiny
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_fp32_range(name: str, value: float) -> None:
+    if value != 0.0 and not _FP32_TINY <= abs(value) <= _FP32_MAX:
+        raise ValueError(
+            f"{name}: expected a magnitude within fp32's normal range [{_FP32_TINY:.6g}, "
+            f"{_FP32_MAX:.6g}] (the kernels take it as a pair of fp32 numbers), got {value!r}"
+        )
+
+
 def _check_options(
     logit_scale: float, softcap: float | None, z_loss: float, return_stats: bool
 ) -> tuple[float, float]:
@@ -118,8 +134,11 @@ def _check_options(
     them (softcap 0.0 for none)."""
     if not _is_number(logit_scale) or not _finite(logit_scale):
         raise ValueError(f"logit_scale: expected a finite number, got {logit_scale!r}")
+    _check_fp32_range("logit_scale", logit_scale)
     if softcap is not None and (not _is_number(softcap) or not _finite(softcap) or softcap <= 0):
         raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
+    if softcap is not None:
+        _check_fp32_range("softcap", softcap)
     if not _is_number(z_loss) or not _finite(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss: expected a non-negative finite number, got {z_loss!r}")
     if not isinstance(return_stats, bool):

@@ -285,3 +285,54 @@ def test_bce_special_logits(backend_device, pos_weight, with_weight):
         (0, 1),
         backend,
     )
+
+
+# --- 8. logit_scale and softcap beyond fp32's range: refused alike on every backend -------------
+
+OUT_OF_FP32_RANGE = [
+    ("logit_scale", 1e39),
+    ("logit_scale", -1e39),
+    ("logit_scale", 1e-39),
+    ("softcap", 1e39),
+    ("softcap", 1e-39),
+]
+
+
+@pytest.mark.parametrize("entry", ["softmax", "linear"])
+@pytest.mark.parametrize(
+    "name, value", OUT_OF_FP32_RANGE, ids=[f"{n}={v}" for n, v in OUT_OF_FP32_RANGE]
+)
+def test_options_beyond_fp32_range_are_refused(backend_device, entry, name, value):
+    """fp64 logits with softcap 1e39 were NaN on Triton (the fp32 high half overflowed)."""
+    backend, device = backend_device
+    x = randn((4, 5), 0, device, dtype=torch.float64)
+    head = randn((3, 5), 1, device, dtype=torch.float64)
+    target = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match=rf"^{name}: expected a magnitude within fp32's normal"):
+        if entry == "softmax":
+            fused_ce.softmax_cross_entropy(x, target, backend=backend, **{name: value})
+        else:
+            fused_ce.linear_cross_entropy(x, head, target, backend=backend, **{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("logit_scale", 3e38), ("softcap", 2e-38)])
+def test_options_at_the_edge_of_fp32_range(backend_device, name, value):
+    """The largest and smallest magnitudes still taken are carried exactly (fp64 logits)."""
+    backend, device = backend_device
+    x = randn((4, 5), 0, device, dtype=torch.float64, scale=1e-38 if name == "logit_scale" else 1.0)
+    target = torch.tensor([0, 1, 4, 2], device=device)
+    check(
+        fused_ce.softmax_cross_entropy,
+        capped_or_scaled_reference,
+        (x, target),
+        dict(reduction="none", **{name: value}),
+        (0,),
+        backend,
+    )
+
+
+def capped_or_scaled_reference(input, target, *, logit_scale=1.0, softcap=None, **kwargs):
+    z = input * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, target, **kwargs)
