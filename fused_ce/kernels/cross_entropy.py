@@ -163,7 +163,9 @@ def _store_row_results(
     tl.store(lse_ptr + rows, ref + log_sum_exp, row_mask)
     tl.store(saved_ptr + rows, ref, row_mask)
     tl.store(saved_ptr + saved_stride + rows, log_sum_exp, row_mask)
-    tl.store(saved_ptr + 2 * saved_stride + rows, lin_sum, row_mask)
+    # In int64: 2 * n_rows overflows i32 beyond 2^30 rows (tl.cast, not .to(): a
+    # stride of 1 arrives as a constexpr).
+    tl.store(saved_ptr + 2 * tl.cast(saved_stride, tl.int64) + rows, lin_sum, row_mask)
     if WITH_STATS:
         tl.store(entropy_ptr + rows, log_sum_exp - exp_dot / sum_exp, row_mask)
         tl.store(argmax_ptr + rows, argmax, row_mask)
@@ -367,7 +369,9 @@ def ce_backward_kernel(
 
     row_max = tl.load(saved_ptr + rows, row_mask, 0.0)
     log_sum_exp = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0)
-    lin_sum = tl.load(saved_ptr + 2 * saved_stride + rows, row_mask, 0.0)
+    # In int64: 2 * n_rows overflows i32 beyond 2^30 rows (tl.cast, not .to(): a
+    # stride of 1 arrives as a constexpr).
+    lin_sum = tl.load(saved_ptr + 2 * tl.cast(saved_stride, tl.int64) + rows, row_mask, 0.0)
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
     if PROB_TARGET:
         # dx = p * (g * U) - g * u_c

@@ -340,7 +340,11 @@ def _row_coefficients(
     zeros."""
     row_max = tl.load(saved_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
     log_sum_exp = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
-    lin_sum = tl.load(saved_ptr + 2 * saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
+    # In int64: 2 * n_rows overflows i32 beyond 2^30 rows (tl.cast, not .to(): a
+    # stride of 1 arrives as a constexpr).
+    lin_sum = tl.load(saved_ptr + 2 * tl.cast(saved_stride, tl.int64) + rows, row_mask, 0.0).to(
+        ACC_DTYPE
+    )
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
     y, valid = _class_targets(
         target_ptr, rows, row_mask, target_row_stride, ignore_index, n_classes, PROB_TARGET
