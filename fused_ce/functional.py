@@ -9,7 +9,6 @@ CUDA), and the kernels never read memory through an unchecked target.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -17,46 +16,17 @@ from torch import Tensor
 
 from ._backend import resolve
 from ._common import accumulation_dtype
+from ._validation import (
+    check_bce_weights,
+    check_ce_target,
+    check_floating,
+    check_inplace,
+    check_options,
+    check_reduction,
+    check_target,
+)
 from .ops.bce import bce_forward
 from .ops.cross_entropy import ce_forward
-
-_REDUCTIONS = ("none", "mean", "sum")
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"reduction: {reduction!r} is not a valid value for reduction; "
-            f"expected one of {_REDUCTIONS}"
-        )
-
-
-def _check_floating(name: str, tensor: Tensor) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
-
-
-def _check_constant(name: str, tensor: Tensor | None, input: Tensor) -> None:
-    """Class weights and pos_weight are constants: no gradient, same device as the input."""
-    if tensor is None:
-        return
-    _check_floating(name, tensor)
-    if tensor.requires_grad:
-        raise RuntimeError(
-            f"{name}: the loss is not differentiable with respect to {name}; "
-            f"pass a tensor that does not require grad (e.g. {name}.detach())"
-        )
-    if tensor.device != input.device:
-        raise RuntimeError(f"{name}: expected a tensor on {input.device}, got {tensor.device}")
-
-
-def _check_target(target: Tensor, input: Tensor) -> None:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
-        raise RuntimeError(f"target: expected a tensor on {input.device}, got {target.device}")
 
 
 def _as_rows(tensor: Tensor, class_dim: int) -> Tensor:
@@ -100,114 +70,6 @@ class CrossEntropyStats(NamedTuple):
     z_loss: Tensor
     entropy: Tensor
     accuracy: Tensor
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(value: float) -> bool:
-    # Comparisons, not math.isfinite: torch.compile traces them on an unspecialised float.
-    return -math.inf < value < math.inf
-
-
-# The magnitudes the Triton kernels carry exactly: a float kernel argument arrives as fp32,
-# so logit_scale and softcap travel as two fp32 halves (hi + lo), and beyond fp32's normal
-# range the high half overflows (1e39 gave NaN) or the low half underflows. Every backend
-# refuses such values alike.
-_FP32_TINY = torch.finfo(torch.float32).tiny
-_FP32_MAX = torch.finfo(torch.float32).max
-
-
-def _check_fp32_range(name: str, value: float) -> None:
-    if value != 0.0 and not _FP32_TINY <= abs(value) <= _FP32_MAX:
-        raise ValueError(
-            f"{name}: expected a magnitude within fp32's normal range [{_FP32_TINY:.6g}, "
-            f"{_FP32_MAX:.6g}] (the kernels take it as a pair of fp32 numbers), got {value!r}"
-        )
-
-
-def _check_options(
-    logit_scale: float, softcap: float | None, z_loss: float, return_stats: bool
-) -> tuple[float, float]:
-    """Validate the options beyond torch; return ``(logit_scale, softcap)`` as the ops take
-    them (softcap 0.0 for none)."""
-    if not _is_number(logit_scale) or not _finite(logit_scale):
-        raise ValueError(f"logit_scale: expected a finite number, got {logit_scale!r}")
-    _check_fp32_range("logit_scale", logit_scale)
-    if softcap is not None and (not _is_number(softcap) or not _finite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
-    if softcap is not None:
-        _check_fp32_range("softcap", softcap)
-    if not _is_number(z_loss) or not _finite(z_loss) or z_loss < 0:
-        raise ValueError(f"z_loss: expected a non-negative finite number, got {z_loss!r}")
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats: expected a bool, got {return_stats!r}")
-    return float(logit_scale), float(softcap) if softcap is not None else 0.0
-
-
-def _check_ce_target(
-    target: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    batch_shape: tuple[int, ...],
-    prob_shape: tuple[int, ...],
-    n_classes: int,
-) -> tuple[float, torch.dtype, Tensor | None]:
-    """The checks :func:`softmax_cross_entropy` and ``linear_cross_entropy`` share after the
-    logits' own: ``label_smoothing``, the class ``weight`` and the ``target``, class indices of
-    ``batch_shape`` (bounds asserted on the device, no host sync) or probabilities of
-    ``prob_shape``. Returns the smoothing as the ops take it, the loss's dtype, and the
-    non-ignored mask of class-index targets (None for probabilities)."""
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
-    # Like torch, a negative (or NaN) smoothing acts as none.
-    eps = float(label_smoothing) if label_smoothing > 0.0 else 0.0
-    _check_constant("weight", weight, input)
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n_classes):
-        raise RuntimeError(
-            f"weight: should be defined either for all {n_classes} classes or no classes "
-            f"but got weight tensor of shape: {list(weight.shape)}"
-        )
-    if target.is_floating_point():
-        if tuple(target.shape) != tuple(prob_shape):
-            raise ValueError(
-                f"target: probability targets must have shape {tuple(prob_shape)} (one per "
-                f"class of each row), got {tuple(target.shape)}"
-            )
-        if ignore_index >= 0:
-            raise RuntimeError(
-                f"ignore_index: not supported for probability (floating point) targets; "
-                f"got {ignore_index}, expected a negative value"
-            )
-        return eps, torch.promote_types(input.dtype, target.dtype), None
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(
-            f"target: expected target dtype to be Long or Byte (class indices) or a "
-            f"floating dtype (probabilities), but got {target.dtype}"
-        )
-    if tuple(target.shape) != tuple(batch_shape):
-        raise ValueError(
-            f"target: expected shape {tuple(batch_shape)} (one class index per row) for input "
-            f"of shape {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
-    if weight is not None and weight.dtype != input.dtype:
-        raise RuntimeError(
-            f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
-        )
-    # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
-    valid = target.long() != ignore_index
-    in_range = (target >= 0) & (target < n_classes)
-    # A constant message: under torch.compile with dynamic shapes, n_classes and
-    # ignore_index may be SymInts, and formatting them breaks the graph.
-    torch._assert_async(
-        (in_range | ~valid).all(),
-        "target: a class index is out of bounds (expected values in [0, C), C the number of "
-        "classes, or ignore_index)",
-    )
-    return eps, input.dtype, valid
 
 
 def _ce_divisor(
@@ -278,49 +140,6 @@ def _finish(
     )
 
 
-def _may_overlap(tensor: Tensor) -> bool:
-    """Whether two indices of ``tensor`` may address the same memory (metadata only, no sync).
-
-    A sufficient test for no overlap: with the dims sorted by stride, each stride must step
-    over everything the smaller strides reach. It answers every layout that
-    ``torch._debug_has_internal_overlap`` settles (a stride of 0: overlap; dense: none) and the
-    strided ones it calls "too hard" (``unfold`` windows overlap, ``x[:, ::2]`` does not),
-    and, unlike that function, torch.compile traces it."""
-    reach = 0
-    for stride, size in sorted(zip(tensor.stride(), tensor.shape, strict=True)):
-        if size <= 1:
-            continue
-        if stride <= reach:
-            return True
-        reach += (size - 1) * stride
-    return False
-
-
-def _check_inplace(input: Tensor) -> None:
-    """``inplace_backward`` writes the gradient over ``input``: refuse where that cannot be
-    right (a leaf's ``.grad`` would share its memory, also through a view of the leaf;
-    overlapping memory would make the writes race)."""
-    if input.is_leaf and input.requires_grad:
-        raise RuntimeError(
-            "inplace_backward: input is a leaf tensor that requires grad, so its .grad would "
-            "share memory with it; pass logits computed from parameters (e.g. a matmul's "
-            "output), or inplace_backward=False"
-        )
-    base = input._base
-    if base is not None and base.is_leaf and base.requires_grad:
-        raise RuntimeError(
-            "inplace_backward: input is a view of a leaf tensor that requires grad (e.g. p.t() "
-            "of a parameter p): the gradient would overwrite that leaf's data; pass logits "
-            "computed from parameters (e.g. a matmul's output), or inplace_backward=False"
-        )
-    if _may_overlap(input):
-        raise RuntimeError(
-            "inplace_backward: input has overlapping memory (e.g. a stride of 0 from expand(), "
-            "or windows from unfold()); the gradient cannot be written over it; pass "
-            "input.contiguous(), or inplace_backward=False"
-        )
-
-
 def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -386,21 +205,21 @@ def softmax_cross_entropy(
         targets); computed in fp32 (fp64 for fp64 operands). With ``return_stats``, a
         :class:`CrossEntropyStats` whose ``loss`` is that loss.
     """
-    _check_reduction(reduction)
-    scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
-    _check_floating("input", input)
-    _check_target(target, input)
+    check_reduction(reduction)
+    scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
+    check_floating("input", input)
+    check_target(target, input)
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    eps, out_dtype, valid = _check_ce_target(
+    checked = check_ce_target(
         target, input, weight, ignore_index, label_smoothing, batch_shape, input.shape, n_classes
     )
-    prob_target = valid is None
+    prob_target = checked.prob_target
     if inplace_backward:
-        _check_inplace(input)
+        check_inplace(input)
 
     # (n_outer, C, n_inner) views: NCHW logits keep their strides, no transposed copy.
     logits = _as_rows(input, class_dim)
@@ -412,25 +231,25 @@ def softmax_cross_entropy(
         rows_target,
         weight,
         ignore_index,
-        eps,
+        checked.label_smoothing,
         scale,
         cap,
         return_stats,
         bool(inplace_backward),
         resolve(backend, input),
     )
-    divisor = _ce_divisor(reduction, valid, target, weight, n_outer * n_inner, input.dtype)
+    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_outer * n_inner, input.dtype)
     return _finish(
         loss,
         lse,
         entropy,
         argmax,
         batch_shape=batch_shape,
-        valid=valid,
+        valid=checked.valid,
         target_classes=target.argmax(class_dim) if prob_target and return_stats else target,
         reduction=reduction,
         divisor=divisor,
-        out_dtype=out_dtype,
+        out_dtype=checked.out_dtype,
         z_loss=float(z_loss),
         return_stats=return_stats,
     )
@@ -470,29 +289,15 @@ def sigmoid_binary_cross_entropy(
     Returns:
         The loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64 operands).
     """
-    _check_reduction(reduction)
-    _check_floating("input", input)
-    _check_target(target, input)
+    check_reduction(reduction)
+    check_floating("input", input)
+    check_target(target, input)
     if target.shape != input.shape:
         raise ValueError(
             f"target: Target size ({target.shape}) must be the same as input size ({input.shape})"
         )
-    _check_floating("target", target)
-    for name, tensor in (("weight", weight), ("pos_weight", pos_weight)):
-        _check_constant(name, tensor, input)
-        if tensor is not None:
-            try:
-                shape = torch.broadcast_shapes(tensor.shape, input.shape)
-            except RuntimeError as error:
-                raise RuntimeError(
-                    f"{name}: shape {tuple(tensor.shape)} does not broadcast to input's shape "
-                    f"{tuple(input.shape)}: {error}"
-                ) from None
-            if shape != input.shape:
-                raise RuntimeError(
-                    f"{name}: shape {tuple(tensor.shape)} would enlarge the loss beyond input's "
-                    f"shape {tuple(input.shape)} (broadcast shape {tuple(shape)})"
-                )
+    check_floating("target", target)
+    check_bce_weights(weight, pos_weight, input, input.shape, "input's shape")
     loss = bce_forward(input, target, weight, pos_weight, resolve(backend, input))
     return _reduce(loss, reduction, input.numel(), target.dtype)
 

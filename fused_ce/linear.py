@@ -25,18 +25,17 @@ from torch import Tensor
 
 from ._backend import resolve
 from ._common import accumulation_dtype
-from .functional import (
-    CrossEntropyStats,
-    _ce_divisor,
-    _check_ce_target,
-    _check_constant,
-    _check_floating,
-    _check_options,
-    _check_reduction,
-    _check_target,
-    _finish,
-    _reduce,
+from ._validation import (
+    check_bce_weights,
+    check_ce_target,
+    check_chunk_size,
+    check_floating,
+    check_linear,
+    check_options,
+    check_reduction,
+    check_target,
 )
+from .functional import CrossEntropyStats, _ce_divisor, _finish, _reduce
 from .ops.linear import (
     linear_bce_forward,
     linear_bce_scalar,
@@ -45,47 +44,6 @@ from .ops.linear import (
 )
 
 PATHS = ("auto", "chunked", "fused")
-
-
-def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> int:
-    """Validate the ``F.linear`` operands; return the number of classes (out_features)."""
-    _check_floating("input", input)
-    _check_floating("linear_weight", linear_weight)
-    if input.dim() == 0:
-        raise ValueError("input: expected at least 1 dimension (the features), got a 0-d tensor")
-    n_features = input.shape[-1]
-    if linear_weight.dim() != 2 or linear_weight.shape[1] != n_features:
-        raise ValueError(
-            f"linear_weight: expected shape (out_features, {n_features}) for input of shape "
-            f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
-        )
-    if linear_weight.shape[0] == 0:
-        raise ValueError("linear_weight: expected at least one output feature (class), got 0")
-    for name, tensor in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if tensor is None:
-            continue
-        _check_floating(name, tensor)
-        if tensor.dtype != input.dtype:
-            raise RuntimeError(
-                f"{name}: expected dtype {input.dtype} (the input's), got {tensor.dtype}"
-            )
-        if tensor.device != input.device:
-            raise RuntimeError(f"{name}: expected a tensor on {input.device}, got {tensor.device}")
-    n_classes = linear_weight.shape[0]
-    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
-        raise ValueError(
-            f"linear_bias: expected shape ({n_classes},), got {tuple(linear_bias.shape)}"
-        )
-    return n_classes
-
-
-def _check_chunk_size(chunk_size: int | None) -> int:
-    """``chunk_size`` as the ops take it: rows per chunk, 0 for automatic."""
-    if chunk_size is None:
-        return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    return chunk_size
 
 
 def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
@@ -171,15 +129,15 @@ def linear_cross_entropy(
     multiplies them by the upstream gradient (not with ``z_loss`` or ``return_stats``, whose
     extra outputs need the saved statistics). Double backward is not supported.
     """
-    _check_reduction(reduction)
-    scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
-    n_classes = _check_linear(input, linear_weight, linear_bias)
-    rows_per_chunk = _check_chunk_size(chunk_size)
-    _check_target(target, input)
+    check_reduction(reduction)
+    scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
+    n_classes = check_linear(input, linear_weight, linear_bias)
+    rows_per_chunk = check_chunk_size(chunk_size)
+    check_target(target, input)
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     batch_shape = input.shape[:-1]
-    eps, out_dtype, valid = _check_ce_target(
+    checked = check_ce_target(
         target,
         input,
         weight,
@@ -189,7 +147,8 @@ def linear_cross_entropy(
         (*batch_shape, n_classes),
         n_classes,
     )
-    prob_target = valid is None
+    prob_target = checked.prob_target
+    eps = checked.label_smoothing
     rows_target = target.reshape(-1, n_classes) if prob_target else target.reshape(-1)
 
     backend = resolve(backend, input)
@@ -202,7 +161,7 @@ def linear_cross_entropy(
     x = _as_rows(input)
     n_rows = x.shape[0]
     acc = accumulation_dtype(input.dtype, target.dtype)
-    divisor = _ce_divisor(reduction, valid, target, weight, n_rows, input.dtype)
+    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
 
     wants = _grad_flags(input, linear_weight, linear_bias, target if prob_target else None)
     one_sweep = reduction != "none" and not fused and z_loss == 0.0 and not return_stats
@@ -230,7 +189,7 @@ def linear_cross_entropy(
             backend,
             *wants,
         )
-        return loss.to(out_dtype)
+        return loss.to(checked.out_dtype)
     loss, lse, _, entropy, argmax = linear_ce_forward(
         x,
         linear_weight,
@@ -252,11 +211,11 @@ def linear_cross_entropy(
         entropy,
         argmax,
         batch_shape=batch_shape,
-        valid=valid,
+        valid=checked.valid,
         target_classes=target.argmax(-1) if prob_target and return_stats else target,
         reduction=reduction,
         divisor=divisor,
-        out_dtype=out_dtype,
+        out_dtype=checked.out_dtype,
         z_loss=float(z_loss),
         return_stats=return_stats,
     )
@@ -306,36 +265,23 @@ def linear_binary_cross_entropy_with_logits(
     Returns:
         The loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64 operands).
     """
-    _check_reduction(reduction)
-    n_classes = _check_linear(input, linear_weight, linear_bias)
-    rows_per_chunk = _check_chunk_size(chunk_size)
-    _check_target(target, input)
-    _check_floating("target", target)
+    check_reduction(reduction)
+    n_classes = check_linear(input, linear_weight, linear_bias)
+    rows_per_chunk = check_chunk_size(chunk_size)
+    check_target(target, input)
+    check_floating("target", target)
     logits_shape = (*input.shape[:-1], n_classes)
     if tuple(target.shape) != logits_shape:
         raise ValueError(
             f"target: Target size ({tuple(target.shape)}) must be the same as input size "
             f"{logits_shape} (the logits': input's leading dims and the {n_classes} outputs)"
         )
-    rows = []
-    for name, tensor in (("weight", weight), ("pos_weight", pos_weight)):
-        _check_constant(name, tensor, input)
-        if tensor is not None:
-            try:
-                shape = torch.broadcast_shapes(tensor.shape, logits_shape)
-            except RuntimeError as error:
-                raise RuntimeError(
-                    f"{name}: shape {tuple(tensor.shape)} does not broadcast to the logits' "
-                    f"shape {logits_shape}: {error}"
-                ) from None
-            if tuple(shape) != logits_shape:
-                raise RuntimeError(
-                    f"{name}: shape {tuple(tensor.shape)} would enlarge the loss beyond the "
-                    f"logits' shape {logits_shape} (broadcast shape {tuple(shape)})"
-                )
-            # (N, C) with stride 0 along broadcast dims (a copy only when no view exists).
-            tensor = tensor.expand(logits_shape).reshape(-1, n_classes)
-        rows.append(tensor)
+    check_bce_weights(weight, pos_weight, input, logits_shape, "the logits' shape")
+    # (N, C) with stride 0 along broadcast dims (a copy only when no view exists).
+    rows = [
+        t.expand(logits_shape).reshape(-1, n_classes) if t is not None else None
+        for t in (weight, pos_weight)
+    ]
 
     backend = resolve(backend, input)
     x = _as_rows(input)

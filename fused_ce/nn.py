@@ -15,12 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-from .functional import (
-    CrossEntropyStats,
-    _check_options,
-    sigmoid_binary_cross_entropy,
-    softmax_cross_entropy,
-)
+from ._validation import check_options
+from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 
@@ -44,7 +40,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         backend: str | None = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        _check_options(logit_scale, softcap, z_loss, return_stats)
+        check_options(logit_scale, softcap, z_loss, return_stats)
         self.logit_scale = logit_scale
         self.softcap = softcap
         self.z_loss = z_loss
@@ -180,7 +176,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        _check_options(logit_scale, softcap, z_loss, return_stats)
+        check_options(logit_scale, softcap, z_loss, return_stats)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
