@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fused_ce._backend import HAS_TRITON, INTERPRET
-from fused_ce.cli import main
+from fused_ce.app.cli import main
 
 CUDA = torch.cuda.is_available()
 
@@ -149,9 +149,9 @@ def test_help_and_version_exit_0(capsys):
 
 
 def test_console_script_rejects_bad_input_without_traceback():
-    """The installed ``fused-ce`` script (``python -m fused_ce.cli`` where it is not on PATH)."""
+    """The installed ``fused-ce`` script (``python -m fused_ce.app.cli`` without PATH)."""
     script = Path(sys.executable).with_name("fused-ce")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "fused_ce.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fused_ce.app.cli"]
     done = subprocess.run(
         [*command, "train", "majority-bits", "--epochs", "0"],
         capture_output=True,

@@ -6,7 +6,7 @@ from math import comb
 import pytest
 import torch
 
-from fused_ce import data
+from fused_ce.app import data
 
 
 def test_bit_patterns_are_every_number_in_binary():

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from fused_ce import train
-from fused_ce.plots import raw_input_weights
+from fused_ce.app import train
+from fused_ce.app.plots import raw_input_weights
 
 
 @pytest.fixture(autouse=True)

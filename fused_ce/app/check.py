@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional, linear
-from ._backend import HAS_TRITON, INTERPRET
+from .. import functional, linear
+from .._backend import HAS_TRITON, INTERPRET
 
 Inputs = tuple[dict[str, Tensor], dict[str, Any]]
 

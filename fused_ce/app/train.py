@@ -1,4 +1,4 @@
-"""The lecture's pipeline as a library: data, model, prediction (and, in :mod:`fused_ce.plots`,
+"""The lecture's pipeline as a library: data, model, prediction (and, in :mod:`fused_ce.app.plots`,
 visualisation).
 
 The loss is a plain function taken from a flag: ``loss="torch"`` trains with
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..functional import binary_cross_entropy_with_logits, cross_entropy
+from ..linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 from . import data
 from .data import _check_positive
-from .functional import binary_cross_entropy_with_logits, cross_entropy
-from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 TASKS = ("majority-bits", "popcount", "clusters")
 LOSSES = ("fused", "torch")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from ._backend import resolve
+from .. import __version__
+from .._backend import resolve
 from .train import DEFAULT_EPOCHS, LOSSES, OPTIMIZERS, TASKS, TrainConfig, resolve_device
 
 DTYPES = {
