@@ -92,38 +92,12 @@ def test_feature_statistics_normalise_to_zero_mean_unit_std():
     assert torch.all(normalised[:, 1] == 0)
 
 
-def test_llm_like_shapes_targets_and_margin():
-    batch = data.llm_like(512, 64, 1000, dtype=torch.float32, seed=0)
-    assert batch.hidden.shape == (512, 64) and batch.weight.shape == (1000, 64)
-    assert batch.target.dtype == torch.int64 and batch.target.shape == (512,)
-    assert int(batch.target.min()) >= 0 and int(batch.target.max()) < 1000
-    counts = torch.bincount(batch.target, minlength=1000)
-    # Zipf(1.1) over 1000 tokens: token 0 has probability 1 / H, H = sum k^-1.1 ~ 5.6.
-    expected = 512 / sum((k + 1) ** -1.1 for k in range(1000))
-    assert abs(int(counts[0]) - expected) < 4 * expected**0.5
-    assert counts[:10].sum() > counts[10:].sum() / 2
-    logits = batch.logits().double()
-    target_logit = logits.gather(1, batch.target[:, None]).squeeze(1)
-    others = logits.clone()
-    others.scatter_(1, batch.target[:, None], float("nan"))
-    assert abs(float(others.nanmean())) < 0.1
-    assert 1.5 < float(others[~others.isnan()].std()) < 2.5
-    assert 6.0 < float((target_logit - others.nanmean(dim=1)).mean()) < 10.0
-    loss = torch.nn.functional.cross_entropy(logits, batch.target)
-    assert 0.5 < float(loss) < float(torch.log(torch.tensor(1000.0)))
-    again = data.llm_like(512, 64, 1000, dtype=torch.float32, seed=0)
-    assert torch.equal(again.hidden, batch.hidden) and torch.equal(again.target, batch.target)
-    assert data.llm_like(4, 8, 16).hidden.dtype == torch.bfloat16
-
-
 @pytest.mark.parametrize(
     ("call", "name"),
     [
         (lambda: data.majority_bits(0), "n_bits"),
         (lambda: data.gaussian_clusters(0), "n_classes"),
         (lambda: data.gaussian_clusters(3, 2, 10, center_scale=-1.0), "center_scale"),
-        (lambda: data.llm_like(0, 8, 16), "n_tokens"),
-        (lambda: data.llm_like(4, 8, 16, dtype=torch.int64), "dtype"),
     ],
 )
 def test_bad_workload_arguments_name_the_argument(call, name):

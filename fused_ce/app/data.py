@@ -1,5 +1,5 @@
-"""Workloads: the lecture's majority-bits problem, popcount, Gaussian clusters, and LLM-like
-hidden states for the benchmarks. Every generator is deterministic under its ``seed``.
+"""Workloads: the lecture's majority-bits problem, popcount and Gaussian clusters. Every
+generator is deterministic under its ``seed``.
 
 The classification workloads come as a :class:`Workload`: train, validation and test
 :class:`Split` s of raw (unnormalised) inputs, plus ``full``, every sample. Normalisation
@@ -213,60 +213,6 @@ def feature_statistics(inputs: Tensor) -> tuple[Tensor, Tensor]:
     mean = inputs.mean(dim=0)
     std = inputs.std(dim=0, correction=0)
     return mean, torch.where(std > 0, std, torch.ones_like(std))
-
-
-@dataclass(frozen=True)
-class LLMBatch:
-    """Last hidden states ``(n_tokens, hidden)``, an LM head ``weight`` ``(vocab, hidden)`` and
-    next-token ``target`` ``(n_tokens,)`` int64."""
-
-    hidden: Tensor
-    weight: Tensor
-    target: Tensor
-
-    def logits(self) -> Tensor:
-        """``hidden @ weight.T``: the ``(n_tokens, vocab)`` logits an unfused head computes."""
-        return self.hidden @ self.weight.T
-
-
-def llm_like(
-    n_tokens: int,
-    hidden: int,
-    vocab: int,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    zipf_exponent: float = 1.1,
-    logit_std: float = 2.0,
-    target_margin: float = 8.0,
-) -> LLMBatch:
-    """Synthetic LM-head inputs with a large vocabulary, for the benchmarks.
-
-    Targets follow a Zipf law, ``P(token k) ~ (k + 1) ** -zipf_exponent`` (low ids frequent, as
-    with real tokenizers). Head rows are ``N(0, logit_std**2 / hidden)``, so logits of unit-norm
-    style hidden states ``N(0, I)`` have standard deviation about ``logit_std``; each hidden state
-    is then pushed along its target's head row so the target logit is about ``target_margin``
-    higher. The loss is thus a few nats, as for a trained model, not ``log(vocab)``.
-
-    Generated directly on ``device`` with a generator seeded by ``seed``: deterministic for a
-    given device, not bitwise equal across devices.
-    """
-    for name, value in (("n_tokens", n_tokens), ("hidden", hidden), ("vocab", vocab)):
-        _check_positive(name, value)
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    zipf = torch.arange(1, vocab + 1, device=device, dtype=torch.float64) ** -zipf_exponent
-    target = torch.multinomial(zipf.float(), n_tokens, replacement=True, generator=gen)
-    weight = torch.randn(vocab, hidden, device=device, generator=gen)
-    weight.mul_(logit_std / hidden**0.5)
-    states = torch.randn(n_tokens, hidden, device=device, generator=gen)
-    rows = weight[target]
-    # Adding a*row raises the target logit by a*|row|^2; choose a for a margin of target_margin.
-    states.addcmul_(rows, target_margin / rows.square().sum(dim=1, keepdim=True))
-    return LLMBatch(states.to(dtype), weight.to(dtype), target)
 
 
 def _check_positive(name: str, value: int) -> None:
