@@ -1,13 +1,13 @@
 """Shared test helpers: seeded inputs, forward + backward with a random upstream gradient, and
 comparison against the independent oracle, PyTorch's own loss computed in float64.
 
-Accuracy rules (GUIDE section 6):
+The accuracy rule is the one ``fused-ce check`` applies (:func:`fused_ce.app.check.error_limit`):
 
-* fp32 and fp64 results are compared tightly with the fp64 oracle.
+* fp32 and fp64 results are compared tightly with the fp64 oracle (:data:`TIGHT`).
 * fp16/bf16 results must satisfy ``err(ours) <= 2 * err(torch, same dtype) + tiny`` on the loss
   and on every gradient, where ``err`` is the largest absolute deviation from the oracle and
   ``tiny`` is one unit of the dtype's epsilon at the scale of the oracle's values (the rounding
-  of a single store).
+  of a single store): :func:`fused_ce.app.check.within_torch_error`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fused_ce.app.check import TIGHT, within_torch_error
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# (rtol, atol relative to the largest oracle value) for the dtypes compared tightly.
-TIGHT = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-10, 1e-12)}
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -148,8 +148,8 @@ def assert_within_torch_error(
     plus one rounding.
 
     By default the errors are the largest over each output and the rounding is one ``eps`` at
-    the oracle's largest value (GUIDE section 6; right for outputs that accumulate, like a
-    matmul's, whose per-element errors are noise). ``elementwise`` holds the rule at every
+    the oracle's largest value (:func:`within_torch_error`; right for outputs that accumulate,
+    like a matmul's, whose per-element errors are noise). ``elementwise`` holds the rule at every
     element, with that element's rounding (``eps * |oracle|``, and one subnormal step), so a
     small entry (p - 1 at p = 0.999) cannot hide behind the largest: right for outputs that
     are elementwise functions of the inputs, like a loss's gradient."""
@@ -169,7 +169,9 @@ def assert_within_torch_error(
             bound = 2 * torch_error + info.eps * ref.abs() + info.eps * info.smallest_normal
         else:
             torch_error = torch_error.max().expand_as(ref)
-            bound = 2 * torch_error + info.eps * _scale(ref)
+            bound = torch.full_like(
+                ref, within_torch_error(dtype, float(torch_error[0]), _scale(ref))
+            )
         if not (error <= bound).all():
             worst = int((error - bound).argmax())
             raise AssertionError(

@@ -2,6 +2,7 @@
 naming the argument, exit status 2, no traceback)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,10 +78,29 @@ def test_check_passes_on_every_backend_here(capsys):
     assert main(["check"]) == 0
     stdout = capsys.readouterr().out
     lines = stdout.splitlines()
-    assert lines[0].split()[:5] == ["op", "case", "device", "dtype", "backend"]
-    summary = next(i for i, line in enumerate(lines) if line.endswith("within tolerance"))
-    rows = lines[2:summary]
-    backends = {row.split()[-4] for row in rows}
+    assert lines[0].split() == [
+        "op",
+        "case",
+        "device",
+        "dtype",
+        "backend",
+        "loss",
+        "abs",
+        "err",
+        "limit",
+        "grad",
+        "abs",
+        "err",
+        "limit",
+        "ok",
+    ]
+    end = lines.index(lines[1], 2)  # the rule under the last row
+    rows = lines[2:end]
+    assert "abs err: largest |fused - torch in float64|" in lines[end + 1]
+    for row in rows:
+        loss_error, loss_limit, grad_error, grad_limit = map(float, row.split()[-5:-1])
+        assert loss_error <= loss_limit and grad_error <= grad_limit, row
+    backends = {row.split()[-6] for row in rows}
     ops = {row.split()[0] for row in rows}
     assert ops == {
         "softmax_cross_entropy",
@@ -107,7 +127,16 @@ def test_check_passes_on_every_backend_here(capsys):
         (["train", "popcount", "--lr", "-0.1"], "argument --lr"),
         (["train", "popcount", "--lr", "nan"], "argument --lr"),
         (["train", "majority-bits", "--loss", "mse"], "argument --loss: invalid choice: 'mse'"),
-        (["train", "majority-bits", "--device", "tpu"], "argument --device"),
+        (
+            ["train", "majority-bits", "--device", "tpu"],
+            "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'",
+        ),
+        (["train", "majority-bits", "--device", "meta"], "argument --device: expected 'auto'"),
+        (
+            ["train", "clusters", "--samples-per-class", "1"],
+            "argument --samples-per-class: 4 samples split 70/15/15 leave 1 for testing",
+        ),
+        (["train", "majority-bits", "--bits", "3"], "argument --bits: 8 samples split"),
         (["train", "majority-bits", "--bits", "40"], "argument --bits: at most 20"),
         (["train", "clusters", "--bits", "8"], "unrecognized arguments: --bits"),
         (["train", "popcount", "--loss", "torch", "--backend", "torch"], "argument --backend"),
@@ -141,9 +170,51 @@ def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
     assert "argument --out: cannot create" in capsys.readouterr().err
 
 
+def test_out_that_exists_but_cannot_be_written_fails_before_training(tmp_path, capsys):
+    """A read-only directory; as root (who writes anywhere a mode allows) /sys, which no one
+    can create files in. Checked before training: no run, one line, status 2."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    out = read_only if not os.access(read_only, os.W_OK) else Path("/sys")
+    assert main(["train", "majority-bits", "--epochs", "100000", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(
+        f"fused-ce train majority-bits: error: argument --out: cannot write in {str(out)!r}: "
+    )
+    assert captured.err.count("\n") == 1
+
+
+def test_train_without_matplotlib_reports_results_and_how_to_plot(tmp_path, capsys, monkeypatch):
+    """A plain ``pip install .`` has no matplotlib (the ``train`` extra): the run still trains,
+    saves and prints its results, then says how to get the plots. ``None`` in sys.modules makes
+    every ``import matplotlib...`` raise ModuleNotFoundError, as on such an install."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["train", "majority-bits", "--epochs", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "test accuracy:" in stdout and "all 1024 patterns:" in stdout
+    assert stdout.splitlines()[-1] == (
+        "plots: not drawn, matplotlib is not installed "
+        "(pip install 'fused_ce[train]', then run again)"
+    )
+    assert (tmp_path / "checkpoint.pt").stat().st_size > 0
+    assert (tmp_path / "test.json").exists()
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_help_and_version_exit_0(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    stdout = capsys.readouterr().out
+    for task in ("majority-bits", "popcount", "clusters"):
+        assert f"\n    {task}" in stdout
+    assert "fused-ce train TASK --help" in stdout
+    assert main(["train", "clusters", "--help"]) == 0
+    assert "--samples-per-class" in capsys.readouterr().out
     assert main(["--version"]) == 0
     assert "fused-ce 0.1.0" in capsys.readouterr().out
 

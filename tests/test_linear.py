@@ -102,10 +102,11 @@ def prob_target(lead, device, dtype=torch.float32, n_classes=N_CLASSES, seed=15)
 
 
 def check_half_precision(ours_fn, torch_fn, args, kwargs, wrt, seed=0):
-    """fp16/bf16 (GUIDE section 6): the loss element by element, and each gradient in max norm,
-    within twice torch's own same-dtype error plus one rounding. The gradients are GEMM outputs
-    (sums over classes or rows) whose rounding errors, ours and torch's, are independent at each
-    element: elementwise, torch's error cancels to nothing somewhere by chance."""
+    """fp16/bf16, by the accuracy rule of tests/_reference.py: the loss element by element, and
+    each gradient in max norm, within twice torch's own same-dtype error plus one rounding. The
+    gradients are GEMM outputs (sums over classes or rows) whose rounding errors, ours and
+    torch's, are independent at each element: elementwise, torch's error cancels to nothing
+    somewhere by chance."""
     same_dtype = evaluate(torch_fn, args, kwargs, (), None)
     upstream = upstream_for(same_dtype.loss, seed)
     reference = oracle(torch_fn, args, kwargs, wrt, upstream)
@@ -201,7 +202,7 @@ def test_ce_float64(backend_path, kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_ce_half_precision_within_torch_error(backend_path, dtype, reduction):
-    """bf16/fp16 loss and every gradient: error at most twice torch's own (GUIDE section 6)."""
+    """bf16/fp16 loss and every gradient: error at most twice torch's own (tests/_reference.py)."""
     backend, device, path = backend_path
     x, w, b = make_head(device, dtype, lead=(24,), n_features=32, n_classes=64)
     target = class_target((24,), device, n_classes=64, ignore_index=-100)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,17 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from .._backend import resolve
-from .train import DEFAULT_EPOCHS, LOSSES, OPTIMIZERS, TASKS, TrainConfig, resolve_device
+from .._backend import BACKENDS, resolve
+from .train import (
+    DEFAULT_EPOCHS,
+    LOSSES,
+    OPTIMIZERS,
+    TASKS,
+    RunResult,
+    TrainConfig,
+    resolve_device,
+    run,
+)
 
 DTYPES = {
     "float32": torch.float32,
@@ -77,7 +87,8 @@ def _bits(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, usable on this machine."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, usable on this machine; the message of any
+    other name says what the command accepts, not every device type torch knows."""
     try:
         resolve_device(text)
     except ValueError as error:
@@ -106,7 +117,7 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument(
         "--backend",
-        choices=("auto", "triton", "torch"),
+        choices=BACKENDS,
         help="backend of the fused loss (default: auto: Triton on CUDA, torch on CPU)",
     )
     group.add_argument(
@@ -159,16 +170,21 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
         "--samples-per-class", type=_positive_int, default=250, help="default: 250"
     )
 
-    train = subparsers.add_parser(
-        "train", help="train a model on a workload", description="Train, test and plot."
-    )
-    tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
     descriptions = {
         "majority-bits": "One sigmoid neuron (10 inputs + bias) with binary cross-entropy: "
         "is the majority of the bits 1?",
         "popcount": "A softmax classifier with cross-entropy: how many bits are 1?",
         "clusters": "A softmax classifier with cross-entropy on Gaussian clusters.",
     }
+    train = subparsers.add_parser(
+        "train",
+        help="train a model on a workload",
+        description="Train, test and plot one of the tasks below.",
+        epilog="Each task's options (epochs, loss, device, --out, ...):\n"
+        "  fused-ce train TASK --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tasks = train.add_subparsers(dest="task", metavar="TASK", required=True, title="tasks")
     for task in TASKS:
         parents = [common, clusters if task == "clusters" else bits]
         tasks.add_parser(
@@ -210,11 +226,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .plots import plot_run
-    from .train import run
+# TrainConfig fields that come from a differently named option.
+_OPTION_OF_FIELD = {"n_bits": "--bits", "n_classes": "--classes", "n_features": "--features"}
 
-    clusters = args.task == "clusters"
+
+def _writable(directory: Path) -> str | None:
+    """None when a file can be created in ``directory``; otherwise why not."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def _plot(result: RunResult, out: Path) -> str:
+    """The run's plots, or how to get them: matplotlib is the ``train`` extra, and a plain
+    ``pip install`` of the library does not bring it."""
+    try:
+        from .plots import plot_run
+
+        return ", ".join(str(p) for p in plot_run(result, out))
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("matplotlib"):
+            raise
+        return (
+            "not drawn, matplotlib is not installed (pip install 'fused_ce[train]', then run again)"
+        )
+
+
+def _train(args: argparse.Namespace) -> int:
     command = f"fused-ce train {args.task}"
     if args.fused_linear and args.loss != "fused":
         return _fail(command, "argument --fused-linear: needs --loss fused")
@@ -225,7 +265,34 @@ def _train(args: argparse.Namespace) -> int:
             resolve(args.backend, torch.empty(0, device=resolve_device(args.device)))
         except RuntimeError as error:
             return _fail(command, f"argument --backend: {error}")
-    config = TrainConfig(
+    try:
+        config = _config(args)
+    except ValueError as error:
+        field, _, message = str(error).partition(": ")
+        option = _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        return _fail(command, f"argument {option}: {message}")
+    out = args.out if args.out is not None else Path("runs") / args.task
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return _fail(command, f"argument --out: cannot create {str(out)!r}: {error.strerror}")
+    reason = _writable(out)
+    if reason is not None:
+        return _fail(command, f"argument --out: cannot write in {str(out)!r}: {reason}")
+    if resolve_device(args.device).type == "cpu":
+        # Every op here is a few microseconds on a 10-to-100-wide model: OpenMP threads only
+        # add synchronisation, which costs several times the run when other processes share the
+        # cores.
+        torch.set_num_threads(1)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = run(config, out, progress=progress)
+    _report(result, out)
+    print(f"plots: {_plot(result, out)}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         task=args.task,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -245,28 +312,19 @@ def _train(args: argparse.Namespace) -> int:
                 "n_features": args.features,
                 "samples_per_class": args.samples_per_class,
             }
-            if clusters
+            if args.task == "clusters"
             else {"n_bits": args.bits, "all_patterns": args.all_patterns}
         ),
     )
-    out = args.out if args.out is not None else Path("runs") / args.task
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        return _fail(command, f"argument --out: cannot create {str(out)!r}: {error.strerror}")
-    if resolve_device(args.device).type == "cpu":
-        # Every op here is a few microseconds on a 10-to-100-wide model: OpenMP threads only
-        # add synchronisation, which costs several times the run when other processes share the
-        # cores.
-        torch.set_num_threads(1)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = run(config, out, progress=progress)
-    plots = plot_run(result, out)
 
+
+def _report(result: RunResult, out: Path) -> None:
+    """The run's results on stdout: accuracy on the test split and on every sample."""
+    config, clusters = result.config, result.config.task == "clusters"
     test, every = result.test, result.all_samples
     noun = "samples" if clusters else "patterns"
     print(
-        f"{args.task}: {config.epochs} epochs in {result.train_seconds:.1f} s on {result.device} "
+        f"{config.task}: {config.epochs} epochs in {result.train_seconds:.1f} s on {result.device} "
         f"(loss {config.loss}{', fused linear' if config.fused_linear else ''}, "
         f"{config.optimizer}, lr {config.lr:g}, batch {config.batch_size})"
     )
@@ -282,9 +340,7 @@ def _train(args: argparse.Namespace) -> int:
         )
         more = len(every.misclassified) - 8
         print(f"misclassified: {shown}" + (f" and {more} more" if more > 0 else ""))
-    print(f"plots: {', '.join(str(p) for p in plots)}")
     print(f"logs and checkpoint: {out / 'metrics.jsonl'}, {out / 'checkpoint.pt'}")
-    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -76,21 +76,25 @@ def bit_patterns(n_bits: int) -> Tensor:
     return ((index[:, None] >> shifts) & 1).to(torch.float32)
 
 
+def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train, validation and test sizes of ``n`` items: validation and test get
+    ``round(fraction * n)`` items each, train the rest."""
+    n_val = round(fractions[1] * n)
+    n_test = round(fractions[2] * n)
+    return n - n_val - n_test, n_val, n_test
+
+
 def split_indices(
     n: int, fractions: tuple[float, float, float], seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A seeded permutation of ``range(n)`` cut into train/validation/test index sets.
-
-    Validation and test get ``round(fraction * n)`` items each; train gets the rest.
-    """
+    """A seeded permutation of ``range(n)`` cut into train/validation/test index sets of
+    :func:`split_sizes`."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(
             f"fractions: expected three non-negative numbers summing to 1, got {fractions}"
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = round(fractions[1] * n)
-    n_test = round(fractions[2] * n)
-    n_train = n - n_val - n_test
+    n_train, n_val, _ = split_sizes(n, fractions)
     return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
 
 

@@ -102,6 +102,25 @@ class TrainConfig:
             raise ValueError(
                 "fused_linear: fuses the head into fused_ce's loss; needs loss='fused'"
             )
+        if self.task == "clusters" or not self.all_patterns:
+            self._check_splits()
+
+    def _check_splits(self) -> None:
+        """Validation and test sets need at least one sample per class on average: a smaller
+        one (one sample, or none) cannot say how well the model classifies."""
+        if self.task == "clusters":
+            name, classes = "samples_per_class", self.n_classes
+            size = self.samples_per_class * classes
+        else:
+            name, size = "n_bits", 2**self.n_bits
+            classes = 2 if self.task == "majority-bits" else self.n_bits + 1
+        _, n_val, n_test = data.split_sizes(size, data.DEFAULT_FRACTIONS)
+        if min(n_val, n_test) < classes:
+            raise ValueError(
+                f"{name}: {size} samples split 70/15/15 leave {n_test} for testing and {n_val} "
+                f"for validation, fewer than the {classes} classes; use more"
+                + ("" if self.task == "clusters" else " or all_patterns")
+            )
 
 
 def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
@@ -110,13 +129,16 @@ def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else must be usable here."""
+    """``"auto"`` is CUDA when available, else CPU; anything else must be ``cpu``, ``cuda`` or
+    ``cuda:N``, usable here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"device: {device!r} is not a device name ({error})") from None
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} requested but CUDA is not available here")
@@ -124,8 +146,6 @@ def resolve_device(device: str) -> torch.device:
             raise ValueError(
                 f"device: {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)"
             )
-    elif resolved.type != "cpu":
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     return resolved
 
 
