@@ -9,11 +9,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Installed once, again only when what the install builds from changes (the stamp is older):
+# an editable install takes ~10 s, and the Python sources it links need no reinstall.
+STAMP := $(VENV)/.installed
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 # torch==2.13.0 first when no torch is present: a bare `torch` requirement would pull a
 # multi-GB CUDA build; with it installed, the project's `torch>=2.4` installs nothing more.
-setup: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,train]"
+	$(BIN)/python -m pip install -q -e ".[dev,train,triton]"
+	touch $@
+
+setup: $(STAMP)
 
 test: setup
 	$(BIN)/ruff check fused_ce tests bench

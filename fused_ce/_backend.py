@@ -18,6 +18,14 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device`` here: Triton is installed (the
+    ``triton`` extra; CUDA builds of torch bring it) and the device is CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``."""
+    device_type = torch.device(device).type
+    return HAS_TRITON and (device_type == "cuda" or (INTERPRET and device_type == "cpu"))
+
+
 def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     """Resolve ``backend`` for a call whose main operand is ``tensor`` to the implementation
     that runs it: ``"triton"`` or ``"torch"``.
@@ -31,12 +39,14 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    runnable = tensor.device.type == "cuda" or (INTERPRET and tensor.device.type == "cpu")
     if backend == "auto":
-        return "triton" if HAS_TRITON and runnable else "torch"
+        return "triton" if triton_runs_on(tensor.device) else "torch"
     if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    if not runnable:
+        raise RuntimeError(
+            "backend='triton' needs the triton package, which is not installed "
+            "(pip install 'fused_ce[triton]')"
+        )
+    if not triton_runs_on(tensor.device):
         raise RuntimeError(
             f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
             f"got a tensor on {tensor.device}"

@@ -9,7 +9,7 @@ CUDA), and the kernels never read memory through an unchecked target.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -304,3 +304,23 @@ def sigmoid_binary_cross_entropy(
 
 cross_entropy = softmax_cross_entropy
 binary_cross_entropy_with_logits = sigmoid_binary_cross_entropy
+
+
+# ``import fused_ce.functional as F`` stands in for ``import torch.nn.functional as F``: the
+# losses above replace torch's, the fused linear heads come from fused_ce.linear (imported on
+# first use, since it imports this module), and every other name is torch's own object.
+_FROM_LINEAR = ("linear_cross_entropy", "linear_binary_cross_entropy_with_logits")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_LINEAR:
+        from . import linear
+
+        return getattr(linear, name)
+    if not name.startswith("__") and hasattr(torch.nn.functional, name):
+        return getattr(torch.nn.functional, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FROM_LINEAR, *dir(torch.nn.functional)})

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -348,6 +351,36 @@ def test_auto_backend(monkeypatch):
     monkeypatch.setattr(backend_module, "INTERPRET", True)
     monkeypatch.setattr(backend_module, "HAS_TRITON", False)
     assert backend_module.resolve("auto", cpu) == "torch"
+
+
+def test_without_triton_installed_auto_runs_the_torch_path():
+    """Triton is an extra: without it (``None`` in sys.modules hides an installed one, as on
+    a plain ``pip install .``) ``import fused_ce`` works, ``auto`` picks the torch path even
+    under the interpreter, the loss is torch's, and ``backend='triton'`` says how to install
+    it. A fresh interpreter: this one has imported fused_ce with Triton."""
+    script = """
+import sys
+sys.modules["triton"] = None
+import torch, torch.nn.functional as F
+import fused_ce
+from fused_ce import _backend
+x = torch.randn(4, 5, dtype=torch.float64)
+y = torch.tensor([0, 4, 2, 1])
+assert not _backend.HAS_TRITON and _backend.resolve("auto", x) == "torch"
+torch.testing.assert_close(fused_ce.cross_entropy(x, y), F.cross_entropy(x, y))
+try:
+    fused_ce.cross_entropy(x, y, backend="triton")
+except RuntimeError as error:
+    print(error)
+loaded = [name for name, module in sys.modules.items() if module and name.startswith("triton")]
+assert not loaded, loaded
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'fused_ce[triton]'" in done.stdout
 
 
 def test_auto_uses_triton_on_cpu_under_the_interpreter(monkeypatch):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional, linear
-from .._backend import HAS_TRITON, INTERPRET
+from .._backend import triton_runs_on
 
 Inputs = tuple[dict[str, Tensor], dict[str, Any]]
 
@@ -243,9 +243,8 @@ def cases() -> list[Case]:
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """``torch`` always; ``triton`` on CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
-    runnable = device.type == "cuda" or (device.type == "cpu" and INTERPRET)
-    return ["torch", "triton"] if HAS_TRITON and runnable else ["torch"]
+    """``torch`` always; ``triton`` where :func:`~fused_ce._backend.triton_runs_on` says so."""
+    return ["torch", "triton"] if triton_runs_on(device) else ["torch"]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._backend import BACKENDS
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ..linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 from . import data
@@ -86,7 +87,7 @@ class TrainConfig:
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.backend is not None:
-            _check_choice("backend", self.backend, ("auto", "triton", "torch"))
+            _check_choice("backend", self.backend, BACKENDS)
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.task]
         if self.lr is None:
