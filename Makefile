@@ -33,5 +33,12 @@ train: setup
 	$(BIN)/fused-ce train majority-bits --out runs/majority-bits
 	$(BIN)/fused-ce train popcount --out runs/popcount
 
+# Each case's name as it runs (-v), pytest-benchmark's own table left out (the report has the
+# times and the bounds), the JSON where the report reads it, then the report: bound columns
+# and goals. A subset: make bench BENCH_ARGS="-k popcount".
+BENCH_OUT ?= out/bench
 bench: setup
-	$(BIN)/python -m pytest bench --benchmark-only -q
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/python -m pytest bench --benchmark-only -v --benchmark-quiet \
+		--benchmark-json=$(BENCH_OUT)/bench.json $(BENCH_ARGS)
+	$(BIN)/python bench/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT) --print

@@ -43,11 +43,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 FAMILIES = ("bce", "ce", "linear_ce", "linear_bce")
 
-# Measuring: each case aims at about this much timed work (seconds), within these rounds.
+# Measuring: each case aims at about this much timed work (seconds), within these rounds. The
+# reported time is the fastest round, so every case needs a few rounds for that minimum to be
+# stable (one round on a busy machine is whatever the scheduler made of it).
 TARGET_SECONDS = 0.15 if CUDA else 1.0
-MIN_ROUNDS, MAX_ROUNDS = 3, 50
-# A call slower than this is timed in a single round with no extra warm-up (slow CPU cases).
+MIN_ROUNDS, MAX_ROUNDS = 5, 50
+# A pass slower than this runs the fewest rounds that still give a minimum and its spread, with
+# no warm-up round (slow CPU cases): the warm-up call has already compiled and loaded.
 SLOW_CALL_SECONDS = 2.0
+SLOW_ROUNDS = 3
 # Input sets smaller than the last-level cache rotate until they span this many times it, so
 # that every call reads its inputs from memory rather than from a cache the previous call warmed.
 CACHE_SPAN = 3
@@ -580,7 +584,7 @@ def run_case(benchmark, case: Case, provider_name: str, ceilings: Ceilings) -> N
             pass_seconds = time.perf_counter() - start
         slow = pass_seconds > SLOW_CALL_SECONDS
         fitting = round(TARGET_SECONDS / pass_seconds)
-        rounds = max(1 if slow else MIN_ROUNDS, min(MAX_ROUNDS, fitting))
+        rounds = max(SLOW_ROUNDS if slow else MIN_ROUNDS, min(MAX_ROUNDS, fitting))
         benchmark.pedantic(
             timed_call, rounds=rounds, iterations=n_sets, warmup_rounds=0 if slow else 1
         )
@@ -612,17 +616,21 @@ def run_case(benchmark, case: Case, provider_name: str, ceilings: Ceilings) -> N
     info["pass"] = case.pass_name
     info["ratio"] = round(info["peak_mem_bytes"] / info["lower_bound_bytes"], 3)
     stats = getattr(benchmark, "stats", None)
-    median = stats.stats.median if stats is not None else None
-    info["median_s"] = median
-    if median:
-        info["gbps"] = round(case.bytes_min() / median / 1e9, 3)
+    fastest = stats.stats.min if stats is not None else None
+    if fastest:
+        # The fastest round is the time (other load only ever adds to it); the spread of the
+        # median above it says whether that minimum can be trusted (bench/report.py).
+        info["min_s"] = fastest
+        info["median_s"] = stats.stats.median
+        info["spread"] = round(stats.stats.median / fastest - 1, 4)
+        info["gbps"] = round(case.bytes_min() / fastest / 1e9, 3)
         info["frac_copy_bw"] = round(info["gbps"] / ceilings.copy_gbps, 4)
         flops = case.flops()
         if flops is not None:
             matmul = ceilings.matmul_tflops(case.dtype)
             info.update(
                 flops=flops,
-                tflops=round(flops / median / 1e12, 3),
+                tflops=round(flops / fastest / 1e12, 3),
                 matmul_tflops=round(matmul, 3),
-                frac_matmul=round(flops / median / 1e12 / matmul, 4),
+                frac_matmul=round(flops / fastest / 1e12 / matmul, 4),
             )

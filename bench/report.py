@@ -5,7 +5,13 @@
 writes ``DIR/bench.md`` (header with device, date, commit, versions, ceilings and command; the
 issue's goals with the numbers that meet or miss them; one table per loss family),
 ``DIR/ce_time.png`` (CE time against C per provider) and ``DIR/frac_bw.png`` (fraction of the
-copy-bandwidth bound per provider). Every number comes from the one JSON: one run, one device.
+copy-bandwidth bound per provider), and prints the tables and the goals. Every number comes
+from the one JSON: one run, one device.
+
+A case's time is its fastest round. A case whose median round is more than
+``UNSTABLE_SPREAD`` above that, or that ran fewer than ``MIN_ROUNDS`` rounds, is marked
+unstable and left out of the results: its minimum says more about the machine's load than
+about the op.
 """
 
 from __future__ import annotations
@@ -34,21 +40,43 @@ FAMILY_TITLES = {
 }
 GOAL_FRACTION = 0.85
 MAJORITY_SLACK = 1.2
+UNSTABLE_SPREAD = 0.5
+MIN_ROUNDS = 3
 
 
 def load(path: Path) -> tuple[dict, list[dict]]:
-    """The run's metadata and one flat record per benchmark (extra_info + median)."""
+    """The run's metadata and one flat record per benchmark: extra_info, the fastest round
+    (``time_s``), the median one, the spread between them, and the rates of ``time_s``
+    (recomputed, so files that stored the median's rates read the same way)."""
     data = json.loads(path.read_text())
     records = []
     for bench in data["benchmarks"]:
         record = dict(bench["extra_info"])
         if "provider" not in record:
             continue  # not one of this suite's records
-        record["median_s"] = bench["stats"]["median"]
-        record["rounds"] = bench["stats"]["rounds"]
+        stats = bench["stats"]
+        record.update(time_s=stats["min"], median_s=stats["median"], rounds=stats["rounds"])
+        record["spread"] = stats["median"] / stats["min"] - 1 if stats["min"] else 0.0
         record["shape"] = tuple(record["shape"])
+        if record.get("bytes_min") and record.get("copy_gbps") and stats["min"]:
+            record["gbps"] = record["bytes_min"] / stats["min"] / 1e9
+            record["frac_copy_bw"] = record["gbps"] / record["copy_gbps"]
+        if record.get("flops") and record.get("matmul_tflops") and stats["min"]:
+            record["tflops"] = record["flops"] / stats["min"] / 1e12
+            record["frac_matmul"] = record["tflops"] / record["matmul_tflops"]
         records.append(record)
     return data, records
+
+
+def stable(record: dict) -> bool:
+    """Enough rounds, and the median round close to the fastest."""
+    return record["rounds"] >= MIN_ROUNDS and record["spread"] <= UNSTABLE_SPREAD
+
+
+def unstable_text(record: dict) -> str:
+    if record["rounds"] < MIN_ROUNDS:
+        return f"unstable ({record['rounds']} round{'s' * (record['rounds'] > 1)})"
+    return f"unstable (median +{record['spread']:.0%})"
 
 
 def card_name(device: str, threads: int | None) -> str:
@@ -156,11 +184,13 @@ def goals(records: list[dict]) -> list[str]:
                 continue
             if dtypes and dtype not in dtypes:
                 continue
-            frac = provs[fused].get("frac_copy_bw")
+            record = provs[fused]
+            frac = record.get("frac_copy_bw")
             ok = frac is not None and frac >= GOAL_FRACTION
+            verdict = ("met" if ok else "missed") if stable(record) else unstable_text(record)
+            shown = fmt_pct(frac) if stable(record) else "-"
             rows.append(
-                f"| {'x'.join(map(str, shape))} | {dtype} | {pass_name} | {fmt_pct(frac)} | "
-                f"{'met' if ok else 'missed'} |"
+                f"| {'x'.join(map(str, shape))} | {dtype} | {pass_name} | {shown} | {verdict} |"
             )
         lines.extend(["", f"**{title}**", ""])
         if rows:
@@ -182,17 +212,22 @@ def goals(records: list[dict]) -> list[str]:
 
     lines.extend(["", "**Ahead of torch.compile and Liger-Kernel wherever they ran**", ""])
     rows = []
+    unstable = 0
     for key, provs in sorted(by_key.items()):
         if fused not in provs:
             continue
         for peer in ("torch-compile", "liger", "cce"):
-            if peer in provs:
-                ratio = provs[peer]["median_s"] / provs[fused]["median_s"]
-                rows.append((key, peer, ratio))
+            if peer not in provs:
+                continue
+            if stable(provs[peer]) and stable(provs[fused]):
+                rows.append((key, peer, provs[peer]["time_s"] / provs[fused]["time_s"]))
+            else:
+                unstable += 1
     behind = [row for row in rows if row[2] <= 1.0]
     lines.append(
         f"{len(rows) - len(behind)} of {len(rows)} comparisons ahead "
-        "(ratio = peer time / fused_ce time; > 1 is ahead)."
+        "(ratio = peer time / fused_ce time; > 1 is ahead)"
+        + (f"; {unstable} left out, a time in them unstable." if unstable else ".")
     )
     if behind:
         lines += ["", "| case | peer | ratio |", "| --- | --- | --- |"]
@@ -214,12 +249,18 @@ def goals(records: list[dict]) -> list[str]:
         fam, workload, shape, dtype, pass_name = key
         if workload != "majority-bits" or fused not in provs or "torch-eager" not in provs:
             continue
-        ratio = provs[fused]["median_s"] / provs["torch-eager"]["median_s"]
+        ours, eager = provs[fused], provs["torch-eager"]
+        case = f"{fam} {'x'.join(map(str, shape))} {pass_name}"
+        if not (stable(ours) and stable(eager)):
+            texts = [
+                fmt_time(r["time_s"]) if stable(r) else unstable_text(r) for r in (ours, eager)
+            ]
+            lines.append(f"| {case} | {texts[0]} | {texts[1]} | - | unstable |")
+            continue
+        ratio = ours["time_s"] / eager["time_s"]
         lines.append(
-            f"| {fam} {'x'.join(map(str, shape))} {pass_name} | "
-            f"{fmt_time(provs[fused]['median_s'])} | "
-            f"{fmt_time(provs['torch-eager']['median_s'])} | {ratio:.2f} | "
-            f"{'met' if ratio <= MAJORITY_SLACK else 'missed'} |"
+            f"| {case} | {fmt_time(ours['time_s'])} | {fmt_time(eager['time_s'])} | "
+            f"{ratio:.2f} | {'met' if ratio <= MAJORITY_SLACK else 'missed'} |"
         )
     return lines
 
@@ -235,8 +276,10 @@ def summary(records: list[dict]) -> list[str]:
     lines = [
         "## Summary",
         "",
-        f"Time per call; the last column is `{fused}`'s fraction of the bound (copy bandwidth "
-        "for the losses, matmul rate for the fused linear ops). Fastest time in bold.",
+        f"Time per call (fastest round); the last column is `{fused}`'s fraction of the bound "
+        "(copy bandwidth for the losses, matmul rate for the fused linear ops). Fastest time "
+        "in bold; `unstable`: too few rounds, or a median round more than "
+        f"{UNSTABLE_SPREAD:.0%} slower than the fastest (no result).",
         "",
         "| case | " + " | ".join(providers) + " | of bound |",
         "| --- |" + " --: |" * (len(providers) + 1),
@@ -244,14 +287,22 @@ def summary(records: list[dict]) -> list[str]:
     order = list(FAMILY_TITLES)
     for key in sorted(by_key, key=lambda k: (order.index(k[0]), *k[1:])):
         provs = by_key[key]
-        fastest = min(r["median_s"] for r in provs.values())
+        fastest = min((r["time_s"] for r in provs.values() if stable(r)), default=None)
         cells = []
         for name in providers:
             record = provs.get(name)
-            text = fmt_time(record["median_s"]) if record else "-"
-            cells.append(f"**{text}**" if record and record["median_s"] == fastest else text)
-        bound = provs.get(fused, {}).get(
-            "frac_matmul" if key[0].startswith("linear") else "frac_copy_bw"
+            if record is None:
+                cells.append("-")
+            elif not stable(record):
+                cells.append(unstable_text(record))
+            else:
+                text = fmt_time(record["time_s"])
+                cells.append(f"**{text}**" if record["time_s"] == fastest else text)
+        ours = provs.get(fused, {})
+        bound = (
+            ours.get("frac_matmul" if key[0].startswith("linear") else "frac_copy_bw")
+            if ours and stable(ours)
+            else None
         )
         family, workload, shape, dtype, pass_name = key
         case = f"{family} {workload} {'x'.join(map(str, shape))} {dtype} {pass_name}"
@@ -260,11 +311,15 @@ def summary(records: list[dict]) -> list[str]:
 
 
 def tables(records: list[dict]) -> list[str]:
-    eager_time = {_key(r): r["median_s"] for r in records if r["provider"] == "torch-eager"}
+    eager_time = {
+        _key(r): r["time_s"] for r in records if r["provider"] == "torch-eager" and stable(r)
+    }
     lines = [
         "## Results",
         "",
-        "Median time per call. GB/s = `bytes_min` / time; % copy = that over the measured copy "
+        "Time per call: the fastest of the rounds (`unstable` where too few rounds ran or the "
+        f"median round was more than {UNSTABLE_SPREAD:.0%} slower: no result). "
+        "GB/s = `bytes_min` / time; % copy = that over the measured copy "
         "bandwidth. TFLOP/s = matmul FLOPs / time (linear ops). Peak = memory live at the peak, "
         "inputs included; x bound = peak / (inputs + outputs + gradients). x eager = eager "
         "time / this time (> 1 is faster). docs/benchmarks.md defines each column.",
@@ -285,15 +340,22 @@ def tables(records: list[dict]) -> list[str]:
         rule += " --: | --: | --: |"
         lines += ["", f"### {FAMILY_TITLES.get(family, family)}", "", head, rule]
         for r in rows:
-            eager = eager_time.get(_key(r))
-            speedup = f"{eager / r['median_s']:.2f}" if eager and r["median_s"] else "-"
             row = (
                 f"| {r['workload']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
-                f"{r['pass']} | {r['provider']} | {fmt_time(r['median_s'])} | "
-                f"{r.get('gbps', 0):.4g} | {fmt_pct(r.get('frac_copy_bw'))} |"
+                f"{r['pass']} | {r['provider']} |"
             )
-            if linear:
-                row += f" {r.get('tflops', 0):.4g} | {fmt_pct(r.get('frac_matmul'))} |"
+            if stable(r):
+                eager = eager_time.get(_key(r))
+                speedup = f"{eager / r['time_s']:.2f}" if eager else "-"
+                row += (
+                    f" {fmt_time(r['time_s'])} | {r.get('gbps', 0):.4g} | "
+                    f"{fmt_pct(r.get('frac_copy_bw'))} |"
+                )
+                if linear:
+                    row += f" {r.get('tflops', 0):.4g} | {fmt_pct(r.get('frac_matmul'))} |"
+            else:
+                speedup = "-"
+                row += f" {unstable_text(r)} | - | - |" + (" - | - |" if linear else "")
             row += f" {fmt_bytes(r.get('peak_mem_bytes'))} | {r.get('ratio', '-')} | {speedup} |"
             lines.append(row)
     return lines
@@ -307,6 +369,7 @@ def plot(records: list[dict], device: str, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    records = [r for r in records if stable(r)]
     grid = [r for r in records if r["workload"] == "grid" and r["family"] == "ce"]
     panels = sorted({(r["shape"][0], r["dtype"], r["pass"]) for r in grid})
     if panels:
@@ -319,9 +382,7 @@ def plot(records: list[dict], device: str, out: Path) -> list[Path]:
             ]
             for provider in sorted({r["provider"] for r in subset}, key=_provider_rank):
                 points = sorted(
-                    (r["shape"][1], r["median_s"] * 1e3)
-                    for r in subset
-                    if r["provider"] == provider
+                    (r["shape"][1], r["time_s"] * 1e3) for r in subset if r["provider"] == provider
                 )
                 ax.plot(*zip(*points, strict=True), marker="o", label=provider)
             ax.set_xscale("log")
@@ -377,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="JSON written by --benchmark-json")
     parser.add_argument("--out", type=Path, required=True, help="folder for bench.md and PNGs")
+    parser.add_argument(
+        "--print", action="store_true", help="also print the tables and the goals (make bench)"
+    )
     args = parser.parse_args(argv)
     data, records = load(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -384,9 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     written = plot(records, device, args.out)
     lines = header(data, records)
     lines += ["", *(f"![{p.stem}]({p.name})" for p in written)]
-    lines += ["", *summary(records), "", *goals(records), "", *tables(records), ""]
+    sections = [*summary(records), "", *tables(records), "", *goals(records)]
+    lines += ["", *sections, ""]
     (args.out / "bench.md").write_text("\n".join(lines))
     card = card_name(device, data["machine_info"].get("fused_ce", {}).get("torch_threads"))
+    if args.print:
+        print("\n".join(sections), end="\n\n")
     print(f"wrote {args.out / 'bench.md'} and {len(written)} plots; card: {card}")
 
 
