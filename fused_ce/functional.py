@@ -9,13 +9,14 @@ CUDA), and the kernels never read memory through an unchecked target.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
 
 from ._backend import resolve
 from ._common import accumulation_dtype
+from ._docs import share_ce_math
 from ._validation import (
     check_bce_weights,
     check_ce_target,
@@ -140,6 +141,61 @@ def _finish(
     )
 
 
+@overload
+def softmax_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    *,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    z_loss: float = ...,
+    return_stats: Literal[False] = ...,
+    inplace_backward: bool = ...,
+    backend: str | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def softmax_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    *,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    z_loss: float = ...,
+    return_stats: Literal[True],
+    inplace_backward: bool = ...,
+    backend: str | None = ...,
+) -> CrossEntropyStats: ...
+
+
+@overload
+def softmax_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    *,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    z_loss: float = ...,
+    return_stats: bool,
+    inplace_backward: bool = ...,
+    backend: str | None = ...,
+) -> Tensor | CrossEntropyStats: ...
+
+
+@share_ce_math
 def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -156,54 +212,60 @@ def softmax_cross_entropy(
     backend: str | None = None,
 ) -> Tensor | CrossEntropyStats:
     r"""Softmax + cross-entropy, fused: the same result and gradients as
-    :func:`torch.nn.functional.cross_entropy`, plus options large-model training asks for
-    (their defaults keep torch's results; see docs/options.md).
+    :func:`torch.nn.functional.cross_entropy`, plus options large-model training asks for.
 
-    With :math:`\mathrm{lse}_n = \log\sum_c e^{x_{n,c}}` (the class dim is 1, or 0 for 1-D input),
-    class weights :math:`w` (ones when ``None``), :math:`v_n = [y_n \ne \text{ignore\_index}]`
-    and smoothing :math:`\varepsilon`:
-
-    * class-index target :math:`y`:
-      :math:`\ell_n = v_n[(1-\varepsilon)\,w_{y_n}(\mathrm{lse}_n - x_{n,y_n})
-      + \tfrac{\varepsilon}{C}\sum_c w_c(\mathrm{lse}_n - x_{n,c})]`; ``'mean'`` divides the sum
-      by :math:`\sum_n w_{y_n} v_n`.
-    * probability target :math:`t` (same shape as ``input``, floating point):
-      :math:`\ell_n = \sum_c w_c\,t'_{n,c}(\mathrm{lse}_n - x_{n,c})` with
-      :math:`t' = (1-\varepsilon)t + \varepsilon/C`; ``'mean'`` divides by the number of rows.
-
-    The input gradient is the lecture's :math:`o - t` (softmax minus the one-hot or smoothed
-    target), weighted; probability targets receive a gradient too.
-
-    Options: the logits become :math:`z = s\,x` (``logit_scale``), then
-    :math:`z \leftarrow c\tanh(z/c)` (``softcap`` :math:`c`), and everything above uses
-    :math:`z`; ``z_loss`` adds :math:`\lambda\,\mathrm{lse}_n^2` per non-ignored row, reduced
-    like the CE term (``'mean'`` uses the same divisor).
+    The logits :math:`z` are ``input``, the class dim 1 (0 for 1-D input).
+    {CE_MATH}
 
     Args:
-        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``; fp16, bf16, fp32 or fp64.
-        target: class indices ``()``, ``(N)`` or ``(N, d1, ..., dK)`` (int64 or uint8), or
-            probabilities of ``input``'s shape.
-        weight: optional class weights ``(C)`` of ``input``'s dtype; not differentiable.
-        ignore_index: class index whose rows contribute nothing (any int, even a valid class);
-            must be negative with probability targets.
-        reduction: ``'none'`` (shape of the target's batch dims), ``'mean'`` or ``'sum'``.
-        label_smoothing: :math:`\varepsilon \in [0, 1]`; negative values act as 0.
-        logit_scale: finite multiplier applied to the logits first.
-        softcap: ``None`` or a positive cap :math:`c`: :math:`z \leftarrow c\tanh(z/c)`.
-        z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` term.
-        return_stats: return a :class:`CrossEntropyStats` ``(loss, lse, z_loss, entropy,
-            accuracy)`` instead of the loss alone.
-        inplace_backward: the backward writes the input gradient over ``input``'s memory
-            (saves an ``N x C`` buffer). ``input`` must not be a leaf that requires grad, and
-            nothing else may need its values later: a use saved by another op fails loudly
-            (torch's "modified by an inplace operation" error), as does a change to ``input``
-            before the backward.
-        backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``.
+        input (Tensor): logits; fp16, bf16, fp32 or fp64.
+        target (Tensor): class indices (int64 or uint8), or probabilities of ``input``'s shape.
+        weight (Tensor, optional): class weights ``(C)`` of ``input``'s dtype; not
+            differentiable. Default: ``None`` (all ones).
+        ignore_index (int, optional): class index whose rows contribute nothing (any int, even
+            a valid class); must be negative with probability targets. Default: ``-100``.
+        reduction (str, optional): ``'none'``, ``'mean'`` or ``'sum'``. Default: ``'mean'``.
+        label_smoothing (float, optional): :math:`\varepsilon \in [0, 1]`; negative values act
+            as 0. Default: ``0.0``.
+        logit_scale (float, optional): finite multiplier applied to the logits first.
+            Default: ``1.0``.
+        softcap (float, optional): a positive cap :math:`c`: :math:`z \leftarrow c\tanh(z/c)`.
+            Default: ``None`` (no cap).
+        z_loss (float, optional): :math:`\lambda \ge 0`, the weight of the
+            :math:`\mathrm{lse}^2` term. Default: ``0.0``.
+        return_stats (bool, optional): return a :class:`CrossEntropyStats` ``(loss, lse,
+            z_loss, entropy, accuracy)`` instead of the loss alone. Default: ``False``.
+        inplace_backward (bool, optional): the backward writes the input gradient over
+            ``input``'s memory (saves an ``N x C`` buffer). ``input`` must not be a leaf that
+            requires grad, and nothing else may need its values later: a use saved by another
+            op fails loudly (torch's "modified by an inplace operation" error), as does a
+            change to ``input`` before the backward. Default: ``False``.
+        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``. Default: ``None``
+            (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        The loss, in ``input``'s dtype (the promoted dtype of input and target for probability
-        targets); computed in fp32 (fp64 for fp64 operands). With ``return_stats``, a
-        :class:`CrossEntropyStats` whose ``loss`` is that loss.
+        Tensor: the loss, in ``input``'s dtype (the promoted dtype of input and target for
+        probability targets); computed in fp32 (fp64 for fp64 operands).
+        CrossEntropyStats: with ``return_stats=True``, whose ``loss`` is that loss.
+
+    Shape:
+        - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
+        - Target: class indices :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`, each in
+          :math:`[0, C)` or ``ignore_index``; or probabilities of the input's shape.
+        - Output: a scalar; with ``reduction='none'`` the target's batch shape, :math:`()`,
+          :math:`(N)` or :math:`(N, d_1, ..., d_K)`.
+
+    Examples::
+
+        >>> logits = torch.randn(3, 5, requires_grad=True)
+        >>> target = torch.tensor([1, 0, 4])
+        >>> loss = fused_ce.softmax_cross_entropy(logits, target, label_smoothing=0.1)
+        >>> loss.backward()
+        >>> torch.allclose(loss, F.cross_entropy(logits, target, label_smoothing=0.1))
+        True
+        >>> stats = fused_ce.softmax_cross_entropy(logits, target, return_stats=True)
+        >>> stats.lse.shape, stats.accuracy.shape
+        (torch.Size([3]), torch.Size([]))
     """
     check_reduction(reduction)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
@@ -277,17 +339,34 @@ def sigmoid_binary_cross_entropy(
     when unweighted) and :math:`\partial\ell/\partial t = w\,(-x - (p_w-1)\log o)`.
 
     Args:
-        input: logits of any shape; fp16, bf16, fp32 or fp64.
-        target: floating-point targets of ``input``'s size (usually in [0, 1]).
-        weight: optional weight broadcastable to ``input`` (right-aligned); not differentiable.
-        reduction: ``'none'`` (input's shape), ``'mean'`` (divides by ``input.numel()``) or
-            ``'sum'``.
-        pos_weight: optional positive-class weight broadcastable to ``input``; a ``(C,)`` tensor
-            applies to the last dim. Not differentiable.
-        backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``.
+        input (Tensor): logits; fp16, bf16, fp32 or fp64.
+        target (Tensor): floating-point targets of ``input``'s size (usually in [0, 1]).
+        weight (Tensor, optional): weight broadcastable to ``input`` (right-aligned); not
+            differentiable. Default: ``None`` (all ones).
+        reduction (str, optional): ``'none'``, ``'mean'`` (divides by ``input.numel()``) or
+            ``'sum'``. Default: ``'mean'``.
+        pos_weight (Tensor, optional): positive-class weight broadcastable to ``input``; a
+            ``(C,)`` tensor applies to the last dim. Not differentiable. Default: ``None``.
+        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``. Default: ``None``
+            (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        The loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64 operands).
+        Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
+        operands).
+
+    Shape:
+        - Input: :math:`(*)`, any number of dimensions.
+        - Target: :math:`(*)`, the input's shape.
+        - Output: a scalar; with ``reduction='none'`` the input's shape.
+
+    Examples::
+
+        >>> logits = torch.randn(4, 3, requires_grad=True)
+        >>> labels = torch.rand(4, 3)
+        >>> loss = fused_ce.sigmoid_binary_cross_entropy(logits, labels, pos_weight=torch.ones(3))
+        >>> loss.backward()
+        >>> torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, labels))
+        True
     """
     check_reduction(reduction)
     check_floating("input", input)

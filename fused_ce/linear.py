@@ -20,11 +20,14 @@ Paths (``path=``):
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 
 from ._backend import resolve
 from ._common import accumulation_dtype
+from ._docs import share_ce_math
 from ._validation import (
     check_bce_weights,
     check_ce_target,
@@ -57,6 +60,70 @@ def _as_rows(input: Tensor) -> Tensor:
     return input.reshape(-1, input.shape[-1])
 
 
+@overload
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = ...,
+    weight: Tensor | None = ...,
+    reduction: str = ...,
+    ignore_index: int = ...,
+    label_smoothing: float = ...,
+    chunk_size: int | None = ...,
+    path: str = ...,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    z_loss: float = ...,
+    return_stats: Literal[False] = ...,
+    backend: str | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = ...,
+    weight: Tensor | None = ...,
+    reduction: str = ...,
+    ignore_index: int = ...,
+    label_smoothing: float = ...,
+    chunk_size: int | None = ...,
+    path: str = ...,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    z_loss: float = ...,
+    return_stats: Literal[True],
+    backend: str | None = ...,
+) -> CrossEntropyStats: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = ...,
+    weight: Tensor | None = ...,
+    reduction: str = ...,
+    ignore_index: int = ...,
+    label_smoothing: float = ...,
+    chunk_size: int | None = ...,
+    path: str = ...,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    z_loss: float = ...,
+    return_stats: bool,
+    backend: str | None = ...,
+) -> Tensor | CrossEntropyStats: ...
+
+
+@share_ce_math
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -79,15 +146,8 @@ def linear_cross_entropy(
     ``softmax_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` (and of
     ``torch.nn.functional.linear_cross_entropy``), without the ``N x V`` logits.
 
-    With :math:`z_n = W x_n + b` (:math:`V` classes), :math:`\mathrm{lse}_n = \log\sum_c
-    e^{z_{n,c}}`, class weights :math:`w` (ones when ``None``), :math:`v_n = [y_n \ne
-    \text{ignore\_index}]` and smoothing :math:`\varepsilon`:
-
-    * class-index target: :math:`\ell_n = v_n[(1-\varepsilon)\,w_{y_n}(\mathrm{lse}_n -
-      z_{n,y_n}) + \tfrac{\varepsilon}{V}\sum_c w_c(\mathrm{lse}_n - z_{n,c})]`; ``'mean'``
-      divides the sum by :math:`\sum_n w_{y_n} v_n`.
-    * probability target :math:`t`: :math:`\ell_n = \sum_c w_c\,t'_{n,c}(\mathrm{lse}_n -
-      z_{n,c})`, :math:`t' = (1-\varepsilon)t + \varepsilon/V`; ``'mean'`` divides by :math:`N`.
+    The logits are :math:`z_n = W x_n + b` over :math:`C = V` classes, never stored whole.
+    {CE_MATH}
 
     Gradients, with :math:`G = \partial L/\partial z` (softmax minus the one-hot or smoothed
     target, weighted, times the upstream gradient): :math:`\partial L/\partial x = G W`,
@@ -95,34 +155,52 @@ def linear_cross_entropy(
     probability target receives :math:`-(1-\varepsilon)\,w_c \log p_c` per unit loss.
 
     Args:
-        input: features ``(..., D)``, any leading dims (``N`` rows in all); fp16, bf16, fp32 or
+        input (Tensor): features, any leading dims (``N`` rows in all); fp16, bf16, fp32 or
             fp64.
-        linear_weight: ``(V, D)``, ``input``'s dtype and device.
-        target: class indices of shape ``input.shape[:-1]`` (int64 or uint8), or probabilities
-            of shape ``input.shape[:-1] + (V,)`` (floating point).
-        linear_bias: optional ``(V,)``, ``input``'s dtype.
-        weight: optional class weights ``(V,)`` (``input``'s dtype for class-index targets);
-            not differentiable.
-        reduction: ``'none'`` (shape ``input.shape[:-1]``), ``'mean'`` or ``'sum'``.
-        ignore_index: class index whose rows contribute nothing (any int); must be negative
-            with probability targets.
-        label_smoothing: :math:`\varepsilon \in [0, 1]`; negative values act as 0.
-        chunk_size: rows per chunk on the chunked path; bounds the extra memory to about
-            ``chunk_size x V`` logits. ``None``: a 512 MiB logits buffer on CUDA, 16 MiB of
-            fp32 on CPU (see ``fused_ce.torch_impl.linear``). Results do not depend on it
-            beyond fp32 summation order.
-        path: ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or ``'fused'`` (Triton only).
-        logit_scale, softcap, z_loss, return_stats: as in
-            :func:`fused_ce.softmax_cross_entropy` (the logits ``z`` are scaled, then capped;
-            see docs/options.md); both paths take them.
-        backend: ``'auto'`` (default, or ``$FUSED_CE_BACKEND``), ``'triton'`` or ``'torch'``;
-            on the chunked path it picks the per-chunk loss kernels, the GEMMs being torch's.
+        linear_weight (Tensor): ``input``'s dtype and device.
+        target (Tensor): class indices (int64 or uint8), or probabilities (floating point).
+        linear_bias (Tensor, optional): ``input``'s dtype. Default: ``None``.
+        weight (Tensor, optional): class weights ``(V,)`` (``input``'s dtype for class-index
+            targets); not differentiable. Default: ``None`` (all ones).
+        reduction (str, optional): ``'none'``, ``'mean'`` or ``'sum'``. Default: ``'mean'``.
+        ignore_index (int, optional): class index whose rows contribute nothing (any int);
+            must be negative with probability targets. Default: ``-100``.
+        label_smoothing (float, optional): :math:`\varepsilon \in [0, 1]`; negative values act
+            as 0. Default: ``0.0``.
+        chunk_size (int, optional): rows per chunk on the chunked path; bounds the extra
+            memory to about ``chunk_size x V`` logits. Results do not depend on it beyond fp32
+            summation order. Default: ``None``: a 512 MiB logits buffer on CUDA, 16 MiB of
+            fp32 on CPU (see ``fused_ce.torch_impl.linear``).
+        path (str, optional): ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or
+            ``'fused'`` (Triton only). Default: ``'auto'``.
+        logit_scale (float, optional), softcap (float, optional), z_loss (float, optional),
+            return_stats (bool, optional): as in :func:`fused_ce.softmax_cross_entropy`, with
+            the same defaults (``1.0``, ``None``, ``0.0``, ``False``); both paths take them.
+        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``; on the chunked path
+            it picks the per-chunk loss kernels, the GEMMs being torch's. Default: ``None``
+            (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        The loss in ``input``'s dtype (the promoted dtype of input and target for probability
-        targets), computed in fp32 (fp64 for fp64 operands). ``dW`` and ``db`` are accumulated
-        in fp32 across chunks and rounded once. With ``return_stats``, a
-        :class:`fused_ce.CrossEntropyStats` whose ``loss`` is that loss.
+        Tensor: the loss in ``input``'s dtype (the promoted dtype of input and target for
+        probability targets), computed in fp32 (fp64 for fp64 operands). ``dW`` and ``db`` are
+        accumulated in fp32 across chunks and rounded once.
+        CrossEntropyStats: with ``return_stats=True``, whose ``loss`` is that loss.
+
+    Shape:
+        - Input: :math:`(*, D)`, :math:`N` rows in all.
+        - Linear weight: :math:`(V, D)`; linear bias: :math:`(V)`.
+        - Target: class indices :math:`(*)`, or probabilities :math:`(*, V)`.
+        - Output: a scalar; with ``reduction='none'`` :math:`(*)`.
+
+    Examples::
+
+        >>> x = torch.randn(6, 16, requires_grad=True)
+        >>> head = torch.randn(100, 16, requires_grad=True)
+        >>> target = torch.randint(0, 100, (6,))
+        >>> loss = fused_ce.linear_cross_entropy(x, head, target, chunk_size=4)
+        >>> loss.backward()
+        >>> torch.allclose(loss, F.cross_entropy(x @ head.T, target))
+        True
 
     With ``reduction='mean'``/``'sum'`` and a gradient wanted, the chunked path computes the
     gradients during the forward (see ``fused_ce.ops.linear``): ``loss.backward()`` then only
@@ -249,21 +327,39 @@ def linear_binary_cross_entropy_with_logits(
     receives :math:`w\,(-z - (p_w-1)\log o)`.
 
     Args:
-        input: features ``(..., D)``; fp16, bf16, fp32 or fp64.
-        linear_weight: ``(C, D)``, ``input``'s dtype and device.
-        target: floating point, the logits' shape ``input.shape[:-1] + (C,)``.
-        linear_bias: optional ``(C,)``, ``input``'s dtype.
-        weight: optional, broadcastable to the logits' shape (right-aligned); not
-            differentiable.
-        pos_weight: optional, broadcastable to the logits' shape; a ``(C,)`` tensor weighs each
-            output. Not differentiable.
-        reduction: ``'none'`` (the logits' shape), ``'mean'`` (divides by ``N * C``) or
-            ``'sum'``.
-        chunk_size: rows per chunk (see :func:`linear_cross_entropy`).
-        backend: ``'auto'``, ``'triton'`` or ``'torch'``: the per-chunk BCE kernel.
+        input (Tensor): features; fp16, bf16, fp32 or fp64.
+        linear_weight (Tensor): ``input``'s dtype and device.
+        target (Tensor): floating point, the logits' shape.
+        linear_bias (Tensor, optional): ``input``'s dtype. Default: ``None``.
+        weight (Tensor, optional): broadcastable to the logits' shape (right-aligned); not
+            differentiable. Default: ``None`` (all ones).
+        pos_weight (Tensor, optional): broadcastable to the logits' shape; a ``(C,)`` tensor
+            weighs each output. Not differentiable. Default: ``None``.
+        reduction (str, optional): ``'none'``, ``'mean'`` (divides by ``N * C``) or ``'sum'``.
+            Default: ``'mean'``.
+        chunk_size (int, optional): rows per chunk (see :func:`linear_cross_entropy`).
+            Default: ``None``.
+        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``: the per-chunk BCE
+            kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        The loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64 operands).
+        Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
+        operands).
+
+    Shape:
+        - Input: :math:`(*, D)`; linear weight :math:`(C, D)`; linear bias :math:`(C)`.
+        - Target: :math:`(*, C)`, the logits' shape.
+        - Output: a scalar; with ``reduction='none'`` :math:`(*, C)`.
+
+    Examples::
+
+        >>> bits = torch.randint(0, 2, (64, 10)).float()
+        >>> neuron = torch.zeros(1, 10, requires_grad=True)
+        >>> label = (bits.sum(1, keepdim=True) > 5).float()
+        >>> loss = fused_ce.linear_binary_cross_entropy_with_logits(bits, neuron, label)
+        >>> loss.backward()
+        >>> round(loss.item(), 4)  # log 2: the untrained neuron says 0.5 everywhere
+        0.6931
     """
     check_reduction(reduction)
     n_classes = check_linear(input, linear_weight, linear_bias)
