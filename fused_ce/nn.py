@@ -21,7 +21,27 @@ from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entrop
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """:class:`torch.nn.CrossEntropyLoss` computed by :func:`fused_ce.softmax_cross_entropy`."""
+    """:class:`torch.nn.CrossEntropyLoss` computed by :func:`fused_ce.softmax_cross_entropy`.
+
+    Args: torch's (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``, with its
+    defaults), then, keyword-only, the function's options beyond torch (``logit_scale``,
+    ``softcap``, ``z_loss``, ``return_stats``, ``inplace_backward``) and ``backend``.
+
+    Shape:
+        As :func:`fused_ce.softmax_cross_entropy`: input :math:`(C)`, :math:`(N, C)` or
+        :math:`(N, C, d_1, ..., d_K)`; target class indices of the batch shape or
+        probabilities of the input's shape; output a scalar, or the batch shape for
+        ``reduction='none'``.
+
+    Examples::
+
+        >>> loss_fn = fused_ce.nn.CrossEntropyLoss(label_smoothing=0.1)
+        >>> logits = torch.randn(3, 5, requires_grad=True)
+        >>> loss = loss_fn(logits, torch.tensor([1, 0, 4]))
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
+    """
 
     def __init__(
         self,
@@ -67,7 +87,24 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     """:class:`torch.nn.BCEWithLogitsLoss` computed by
-    :func:`fused_ce.sigmoid_binary_cross_entropy`."""
+    :func:`fused_ce.sigmoid_binary_cross_entropy`.
+
+    Args: torch's (``weight``, ``reduction``, ``pos_weight``, with its defaults), then,
+    keyword-only, ``backend``.
+
+    Shape:
+        Input :math:`(*)`; target the input's shape; output a scalar, or :math:`(*)` for
+        ``reduction='none'``.
+
+    Examples::
+
+        >>> loss_fn = fused_ce.nn.BCEWithLogitsLoss(pos_weight=torch.full((3,), 2.0))
+        >>> logits = torch.randn(4, 3, requires_grad=True)
+        >>> loss = loss_fn(logits, torch.rand(4, 3))
+        >>> loss.backward()
+        >>> loss_fn.pos_weight
+        tensor([2., 2., 2.])
+    """
 
     def __init__(
         self,
@@ -150,10 +187,25 @@ class _LinearLossHead(torch.nn.Module):
 
 
 class LinearCrossEntropyLoss(_LinearLossHead):
-    """Output head + softmax cross-entropy: ``forward(input (..., in_features), target)``
+    r"""Output head + softmax cross-entropy: ``forward(input (..., in_features), target)``
     returns :func:`fused_ce.linear_cross_entropy` of the head's parameters, never holding the
     ``N x out_features`` logits. ``weight`` (class weights) is a buffer, as in
-    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's."""
+    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's.
+
+    Shape:
+        Input :math:`(*, \text{in\_features})`; target class indices :math:`(*)` or
+        probabilities :math:`(*, \text{out\_features})`; output a scalar, or :math:`(*)` for
+        ``reduction='none'``.
+
+    Examples::
+
+        >>> head = fused_ce.nn.LinearCrossEntropyLoss(16, 100)
+        >>> hidden = torch.randn(6, 16, requires_grad=True)
+        >>> loss = head(hidden, torch.randint(0, 100, (6,)))
+        >>> loss.backward()
+        >>> head.linear_weight.grad.shape
+        torch.Size([100, 16])
+    """
 
     def __init__(
         self,
@@ -210,10 +262,24 @@ class LinearCrossEntropyLoss(_LinearLossHead):
 
 
 class LinearBCEWithLogitsLoss(_LinearLossHead):
-    """Output head + sigmoid binary cross-entropy (the sigmoid neuron for ``out_features=1``, a
+    r"""Output head + sigmoid binary cross-entropy (the sigmoid neuron for ``out_features=1``, a
     multi-label head above): ``forward(input (..., in_features), target (..., out_features))``
     returns :func:`fused_ce.linear_binary_cross_entropy_with_logits` of the head's parameters.
-    ``weight`` and ``pos_weight`` are buffers, as in :class:`torch.nn.BCEWithLogitsLoss`."""
+    ``weight`` and ``pos_weight`` are buffers, as in :class:`torch.nn.BCEWithLogitsLoss`.
+
+    Shape:
+        Input :math:`(*, \text{in\_features})`; target :math:`(*, \text{out\_features})`;
+        output a scalar, or :math:`(*, \text{out\_features})` for ``reduction='none'``.
+
+    Examples::
+
+        >>> neuron = fused_ce.nn.LinearBCEWithLogitsLoss(10, 1)  # the lecture's sigmoid neuron
+        >>> bits = torch.randint(0, 2, (64, 10)).float()
+        >>> loss = neuron(bits, (bits.sum(1, keepdim=True) > 5).float())
+        >>> loss.backward()
+        >>> neuron.linear_bias.grad.shape
+        torch.Size([1])
+    """
 
     def __init__(
         self,

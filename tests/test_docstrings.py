@@ -9,24 +9,32 @@ import torch.nn.functional as F
 
 import fused_ce
 
-PUBLIC = [
+FUNCTIONS = [
     fused_ce.softmax_cross_entropy,
     fused_ce.sigmoid_binary_cross_entropy,
     fused_ce.linear_cross_entropy,
     fused_ce.linear_binary_cross_entropy_with_logits,
 ]
+MODULES = [
+    fused_ce.nn.CrossEntropyLoss,
+    fused_ce.nn.BCEWithLogitsLoss,
+    fused_ce.nn.LinearCrossEntropyLoss,
+    fused_ce.nn.LinearBCEWithLogitsLoss,
+]
 
 
-@pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("function", FUNCTIONS + MODULES, ids=lambda f: f.__name__)
 def test_docstring_sections_and_examples(function):
     doc = function.__doc__
-    for section in ("Args:", "Returns:", "Shape:", "Examples::"):
+    sections = ("Shape:", "Examples::") if function in MODULES else ("Args:", "Returns:")
+    for section in ("Shape:", "Examples::", *sections):
         assert f"\n    {section}\n" in doc, section
     assert "{CE_MATH}" not in doc
     torch.manual_seed(0)
     finder = doctest.DocTestFinder()
     (test,) = finder.find(function, globs={"torch": torch, "F": F, "fused_ce": fused_ce})
     assert len(test.examples) >= 4
+    test.name = function.__name__
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
