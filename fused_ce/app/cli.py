@@ -362,7 +362,10 @@ def _check(args: argparse.Namespace) -> int:
     print(format_table(results))
     failed = sum(not r.ok for r in results)
     if "triton" not in {r.backend for r in results}:
-        print("(triton backend not checked: it needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+        print(
+            "(triton backend not checked: it needs the triton package, pip install "
+            "'fused_ce[triton]', and CUDA, or TRITON_INTERPRET=1 on CPU)"
+        )
     print(f"{len(results) - failed}/{len(results)} within tolerance")
     return 1 if failed else 0
 
