@@ -336,3 +336,42 @@ def capped_or_scaled_reference(input, target, *, logit_scale=1.0, softcap=None, 
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return F.cross_entropy(z, target, **kwargs)
+
+
+# --- the torch path's chunks bound (1, C, H, W) inputs too -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", [(1, 5, 3, 4), (2, 5, 12)], ids=["1CHW", "NCL"])
+def test_torch_path_chunks_the_inner_dim(shape, kind, monkeypatch):
+    """With room for 16 logits a chunk, no chunk copy may hold C * H * W = 60 of them, and the
+    result is torch's (forward and both gradients, rows split mid-image)."""
+    import fused_ce.torch_impl.cross_entropy as torch_ce
+
+    monkeypatch.setattr(torch_ce, "CHUNK_ELEMENTS", 16)
+    copied = []
+    copy_rows = torch_ce._copy_rows
+
+    def recording_copy(t, dtype):
+        out = copy_rows(t, dtype)
+        copied.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch_ce, "_copy_rows", recording_copy)
+    logits = randn(shape, 0, "cpu", scale=2.0)
+    if kind == "index":
+        target = torch.randint(
+            0, 5, shape[:1] + shape[2:], generator=torch.Generator().manual_seed(1)
+        )
+        target.view(-1)[::4] = -100
+    else:
+        target = torch.softmax(randn(shape, 1, "cpu"), 1)
+    check(
+        fused_ce.softmax_cross_entropy,
+        F.cross_entropy,
+        (logits, target),
+        dict(reduction="none", label_smoothing=0.1),
+        (0, 1) if kind == "prob" else (0,),
+        "torch",
+    )
+    assert copied and max(copied) <= 16

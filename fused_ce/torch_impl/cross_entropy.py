@@ -1,6 +1,8 @@
 """Softmax + cross-entropy in plain PyTorch, chunked over rows (same math as the kernels).
 
-Each chunk is worked in place in one ``rows x C`` buffer of the accumulation dtype. In the
+A chunk holds about ``CHUNK_ELEMENTS`` logits: whole outer blocks of the ``(n_outer, C,
+n_inner)`` view while one fits, else pieces of one block's inner dim (a ``(1, C, H, W)`` input
+is no single ``C * H * W`` chunk). Each chunk is worked in place in one ``rows x C`` buffer of the accumulation dtype. In the
 backward that buffer is the caller's gradient buffer itself whenever it has that dtype and a
 row-major view (the fused linear heads pass their fp32 logits buffer as both logits and
 gradient), so the backward then makes no chunk-sized temporary at all; otherwise it is one copy
@@ -8,6 +10,8 @@ of the chunk. The forward holds two (a copy of the logits and their exponentials
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -60,10 +64,40 @@ def _final_logits_(z: torch.Tensor, logit_scale: float, softcap: float) -> torch
     return slope
 
 
-def _chunks(n_outer: int, row_elements: int):
-    step = max(1, CHUNK_ELEMENTS // max(row_elements, 1))
-    for start in range(0, n_outer, step):
-        yield start, min(start + step, n_outer)
+class _Chunk(NamedTuple):
+    """One chunk of ``(n_outer, C, n_inner)`` logits: ``logits[outer, :, inner]``, whose rows
+    are ``rows`` of the flat per-row outputs."""
+
+    outer: slice
+    inner: slice
+    rows: slice
+
+    def shape(self) -> tuple[int, int]:
+        """``(outer count, inner count)``."""
+        return self.outer.stop - self.outer.start, self.inner.stop - self.inner.start
+
+
+def _chunks(n_outer: int, n_classes: int, n_inner: int):
+    """Chunks of about ``CHUNK_ELEMENTS`` logits (at least one row): whole outer blocks while
+    one fits, else pieces of one block's inner dim, so a ``(1, C, H, W)`` input is worked in
+    bounded slices too, not as one ``C * H * W`` chunk."""
+    block = n_classes * n_inner
+    if block <= CHUNK_ELEMENTS or n_inner == 1:
+        step = max(1, CHUNK_ELEMENTS // max(block, 1))
+        for start in range(0, n_outer, step):
+            stop = min(start + step, n_outer)
+            yield _Chunk(
+                slice(start, stop), slice(0, n_inner), slice(start * n_inner, stop * n_inner)
+            )
+        return
+    step = max(1, CHUNK_ELEMENTS // max(n_classes, 1))
+    for outer in range(n_outer):
+        for start in range(0, n_inner, step):
+            stop = min(start + step, n_inner)
+            first = outer * n_inner
+            yield _Chunk(
+                slice(outer, outer + 1), slice(start, stop), slice(first + start, first + stop)
+            )
 
 
 def _smoothed_target_(t: torch.Tensor, weight, label_smoothing: float, n_classes: int):
@@ -93,9 +127,9 @@ def forward(
     loss, lse, saved, entropy, argmax = outputs
     row_max, log_sum, linear_sum = saved
     w = weight.to(dtype) if weight is not None else None
-    for start, stop in _chunks(n_outer, n_classes * n_inner):
-        rows = slice(start * n_inner, stop * n_inner)
-        z = _copy_rows(logits[start:stop], dtype)
+    for chunk in _chunks(n_outer, n_classes, n_inner):
+        rows = chunk.rows
+        z = _copy_rows(logits[chunk.outer, :, chunk.inner], dtype)
         _final_logits_(z, logit_scale, softcap)
         if with_stats:
             argmax[rows] = z.argmax(1) if n_classes else 0
@@ -115,13 +149,16 @@ def forward(
         del e
         if prob_target:
             u = _smoothed_target_(
-                _copy_rows(target[start:stop], dtype), w, label_smoothing, n_classes
+                _copy_rows(target[chunk.outer, :, chunk.inner], dtype),
+                w,
+                label_smoothing,
+                n_classes,
             )
             u_sum = u.sum(1)
             loss[rows] = u_sum * ls - torch.linalg.vecdot(u, z)
             linear_sum[rows] = u_sum
         else:
-            y = target[start:stop].reshape(-1).long()
+            y = target[chunk.outer, chunk.inner].reshape(-1).long()
             valid = y != ignore_index
             y_safe = torch.where(valid, y, 0)
             nll = ls - z.gather(1, y_safe[:, None]).squeeze(1)
@@ -167,21 +204,25 @@ def backward(
     prob_target = target.dim() == 3
     row_max, log_sum, linear_sum = saved
     w = weight.to(dtype) if weight is not None else None
-    for start, stop in _chunks(n_outer, n_classes * n_inner):
-        rows = slice(start * n_inner, stop * n_inner)
-        chunk, out = logits[start:stop], grad_logits[start:stop]
+    for chunk in _chunks(n_outer, n_classes, n_inner):
+        rows = chunk.rows
+        n_chunk_outer, n_chunk_inner = chunk.shape()
+        part, out = logits[chunk.outer, :, chunk.inner], grad_logits[chunk.outer, :, chunk.inner]
         if prob_target:
             # Copied first: with an in-place backward the target may share the logits' memory.
             u = _smoothed_target_(
-                _copy_rows(target[start:stop], dtype), w, label_smoothing, n_classes
+                _copy_rows(target[chunk.outer, :, chunk.inner], dtype),
+                w,
+                label_smoothing,
+                n_classes,
             )
         direct = _rows_view(out) if out.dtype == dtype else None
         if direct is None:
-            buf = _copy_rows(chunk, dtype)
+            buf = _copy_rows(part, dtype)
         else:
             buf = direct
-            if out.data_ptr() != chunk.data_ptr() or out.stride() != chunk.stride():
-                out.copy_(chunk)
+            if out.data_ptr() != part.data_ptr() or out.stride() != part.stride():
+                out.copy_(part)
         slope = _final_logits_(buf, logit_scale, softcap)
         buf.sub_(row_max[rows][:, None])  # z - m: exact near the max
         ls = log_sum[rows][:, None]
@@ -191,15 +232,15 @@ def backward(
             grad_t = torch.sub(ls, buf).mul_((g * (1.0 - label_smoothing))[:, None])
             if w is not None:
                 grad_t.mul_(w)
-            grad_target[start:stop].copy_(
-                grad_t.view(stop - start, n_inner, n_classes).movedim(-1, 1)
+            grad_target[chunk.outer, :, chunk.inner].copy_(
+                grad_t.view(n_chunk_outer, n_chunk_inner, n_classes).movedim(-1, 1)
             )
         p = buf.sub_(ls).exp_()
         if prob_target:
             coef_u = g * logit_scale
             coef_p = coef_u * linear_sum[rows]
         else:
-            y = target[start:stop].reshape(-1).long()
+            y = target[chunk.outer, chunk.inner].reshape(-1).long()
             valid = y != ignore_index
             y_safe = torch.where(valid, y, 0)
             coef_y = ((1.0 - label_smoothing) * logit_scale) * g
@@ -227,4 +268,4 @@ def backward(
         if slope is not None:
             grad.mul_(slope)
         if direct is None:
-            out.copy_(grad.view(stop - start, n_inner, n_classes).movedim(-1, 1))
+            out.copy_(grad.view(n_chunk_outer, n_chunk_inner, n_classes).movedim(-1, 1))
