@@ -227,7 +227,7 @@ def _ce_bf16_case(rank: int, world: int, uneven: bool) -> None:
             x, target, reduction="none", label_smoothing=0.1, vocab_start_index=vocab_start_index
         ),
     )
-    for name, mine, theirs, ref in (
+    for name, value, theirs, ref in (
         ("loss", ours[0], torch_bf16[0], oracle[0]),
         (
             "grad",
