@@ -49,7 +49,7 @@ from .torch_impl import CHUNK_ELEMENTS
 from .torch_impl.cross_entropy import _final_logits_
 from .torch_impl.linear import LinearGrads, _chunks, _logits, chunk_rows
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = ["shard_range", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
 # torch >= 2.12 names the tensor collectives *_single; older releases only have the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -579,10 +579,30 @@ def _from_dtensor(name: str, value, shard_dim: int | None, group):
             f"{name}: expected a DTensor sharded on the class dim (Shard({shard_dim})), "
             f"got {placement}"
         )
-    n_classes, world = value.shape[shard_dim], mesh.size()
-    per_rank = -(-n_classes // world)
-    start = min(mesh.get_local_rank() * per_rank, n_classes)
+    start, _ = _chunk_range(value.shape[shard_dim], mesh.get_local_rank(), mesh.size())
     return value.to_local(), mesh_group, start
+
+
+def _chunk_range(n_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """``torch.chunk``'s split: ``ceil(C / world)`` classes per rank, the last ones shorter
+    (or empty)."""
+    per_rank = -(-n_classes // world)
+    start = min(rank * per_rank, n_classes)
+    return start, min(per_rank, n_classes - start)
+
+
+def shard_range(n_classes: int, group=None) -> tuple[int, int]:
+    """``(vocab_start_index, C_r)`` of this rank's classes when ``n_classes`` are split over
+    ``group`` as ``torch.chunk`` and DTensor's ``Shard`` split them (equal shards when
+    ``world`` divides ``C``; otherwise the last ranks hold fewer, possibly none).
+
+    Examples::
+
+        >>> start, size = shard_range(50257)  # doctest: +SKIP
+        >>> local_logits = logits[:, start : start + size]  # doctest: +SKIP
+    """
+    _, rank, world = _group_layout(group)
+    return _chunk_range(n_classes, rank, world)
 
 
 def _plain(name: str, value, group):

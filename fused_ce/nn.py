@@ -314,3 +314,152 @@ class LinearBCEWithLogitsLoss(_LinearLossHead):
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
+
+
+class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """:class:`torch.nn.CrossEntropyLoss` of logits whose classes are split across a process
+    group, computed by :func:`fused_ce.distributed.vocab_parallel_cross_entropy`: ``forward``
+    takes this rank's ``(N, C_r)`` slice and the global class indices (the same on every
+    rank) and returns the loss of the concatenated logits. ``weight`` is the full ``(C,)``
+    vector; ``group`` and ``vocab_start_index`` (None: equal shards in rank order) are the
+    function's, as are the other keywords."""
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        group=None,
+        vocab_start_index: int | None = None,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        _check_options(logit_scale, softcap, z_loss, return_stats)
+        self.group = group
+        self.vocab_start_index = vocab_start_index
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.return_stats = return_stats
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
+        from .distributed import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            group=self.group,
+            vocab_start_index=self.vocab_start_index,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            return_stats=self.return_stats,
+            backend=self.backend,
+        )
+
+
+class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
+    """A vocab-parallel output head and its cross-entropy (Megatron-style tensor parallelism):
+    each rank of ``group`` owns rows ``[vocab_start_index, vocab_start_index + V_r)`` of the
+    ``(out_features, in_features)`` head, split as ``torch.chunk`` (and DTensor's ``Shard(0)``)
+    splits it, and ``forward(input, target)`` returns
+    :func:`fused_ce.distributed.vocab_parallel_linear_cross_entropy`: the loss of the whole
+    head on every rank, the logits never held beyond a chunk. ``linear_weight`` /
+    ``linear_bias`` are this rank's shard (initialised as :class:`torch.nn.Linear`'s, per
+    shard); :meth:`from_linear` shards an existing full Linear; :meth:`logits` gives this
+    rank's ``(..., V_r)`` slice of the logits. ``out_features`` is the global ``V``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group=None,
+        sequence_parallel: bool = False,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        from .distributed import shard_range
+
+        start, size = shard_range(out_features, group)
+        super().__init__(in_features, size, bias, device, dtype)
+        _check_options(logit_scale, softcap, z_loss, return_stats)
+        self.out_features = out_features
+        self.vocab_start_index = start
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.return_stats = return_stats
+        self.backend = backend
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs):
+        """A sharded head holding this rank's rows of a full ``linear`` (the same on every
+        rank, e.g. a pretrained head): its own Parameters, copies of the rows (a view would
+        keep the whole head alive); ``kwargs`` go to the constructor."""
+        head = cls(linear.in_features, linear.out_features, bias=False, device="meta", **kwargs)
+        rows = slice(head.vocab_start_index, head.vocab_start_index + head.linear_weight.shape[0])
+        head.linear_weight = torch.nn.Parameter(linear.weight.detach()[rows].clone())
+        if linear.bias is not None:
+            head.linear_bias = torch.nn.Parameter(linear.bias.detach()[rows].clone())
+        return head
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
+        from .distributed import vocab_parallel_linear_cross_entropy
+
+        return vocab_parallel_linear_cross_entropy(
+            input,
+            self.linear_weight,
+            target,
+            linear_bias=self.linear_bias,
+            group=self.group,
+            vocab_start_index=self.vocab_start_index,
+            sequence_parallel=self.sequence_parallel,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            return_stats=self.return_stats,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rows=[{self.vocab_start_index}, "
+            f"{self.vocab_start_index + self.linear_weight.shape[0]})"
+        )

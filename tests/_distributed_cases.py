@@ -641,8 +641,105 @@ def _data_parallel_cases(rank: int, world: int) -> Iterator[Case]:
     yield "FSDP2 training", fsdp
 
 
+# --------------------------------------------------------------------------- nn modules
+
+
+def _module_cases(rank: int, world: int) -> Iterator[Case]:
+    import fused_ce.nn
+    from fused_ce.distributed import shard_range
+
+    def ce_module():
+        n_classes = 7  # torch.chunk's split: uneven for 2 and 3 ranks
+        start, size = shard_range(n_classes)
+        full = _randn((5, n_classes), 60)
+        target = _class_target((5,), n_classes, 61, -100)
+        weight = _randn(n_classes, 62).abs() + 0.5
+        options = {"weight": weight, "label_smoothing": 0.1, "z_loss": 0.01}
+        local = full[:, start : start + size].clone().requires_grad_()
+        loss = fused_ce.nn.VocabParallelCrossEntropyLoss(vocab_start_index=start, **options)(
+            local, target
+        )
+        leaf = full.clone().requires_grad_()
+        reference = fused_ce.nn.CrossEntropyLoss(backend="torch", **options)(leaf, target)
+        _close("loss", loss, reference)
+        loss.backward()
+        reference.backward()
+        _close("grad", local.grad, leaf.grad[:, start : start + size])
+
+    def head_from_linear_and_training():
+        """Megatron-style tensor parallelism: a replicated body, a vocab-parallel head made by
+        from_linear; 3 SGD steps on the same batches as one rank with the full head."""
+        torch.manual_seed(1)
+        body = torch.nn.Linear(6, 8, dtype=torch.float64)
+        linear = torch.nn.Linear(8, 11, dtype=torch.float64)
+        single_body = copy.deepcopy(body)
+        single_head = fused_ce.nn.LinearCrossEntropyLoss.from_linear(
+            copy.deepcopy(linear), backend="torch", label_smoothing=0.1
+        )
+        head = fused_ce.nn.VocabParallelLinearCrossEntropyLoss.from_linear(
+            linear, label_smoothing=0.1
+        )
+        start, size = shard_range(11)
+        assert head.linear_weight.shape == (size, 8), head.linear_weight.shape
+        assert head.vocab_start_index == start and head.out_features == 11
+        assert f"rows=[{start}, {start + size})" in repr(head), repr(head)
+        for step in range(3):
+            x = _randn((5, 6), 70 + step)
+            target = _class_target((5,), 11, 80 + step, -100)
+            for model_body, model_head in ((body, head), (single_body, single_head)):
+                model_body.zero_grad()
+                model_head.zero_grad()
+                model_head(torch.tanh(model_body(x)), target).backward()
+                with torch.no_grad():
+                    for p in (*model_body.parameters(), *model_head.parameters()):
+                        p -= 0.5 * p.grad
+        for (name, p), q in zip(body.named_parameters(), single_body.parameters(), strict=True):
+            _close(f"body {name}", p, q)
+        _close("head weight", head.linear_weight, single_head.linear_weight[start : start + size])
+        _close("head bias", head.linear_bias, single_head.linear_bias[start : start + size])
+
+    def constructed_head():
+        head = fused_ce.nn.VocabParallelLinearCrossEntropyLoss(4, 9, dtype=torch.float64)
+        start, size = shard_range(9)
+        assert head.linear_weight.shape == (size, 4) and head.linear_bias.shape == (size,)
+        assert set(head.state_dict()) == {"linear_weight", "linear_bias"}, head.state_dict()
+        x = _randn((3, 4), 90)
+        target = _class_target((3,), 9, 91, None)
+        loss = head(x, target)
+        logits = torch.cat(
+            [t for t in _all_gather_rows(head.logits(x).detach().t().contiguous())], 0
+        ).t()
+        _close("loss", loss, F.cross_entropy(logits, target))
+
+    yield "nn.VocabParallelCrossEntropyLoss", ce_module
+    yield (
+        "nn.VocabParallelLinearCrossEntropyLoss.from_linear, TP training",
+        (head_from_linear_and_training),
+    )
+    yield "nn.VocabParallelLinearCrossEntropyLoss constructed", constructed_head
+
+
+def _all_gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``rows`` (of possibly different lengths along dim 0), in rank order."""
+    world = dist.get_world_size()
+    lengths = [None] * world
+    dist.all_gather_object(lengths, rows.shape[0])
+    padded = torch.zeros(max(lengths), *rows.shape[1:], dtype=rows.dtype)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [g[:n] for g, n in zip(gathered, lengths, strict=True)]
+
+
 WORLDS: dict[str, tuple[Callable[[int, int], Iterator[Case]], ...]] = {
     # World start-up (spawn, import torch) costs seconds on 2 cores; the cases, milliseconds.
-    "all": (_ce_cases, _linear_cases, _dtensor_cases, _error_cases, _data_parallel_cases),
-    "vocab_parallel": (_ce_cases, _linear_cases, _dtensor_cases, _error_cases),
+    "all": (
+        _ce_cases,
+        _linear_cases,
+        _dtensor_cases,
+        _error_cases,
+        _module_cases,
+        _data_parallel_cases,
+    ),
+    "vocab_parallel": (_ce_cases, _linear_cases, _dtensor_cases, _error_cases, _module_cases),
 }
