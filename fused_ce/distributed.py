@@ -150,11 +150,12 @@ def _local_statistics(z: Tensor, target: Tensor, spec: _Spec, floats: Tensor, in
     """One chunk's columns of per-row statistics of this rank's final logits ``z`` (rows x
     C_local, accumulation dtype; overwritten), into ``floats`` (k x rows) and ``ints``.
 
-    Columns: ``m`` the row max (raw, -inf for an all -inf slice), ``s = sum exp(z - m')`` with
-    ``m'`` the max made finite; class-index targets: ``t = z_y - m'`` where this rank holds
-    ``y``, else 0; probability targets ``t``: ``a = sum w t``, ``b = sum w t (z - m')``; with
-    smoothing ``d = sum w (z - m')``; with stats ``e = sum exp(z - m')(z - m')`` and, for
-    probability targets, the target's row max; int64: the global argmax (and the target's).
+    Columns: ``m`` the row max (raw, -inf for an all -inf slice), ``s = sum exp(z - m')``
+    with ``m'`` the max (0 for an all -inf slice); class-index targets: ``t = z_y - m'`` where
+    this rank holds ``y``, else 0; probability targets ``t``: ``a = sum w t``,
+    ``b = sum w t (z - m')``; with smoothing ``d = sum w (z - m')``; with stats
+    ``e = sum exp(z - m')(z - m')`` and, for probability targets, the target's row max.
+    int64 columns: the global argmax (and the target's).
     """
     n_classes = z.shape[1]
     col = iter(range(floats.shape[0]))
@@ -167,7 +168,8 @@ def _local_statistics(z: Tensor, target: Tensor, spec: _Spec, floats: Tensor, in
     if spec.with_stats:
         ints[0] = argmax
     floats[next(col)] = m
-    m = torch.where(torch.isfinite(m), m, 0.0)
+    # Only an all -inf slice shifts by 0 (as the torch path): +inf and NaN make NaN, as torch.
+    m = torch.where(m == -torch.inf, 0.0, m)
     z.sub_(m[:, None])  # z - m': exact near the max
     e = z.exp()
     floats[next(col)] = e.sum(1)
@@ -248,11 +250,11 @@ def _combine(
     cols = iter(floats.unbind(1))
     m = next(cols)
     s = next(cols)
-    finite = torch.isfinite(m)
+    present = m != -torch.inf  # ranks with a finite (or +inf/NaN) max in the row
     row_max = m.amax(0)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    shift = torch.where(finite, m, 0.0) - row_max  # m_r' - M' (world, R)
-    factor = torch.where(finite, shift.exp(), 0.0)
+    row_max = torch.where(row_max == -torch.inf, 0.0, row_max)
+    shift = torch.where(present, m, 0.0) - row_max  # m_r' - M' (world, R)
+    factor = torch.where(present, shift.exp(), 0.0)
     total = (s * factor).sum(0)
     log_sum = total.log()
     lse = row_max + log_sum

@@ -318,6 +318,21 @@ def _ce_cases(rank: int, world: int) -> Iterator[Case]:
         "ce extreme logits",
         lambda: _ce_case(rank, world, uneven=uneven, logits=_randn((5, 12), 3, scale=1e4)),
     )
+    # A slice of -inf on rank 0 (finite loss, exactly as one process); +inf gives NaN, as torch.
+    non_finite = _randn((3, 12), 4)
+    non_finite[0, :6] = -torch.inf
+    non_finite[1, 7] = torch.inf
+    yield (
+        "ce -inf slice, +inf logit",
+        lambda: _ce_case(
+            rank,
+            world,
+            uneven=uneven,
+            logits=non_finite,
+            ignored=False,
+            options={"return_stats": True, "reduction": "none"},
+        ),
+    )
     yield "ce bf16", lambda: _ce_bf16_case(rank, world, uneven)
 
 
