@@ -334,6 +334,45 @@ def _ce_cases(rank: int, world: int) -> Iterator[Case]:
         ),
     )
     yield "ce bf16", lambda: _ce_bf16_case(rank, world, uneven)
+    for kind in ("fp32 transposed", "uint8", "empty"):
+        yield f"ce {kind}", lambda k=kind: _ce_layout_case(rank, world, uneven, k)
+
+
+def _ce_layout_case(rank: int, world: int, uneven: bool, kind: str) -> None:
+    """Layouts and dtypes beside the fp64 grid: fp32 logits read through a transposed view,
+    uint8 targets, an empty batch."""
+    from fused_ce import cross_entropy
+    from fused_ce.distributed import vocab_parallel_cross_entropy
+
+    n_rows = 0 if kind == "empty" else 5
+    start, size, vocab_start_index = _layout(12, world, rank, uneven)
+    full = _randn((n_rows, 12), 100, scale=2.0)
+    target = _class_target((n_rows,), 12, 101, -100)
+    tolerance = {}
+    if kind == "fp32 transposed":
+        full = full.float()
+        tolerance = {"rtol": 1e-5, "atol": 1e-6}
+        local = full[:, start : start + size].t().contiguous().t().requires_grad_()
+        assert not local.is_contiguous()
+    else:
+        local = full[:, start : start + size].clone().requires_grad_()
+    if kind == "uint8":
+        target = torch.where(target < 0, 255, target).to(torch.uint8)
+    for reduction in REDUCTIONS:
+        options = {"reduction": reduction, "label_smoothing": 0.1}
+        if kind == "uint8":
+            options["ignore_index"] = 255
+        local.grad = None
+        loss = vocab_parallel_cross_entropy(
+            local, target, vocab_start_index=vocab_start_index, **options
+        )
+        leaf = full.clone().requires_grad_()
+        reference = cross_entropy(leaf, target, backend="torch", **options)
+        _close(f"loss {reduction}", loss, reference, **tolerance)
+        upstream = _upstream(loss.shape, 102).to(loss.dtype)
+        (grad,) = torch.autograd.grad(loss, local, upstream)
+        (ref_grad,) = torch.autograd.grad(reference, leaf, upstream)
+        _close(f"grad {reduction}", grad, ref_grad[:, start : start + size], **tolerance)
 
 
 # --------------------------------------------------------------------------- linear head
@@ -416,6 +455,74 @@ def _linear_case(
         _close("grad target", grads[-1], ref_grads[-1][:, start : start + size])
 
 
+def _linear_nd_case(rank: int, world: int, uneven: bool, sequence_parallel: bool) -> None:
+    """``(B, T, D)`` features; with sequence parallelism each rank holds 2 of the B blocks."""
+    from fused_ce import linear_cross_entropy
+    from fused_ce.distributed import vocab_parallel_linear_cross_entropy
+
+    start, size, vocab_start_index = _layout(12, world, rank, uneven)
+    x = _randn((2 * world, 3, 4), 110)
+    w = _randn((12, 4), 111)
+    target = _class_target((2 * world, 3), 12, 112, -100)
+    block = slice(2 * rank, 2 * rank + 2) if sequence_parallel else slice(None)
+    local_x = x[block].clone().requires_grad_()
+    local_w = w[start : start + size].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(
+        local_x,
+        local_w,
+        target[block],
+        vocab_start_index=vocab_start_index,
+        sequence_parallel=sequence_parallel,
+        reduction="none",
+        chunk_size=4,
+    )
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    reference = linear_cross_entropy(*leaves, target, reduction="none", backend="torch")
+    _close("loss", loss, reference[block])
+    upstream = _upstream(reference.shape, 113)
+    grads = torch.autograd.grad(loss, [local_x, local_w], upstream[block])
+    ref_grads = torch.autograd.grad(reference, leaves, upstream)
+    _close("grad input", grads[0], ref_grads[0][block])
+    _close("grad linear_weight", grads[1], ref_grads[1][start : start + size])
+
+
+def _linear_bf16_case(rank: int, world: int, uneven: bool) -> None:
+    """bf16 head: loss and every gradient within 2x torch's own bf16 error (fp64 oracle)."""
+    from fused_ce.distributed import vocab_parallel_linear_cross_entropy
+
+    start, size, vocab_start_index = _layout(24, world, rank, uneven)
+    x = _randn((8, 16), 120).bfloat16()
+    w = _randn((24, 16), 121, scale=0.5).bfloat16()
+    target = _class_target((8,), 24, 122, -100)
+
+    def run(inputs, fn):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        return [loss.detach().double()] + [g.double() for g in torch.autograd.grad(loss, leaves)]
+
+    def torch_loss(x, w):
+        return F.cross_entropy(F.linear(x, w), target, label_smoothing=0.1)
+
+    oracle = run([x.double(), w.double()], torch_loss)
+    torch_bf16 = run([x, w], torch_loss)
+    ours = run(
+        [x, w[start : start + size]],
+        lambda x, w: vocab_parallel_linear_cross_entropy(
+            x, w, target, label_smoothing=0.1, vocab_start_index=vocab_start_index
+        ),
+    )
+    mine = slice(start, start + size)
+    for name, value, theirs, ref in (
+        ("loss", ours[0], torch_bf16[0], oracle[0]),
+        ("grad input", ours[1], torch_bf16[1], oracle[1]),
+        ("grad linear_weight", ours[2], torch_bf16[2][mine], oracle[2][mine]),
+    ):
+        tiny = torch.finfo(torch.bfloat16).eps * max(float(ref.abs().max()), 1.0)
+        error = float((value - ref).abs().max())
+        bar = 2 * float((theirs - ref).abs().max()) + tiny
+        assert error <= bar, f"bf16 {name}: error {error} > 2 x torch's + tiny = {bar}"
+
+
 def _linear_cases(rank: int, world: int) -> Iterator[Case]:
     uneven = world == 3
     option_sets = {
@@ -450,6 +557,12 @@ def _linear_cases(rank: int, world: int) -> Iterator[Case]:
                 options={"label_smoothing": 0.1, "return_stats": True, "reduction": "none"},
             ),
         )
+    for sequence_parallel in (False, True):
+        yield (
+            f"linear (B, T, D) sp={sequence_parallel}",
+            lambda sp=sequence_parallel: _linear_nd_case(rank, world, uneven, sp),
+        )
+    yield "linear bf16", lambda: _linear_bf16_case(rank, world, uneven)
     yield (
         "linear no bias, one chunk",
         lambda: _linear_case(rank, world, uneven=uneven, bias=False),
