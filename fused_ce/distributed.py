@@ -159,12 +159,14 @@ def _local_statistics(z: Tensor, target: Tensor, spec: _Spec, floats: Tensor, in
     """
     n_classes = z.shape[1]
     col = iter(range(floats.shape[0]))
-    if n_classes:
-        m, argmax = z.max(1)
-        argmax = argmax + spec.start
-    else:  # an empty slice: no max, no argmax
+    if not n_classes:  # an empty slice: no max, no argmax
         m = z.new_full((z.shape[0],), -torch.inf)
         argmax = torch.full_like(m, _NO_INDEX, dtype=torch.int64)
+    elif spec.with_stats:
+        m, argmax = z.max(1)
+        argmax = argmax + spec.start
+    else:
+        m = z.amax(1)
     if spec.with_stats:
         ints[0] = argmax
     floats[next(col)] = m
@@ -429,13 +431,20 @@ class _VocabParallelCE(torch.autograd.Function):
         spec = ctx.spec
         if grad_loss is None:
             grad_loss = saved.new_zeros(saved.shape[1])
-        grad_logits = torch.empty_like(logits)
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
         want_target = spec.prob_target and ctx.needs_input_grad[1]
         grad_target = torch.empty_like(target) if want_target else None
+        # In the accumulation dtype the gradient's own rows serve as the chunk's work buffer.
+        in_place = grad_logits.dtype == spec.acc
         step = max(1, CHUNK_ELEMENTS // max(spec.n_local, 1))
         for rows in _chunks(logits.shape[0], step):
+            if in_place:
+                buffer = grad_logits[rows]
+                buffer.copy_(logits[rows])
+            else:
+                buffer = logits[rows].to(spec.acc, copy=True)
             grad = _local_gradient_(
-                logits[rows].to(spec.acc, copy=True),
+                buffer,
                 target[rows],
                 saved[:, rows],
                 smooth_scale,
@@ -444,7 +453,8 @@ class _VocabParallelCE(torch.autograd.Function):
                 spec,
                 grad_target[rows] if grad_target is not None else None,
             )
-            grad_logits[rows] = grad
+            if not in_place:
+                grad_logits[rows] = grad
         return grad_logits, grad_target, None, None
 
 
