@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
 from ._common import accumulation_dtype
@@ -426,6 +427,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return loss, lse, entropy, argmax, target_argmax
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of giving wrong second derivatives
     def backward(ctx, grad_loss, grad_lse, *unused):
         logits, target, saved, smooth_scale = ctx.saved_tensors
         spec = ctx.spec
@@ -500,6 +502,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return loss, lse, entropy, argmax, target_argmax, target
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of giving wrong second derivatives
     def backward(ctx, grad_loss, grad_lse, *unused):
         x, linear_weight, linear_bias, target, saved, smooth_scale = ctx.saved_tensors
         spec, head = ctx.spec, ctx.head

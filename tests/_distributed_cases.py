@@ -661,14 +661,10 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
     )
     # Raised on every rank after the exchange, from the same gathered header.
     yield (
-        "error: slices that overlap",
-        lambda: (
-            _expect_error(
-                lambda: vocab_parallel_cross_entropy(logits, target, vocab_start_index=0),
-                "do not tile",
-            )
-            if world > 1
-            else None
+        "error: slices that overlap (every rank starts at 0)",
+        lambda: _expect_error(
+            lambda: vocab_parallel_cross_entropy(logits, target, vocab_start_index=0),
+            "do not tile",
         ),
     )
     uneven = _randn((4, 2 + rank), 31)
@@ -697,6 +693,17 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
             ),
             "do not tile",
         ),
+    )
+
+    def double_backward():
+        local = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, target % 3)
+        (grad,) = torch.autograd.grad(loss, local, create_graph=True)
+        grad.sum().backward()
+
+    yield (
+        "error: double backward",
+        lambda: _expect_error(double_backward, "differentiate twice"),
     )
 
     def group_of_one():
