@@ -697,8 +697,9 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
 
     def double_backward():
         local = logits.clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(local, target % 3)
-        (grad,) = torch.autograd.grad(loss, local, create_graph=True)
+        loss = vocab_parallel_cross_entropy(local, target % 3, reduction="none")
+        upstream = torch.ones_like(loss, requires_grad=True)
+        (grad,) = torch.autograd.grad(loss, local, upstream, create_graph=True)
         grad.sum().backward()
 
     yield (
