@@ -394,13 +394,12 @@ def _exchange(
     floats: Tensor, ints: Tensor, target: Tensor, spec: _Spec, check_target: bool
 ) -> tuple[Tensor, ...]:
     """The one collective of the forward, then :func:`_combine`."""
-    checksum = _target_checksum(target) if check_target else target.new_zeros(1, dtype=torch.int64)
-    header = torch.cat(
-        [
-            torch.tensor([spec.start, spec.n_local], dtype=torch.int64, device=floats.device),
-            checksum,
-        ]
-    )
+    # Filled on the device (no host-to-device copy, which can wait on the stream).
+    header = torch.zeros(3, dtype=torch.int64, device=floats.device)
+    header[0] = spec.start
+    header[1] = spec.n_local
+    if check_target:
+        header[2:] = _target_checksum(target)
     floats, ints, header = _gather_packed([floats, ints, header], spec.group, spec.world)
     return _combine(floats, ints, header, target, spec, check_target)
 
