@@ -35,17 +35,16 @@ from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
 from ._common import accumulation_dtype
-from .functional import (
-    CrossEntropyStats,
-    _ce_divisor,
-    _check_ce_target,
-    _check_floating,
-    _check_options,
-    _check_reduction,
-    _check_target,
-    _finish,
+from ._validation import (
+    check_ce_target,
+    check_chunk_size,
+    check_floating,
+    check_linear,
+    check_options,
+    check_reduction,
+    check_target,
 )
-from .linear import _check_chunk_size, _check_linear
+from .functional import CrossEntropyStats, _ce_divisor, _finish
 from .torch_impl import CHUNK_ELEMENTS
 from .torch_impl.cross_entropy import _final_logits_
 from .torch_impl.linear import LinearGrads, _chunks, _logits, chunk_rows
@@ -732,15 +731,15 @@ def vocab_parallel_cross_entropy(
         >>> loss = vocab_parallel_cross_entropy(local_logits, target)  # doctest: +SKIP
         >>> loss.backward()  # local_logits.grad: this rank's slice of the gradient
     """
-    _check_reduction(reduction)
-    scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
+    check_reduction(reduction)
+    scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     if _is_dtensor(input):
         class_dim = 0 if input.dim() == 1 else 1
         input, group, vocab_start_index = _from_dtensor("input", input, class_dim, group)
     target = _plain("target", target, group)
     weight = _plain("weight", weight, group)
-    _check_floating("input", input)
-    _check_target(target, input)
+    check_floating("input", input)
+    check_target(target, input)
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
     resolve(backend, input)
@@ -752,10 +751,9 @@ def vocab_parallel_cross_entropy(
     # The global C is known after the exchange (where bounds are asserted); until then only
     # weight's length can stand for it.
     n_classes = weight.shape[0] if weight is not None and weight.dim() == 1 else _NO_INDEX
-    eps, out_dtype, valid = _check_ce_target(
+    eps, out_dtype, valid, prob_target = check_ce_target(
         target, input, weight, ignore_index, label_smoothing, batch_shape, input.shape, n_classes
     )
-    prob_target = valid is None
     acc = accumulation_dtype(input.dtype, target.dtype)
     spec = _make_spec(
         group=group,
@@ -853,8 +851,8 @@ def vocab_parallel_linear_cross_entropy(
         >>> # tensor-parallel rank r holds head.weight[r * V_r : (r + 1) * V_r]
         >>> loss = vocab_parallel_linear_cross_entropy(h, w_local, y)  # doctest: +SKIP
     """
-    _check_reduction(reduction)
-    scale, cap = _check_options(logit_scale, softcap, z_loss, return_stats)
+    check_reduction(reduction)
+    scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     if _is_dtensor(linear_weight):
         linear_weight, group, vocab_start_index = _from_dtensor(
             "linear_weight", linear_weight, 0, group
@@ -864,9 +862,9 @@ def vocab_parallel_linear_cross_entropy(
     input = _plain("input", input, group)
     target = _plain("target", target, group)
     weight = _plain("weight", weight, group)
-    n_local = _check_linear(input, linear_weight, linear_bias)
-    rows_per_chunk = _check_chunk_size(chunk_size)
-    _check_target(target, input)
+    n_local = check_linear(input, linear_weight, linear_bias)
+    rows_per_chunk = check_chunk_size(chunk_size)
+    check_target(target, input)
     if not isinstance(sequence_parallel, bool):
         raise TypeError(f"sequence_parallel: expected a bool, got {sequence_parallel!r}")
     resolve(backend, input)
@@ -884,7 +882,7 @@ def vocab_parallel_linear_cross_entropy(
     # The global C is known after the exchange (where bounds are asserted); until then only
     # weight's length can stand for it.
     n_classes = weight.shape[0] if weight is not None and weight.dim() == 1 else _NO_INDEX
-    eps, out_dtype, valid = _check_ce_target(
+    eps, out_dtype, valid, prob_target = check_ce_target(
         target,
         input,
         weight,
@@ -894,7 +892,6 @@ def vocab_parallel_linear_cross_entropy(
         (*prob_batch, n_local),
         n_classes,
     )
-    prob_target = valid is None
     acc = accumulation_dtype(input.dtype, target.dtype)
     spec = _make_spec(
         group=group,
@@ -924,7 +921,7 @@ def vocab_parallel_linear_cross_entropy(
     )
     if sequence_parallel:
         target = all_target.view(*batch_shape, *target.shape[len(local_batch) :])
-        valid = None if prob_target else target != ignore_index
+        valid = None if prob_target else target.long() != ignore_index
     divisor = _ce_divisor(reduction, valid, target, weight, n_rows, input.dtype)
     result = _finish(
         loss,

@@ -342,7 +342,7 @@ class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         backend: str | None = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        _check_options(logit_scale, softcap, z_loss, return_stats)
+        check_options(logit_scale, softcap, z_loss, return_stats)
         self.group = group
         self.vocab_start_index = vocab_start_index
         self.logit_scale = logit_scale
@@ -407,7 +407,7 @@ class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
 
         start, size = shard_range(out_features, group)
         super().__init__(in_features, size, bias, device, dtype)
-        _check_options(logit_scale, softcap, z_loss, return_stats)
+        check_options(logit_scale, softcap, z_loss, return_stats)
         self.out_features = out_features
         self.vocab_start_index = start
         self.group = group
