@@ -539,8 +539,9 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
 def _sum_input_gradient(grad_input: Tensor, spec: _Spec, head: _HeadSpec) -> Tensor:
     """Each rank's ``dX`` covers its classes only: the input's gradient is their sum. With
-    sequence parallelism each rank keeps its own tokens' rows (a reduce-scatter); fp16/bf16
-    are summed in fp32 so the result is rounded once."""
+    sequence parallelism each rank keeps its own tokens' rows (a reduce-scatter). fp16/bf16
+    partials (each rounded once, by its GEMM) are summed in fp32, so the sum adds one rounding
+    rather than one per rank."""
     if spec.world == 1:
         return grad_input
     wide = grad_input.to(spec.acc) if grad_input.dtype != spec.acc else grad_input
