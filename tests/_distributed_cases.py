@@ -53,13 +53,21 @@ def _rank_main(rank: int, world: int, cases: str, init: str, workdir: str) -> No
         for name, case in (case for listed in WORLDS[cases] for case in listed(rank, world)):
             try:
                 case()
-            except Exception:  # noqa: BLE001 - report each case's failure and go on
+            except Exception as error:  # noqa: BLE001 - report each case's failure and go on
                 failures.append(f"rank {rank}/{world}, {name}:\n{traceback.format_exc()}")
+                if isinstance(error, dist.DistError) or "timed out" in str(error).lower():
+                    # The ranks are out of step: each further case would wait out the timeout.
+                    failures.append(f"rank {rank}/{world}: stopped after {name}")
+                    break
     finally:
+        # Every rank reaches destroy_process_group together (gloo aborts noisily otherwise);
+        # ranks left out of step fail this barrier by its timeout, which is reported too.
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001
+            failures.append(f"rank {rank}/{world}, final barrier:\n{traceback.format_exc()}")
         with open(os.path.join(workdir, f"rank{rank}.txt"), "w") as file:
             file.write("\n\x00\n".join(failures))
-        # Every rank reaches destroy_process_group together (gloo aborts noisily otherwise).
-        dist.barrier()
         dist.destroy_process_group()
 
 
