@@ -100,7 +100,8 @@ def _upstream(shape, seed: int) -> torch.Tensor:
 
 def _layout(n_classes: int, world: int, rank: int, uneven: bool) -> tuple[int, int, int | None]:
     """``(start, size, vocab_start_index)``: equal shards, or uneven ones passed explicitly
-    (rank r gets r + 1 parts of the remainder's share; the last rank takes what is left)."""
+    (rank r gets about (r + 1) / (1 + 2 + ... + world) of the classes, the last rank the
+    rest: 2, 4 and 6 of 12 for 3 ranks)."""
     if not uneven:
         size = n_classes // world
         return rank * size, size, None
