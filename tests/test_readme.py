@@ -3,6 +3,7 @@ tensors named as the README names them), the ```diff block's import works, every
 command parses, every `make TARGET` is a Makefile target, every extra named in a pip command is
 in pyproject.toml, and every script named exists. `make test` itself is what CI runs."""
 
+import contextlib
 import re
 import shlex
 from pathlib import Path
@@ -42,10 +43,35 @@ def _names() -> dict:
     }
 
 
+@contextlib.contextmanager
+def _one_rank_group(store: Path):
+    """The default process group with this process as its only rank (gloo), for the
+    vocab-parallel snippet: the group's names bound to a one-rank tensor-parallel split."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_python_snippet_runs(index):
+def test_python_snippet_runs(index, tmp_path):
     namespace = _names()
-    exec(_blocks("python")[index], namespace)  # noqa: S102
+    block = _blocks("python")[index]
+    group = contextlib.nullcontext()
+    if "fused_ce.distributed" in block:
+        group = _one_rank_group(tmp_path / "store")
+        namespace |= {
+            "tp_group": None,
+            "local_logits": namespace["logits"],
+            "h": namespace["x"],
+            "local_head_weight": namespace["w1"],
+            "lm_head": torch.nn.Linear(8, 16),
+        }
+    with group:
+        exec(block, namespace)  # noqa: S102
     if "loss" in namespace:
         assert torch.isfinite(namespace["loss"]).all()
 
