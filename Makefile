@@ -16,18 +16,18 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(shell find csrc -type f 2>/dev
 # torch==2.13.0 first when no torch is present: a bare `torch` requirement would pull a
 # multi-GB CUDA build; with it installed, the project's `torch>=2.4` installs nothing more.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,train,triton]"
+	$(BIN)/python -m pip install -q -e ".[dev,train,triton,hf]"
 	touch $@
 
 setup: $(STAMP)
 
 test: setup
-	$(BIN)/ruff check fused_ce tests bench
+	$(BIN)/ruff check fused_ce tests bench examples
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check fused_ce tests bench
-	$(BIN)/ruff format --check fused_ce tests bench
+	$(BIN)/ruff check fused_ce tests bench examples
+	$(BIN)/ruff format --check fused_ce tests bench examples
 
 train: setup
 	$(BIN)/fused-ce train majority-bits --out runs/majority-bits
