@@ -217,6 +217,33 @@ def test_shift_labels_and_ignore_index_kwargs():
     assert_matches(*runs)
 
 
+@pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
+def test_bfloat16(mode):
+    """A bf16 model, and an fp32 model under CPU autocast: the fused loss is computed in fp32
+    from the bf16 GEMMs and rounded to bf16 once (linear_cross_entropy returns its input's
+    dtype), so it is within 2**-8 of the fp64 oracle; gradients within twice the error of
+    transformers' own bf16 computation (plus 2**-8 of the largest entry)."""
+    model = make_model("gemma2")
+    oracle = copy.deepcopy(model).double()
+    input_ids, labels = make_batch()
+    inputs = {"input_ids": input_ids, "labels": labels}
+    if mode == "bf16-weights":
+        model = model.to(torch.bfloat16)
+        oracle = copy.deepcopy(model).double()
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast")
+    reference = copy.deepcopy(model)
+    patch(model, backend="torch")
+    with context:
+        loss, grads = loss_and_grads(model, **inputs)
+        loss_ref, grads_ref = loss_and_grads(reference, **inputs)
+    loss64, grads64 = loss_and_grads(oracle, **inputs)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, loss64) <= 2**-8
+    for name, grad64 in grads64.items():
+        bound = 2 * rel_err(grads_ref[name], grad64) + 2**-8
+        assert rel_err(grads[name], grad64) <= bound, name
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_cases())
 def test_backends(backend, device):
     model = make_model("llama").to(device)
