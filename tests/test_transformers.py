@@ -307,6 +307,14 @@ def test_refuses_what_it_cannot_patch():
         patch(model)
     with pytest.raises(ValueError, match="backend: expected one of"):
         patch(make_model("llama"), backend="cuda")
+    model = make_model("llama")
+    model.forward = model.forward  # as accelerate.prepare and other patches leave it
+    with pytest.raises(ValueError, match="its forward is already replaced on the instance"):
+        patch(model)
+    model = make_model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(ValueError, match=r"its output layer \(get_output_embeddings\(\)\) is Seq"):
+        patch(model)
 
 
 def test_refuses_an_unmapped_logit_transform():
@@ -320,6 +328,12 @@ def test_refuses_an_unmapped_logit_transform():
         model(input_ids=input_ids, labels=labels)
     assert "forward" not in vars(model.get_output_embeddings())  # stand-ins removed
     assert "_loss_function" not in vars(model)
+    # Editing the config of a patched, verified model is noticed too.
+    model.config.final_logit_softcapping = None
+    assert model(input_ids=input_ids, labels=labels).logits is None
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(RuntimeError, match="transforms its logits .* softcap=30.0"):
+        model(input_ids=input_ids, labels=labels)
 
 
 def trainer_losses(model, *, fused: bool, tmp_path) -> tuple[list[float], torch.Tensor]:

@@ -93,7 +93,7 @@ def _refuse(model: Any, why: str) -> ValueError:
     )
 
 
-def _check_patchable(model: Any) -> nn.Linear:
+def _check_patchable(model: Any) -> None:
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(
             f"model: expected a transformers PreTrainedModel (a causal LM), got {type(model)!r}"
@@ -132,7 +132,6 @@ def _check_patchable(model: Any) -> nn.Linear:
         source = "self.loss_function"
     if "self.loss_function" not in source:
         raise _refuse(model, "its forward computes the loss without self.loss_function")
-    return head
 
 
 def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
@@ -304,6 +303,10 @@ class _Call:
                 f"model: {type(self.model).__name__} computed its loss without calling its "
                 "output layer first; fused_ce's patch cannot serve it (unpatch the model)"
             )
+        options = _logit_options(self.model)
+        if options != (self.state.logit_scale, self.state.softcap):  # config edited since
+            self.state.logit_scale, self.state.softcap = options
+            self.state.verified = False
         if not self.state.verified:
             self._verify(logits)
         if shift_labels is None:
