@@ -49,7 +49,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from .._backend import BACKENDS
 from ..linear import linear_cross_entropy
 
-__all__ = ["apply_to_trainer", "patch", "unpatch"]
+__all__ = ["apply_to_trainer", "is_patched", "patch", "unpatch"]
 
 _STATE = "_fused_ce_patch"
 
