@@ -420,6 +420,24 @@ def test_example_runs(capsys):
     spec = importlib.util.spec_from_file_location("hf_causal_lm", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    example.main(["--steps", "3", "--vocab", "2000", "--seq-len", "32", "--batch-size", "2"])
+    example.main(
+        [
+            "--steps",
+            "2",
+            "--vocab",
+            "1000",
+            "--hidden",
+            "32",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
-    assert "unpatched" in out and "fused_ce" in out and "peak" in out
+    lines = out.splitlines()
+    assert lines[1].split() == ["step", "unpatched", "fused_ce"]
+    for row in lines[2:4]:
+        _, plain, fused = row.split()
+        assert float(fused) == pytest.approx(float(plain), rel=1e-5)
+    assert "largest loss difference" in lines[4] and "peak memory" in lines[5]
