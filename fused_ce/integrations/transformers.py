@@ -53,9 +53,17 @@ __all__ = ["apply_to_trainer", "is_patched", "patch", "unpatch"]
 
 _STATE = "_fused_ce_patch"
 
-# Logits the stand-in head returns: signs, zero, values inside and beyond a typical soft cap,
-# so a scale, a cap or any other elementwise transform shows in the model's output.
-_PROBE = (-60.0, -7.0, -1.5, -0.25, 0.0, 0.5, 3.0, 45.0)
+# How many probe logits the stand-in head returns per position.
+_PROBE_SIZE = 8
+
+
+def _probe(device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """The stand-in head's logits: (v - 3.5) * 2**(v - 2) for v = 0..7, i.e. -0.875, -1.25,
+    -1.5, -1, 2, 12, 40, 112: both signs, inside and beyond a typical soft cap, exact in bf16,
+    so a scale, a cap or any other elementwise transform shows in what the model makes of them.
+    Built on ``device`` (no host-to-device copy, which would sync with the host on CUDA)."""
+    v = torch.arange(_PROBE_SIZE, device=device, dtype=dtype)
+    return (v - 3.5) * torch.exp2(v - 2)
 
 
 @dataclass
@@ -282,8 +290,8 @@ class _Call:
     def head_forward(self, hidden: Tensor) -> Tensor:
         self.head_calls += 1
         self.hidden = hidden
-        probe = torch.tensor(_PROBE, dtype=_head_dtype(hidden, self.head.weight))
-        self.probe = probe.to(hidden.device).expand(*hidden.shape[:-1], len(_PROBE)).contiguous()
+        probe = _probe(hidden.device, _head_dtype(hidden, self.head.weight))
+        self.probe = probe.expand(*hidden.shape[:-1], _PROBE_SIZE).contiguous()
         return self.probe
 
     def loss(
@@ -346,7 +354,7 @@ class _Call:
     def _verify(self, logits: Tensor) -> None:
         """The model's transform of the probe logits must be the mapped (scale, softcap)."""
         scale, cap = self.state.logit_scale, self.state.softcap
-        probe = torch.tensor(_PROBE, dtype=torch.float64)
+        probe = _probe("cpu", torch.float64)
         expected = probe * scale
         if cap is not None:
             expected = cap * torch.tanh(expected / cap)
@@ -356,7 +364,7 @@ class _Call:
         elif seen.numel() == 0:  # no rows to check: verify on a later call
             return
         else:
-            row = seen.reshape(-1, len(_PROBE))[0].to("cpu", torch.float64)
+            row = seen.reshape(-1, _PROBE_SIZE)[0].to("cpu", torch.float64)
             eps = torch.finfo(self.probe.dtype).eps
             if torch.allclose(row, expected, rtol=8 * eps, atol=8 * eps):
                 self.state.verified = True
@@ -365,7 +373,7 @@ class _Call:
         raise RuntimeError(
             f"model: {type(self.model).__name__} transforms its logits between its output "
             "layer and its loss in a way fused_ce does not reproduce: for probe logits "
-            f"{list(_PROBE)} it computed {got}, the mapped options (logit_scale={scale}, "
+            f"{probe.tolist()} it computed {got}, the mapped options (logit_scale={scale}, "
             f"softcap={cap}) give {expected.tolist()}. unpatch(model) to train it unfused"
         )
 
