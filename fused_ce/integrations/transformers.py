@@ -198,7 +198,7 @@ def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    if _STATE in vars(model):
+    if isinstance(model, nn.Module) and _STATE in vars(model):
         return model
     _check_patchable(model)
     logit_scale, softcap = _logit_options(model)
