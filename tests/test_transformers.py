@@ -170,7 +170,7 @@ def test_gradient_accumulation_with_num_items_in_batch(arch):
     assert_matches((total, grads), big32, big64)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_logits_to_keep(arch):
     """Training on the last k positions (labels for those positions), as unpatched; in eval the
     patched model returns the same k logits."""
