@@ -18,6 +18,7 @@ def peak_bytes(step: Callable[[], object], device: torch.device | str = "cpu") -
 
     Examples::
 
+        >>> from fused_ce._memory import peak_bytes
         >>> peak_bytes(lambda: torch.ones(1024, 1024).sum()) // 2**20  # a 4 MiB temporary
         4
     """

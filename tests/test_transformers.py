@@ -10,6 +10,7 @@ fp32 model (plus 1e-5 relative slack for the different summation order).
 from __future__ import annotations
 
 import copy
+import doctest
 import importlib.util
 import math
 from pathlib import Path
@@ -22,6 +23,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+import fused_ce._memory  # noqa: E402
+import fused_ce.integrations.transformers as hf_integration  # noqa: E402
 from fused_ce._memory import peak_bytes  # noqa: E402
 from fused_ce.integrations.transformers import (  # noqa: E402
     apply_to_trainer,
@@ -441,3 +444,19 @@ def test_example_runs(capsys):
         _, plain, fused = row.split()
         assert float(fused) == pytest.approx(float(plain), rel=1e-5)
     assert "largest loss difference" in lines[4] and "peak memory" in lines[5]
+
+
+DOCUMENTED = {
+    hf_integration.patch: ("Args:", "Returns:", "Shape:", "Examples::"),
+    fused_ce._memory.peak_bytes: ("Examples::",),
+}
+
+
+@pytest.mark.parametrize("function", list(DOCUMENTED), ids=lambda f: f.__name__)
+def test_docstring_examples(function):
+    for section in DOCUMENTED[function]:
+        assert f"\n    {section}\n" in function.__doc__, section
+    (test,) = doctest.DocTestFinder().find(function, globs={"torch": torch})
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0 and test.examples

@@ -145,7 +145,7 @@ def _check_patchable(model: Any) -> None:
 def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
     r"""Make ``model`` compute its training loss with :func:`fused_ce.linear_cross_entropy`
     on the final hidden states and the output layer's weight (and bias), without the ``N x V``
-    logits. Returns ``model`` (patched in place).
+    logits.
 
     With hidden states :math:`h_t` (the ones the model feeds its head), head weight :math:`W`,
     bias :math:`b`, labels :math:`y` and the model's logit transform :math:`f` (identity,
@@ -176,6 +176,9 @@ def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
             ``ForCausalLMLoss``. Anything else raises ``ValueError``/``TypeError`` naming why.
         backend: ``linear_cross_entropy``'s ``backend`` (``None``/``'auto'``, ``'triton'``,
             ``'torch'``).
+
+    Returns:
+        ``model``, patched in place.
 
     Shape:
         as the model's forward: ``input_ids``/``labels`` ``(B, T)``; ``logits_to_keep``
