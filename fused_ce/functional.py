@@ -9,6 +9,7 @@ CUDA), and the kernels never read memory through an unchecked target.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
@@ -26,8 +27,8 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from .ops.bce import bce_forward
-from .ops.cross_entropy import ce_forward
+from .ops.bce import bce_forward_call, bce_scalar_call
+from .ops.cross_entropy import ce_forward_call, ce_scalar_call
 
 
 def _as_rows(tensor: Tensor, class_dim: int) -> Tensor:
@@ -288,7 +289,36 @@ def softmax_cross_entropy(
     n_outer, _, n_inner = logits.shape
     rows_target = _as_rows(target, class_dim) if prob_target else target.reshape(n_outer, n_inner)
 
-    loss, lse, _, entropy, argmax = ce_forward(
+    backend = resolve(backend, input)
+    grad_enabled = torch.is_grad_enabled()
+    logits_grad = grad_enabled and input.requires_grad
+    target_grad = grad_enabled and prob_target and target.requires_grad
+    n_rows = n_outer * n_inner
+    # 'mean'/'sum': the gradient is made during the forward (one read of the logits, one write
+    # of their gradient). Not with return_stats, whose lse stays differentiable, nor with
+    # inplace_backward, whose in-place backward already writes the gradient once.
+    eager = not torch.compiler.is_compiling()
+    if reduction != "none" and not return_stats and not inplace_backward:
+        grad_scale = _grad_scale(reduction, checked.valid, target, weight, n_rows, input)
+        loss, *_ = ce_scalar_call(
+            logits,
+            rows_target,
+            weight,
+            checked.valid,
+            grad_scale,
+            ignore_index,
+            checked.label_smoothing,
+            scale,
+            cap,
+            float(z_loss),
+            backend,
+            # Made during the forward in eager mode only: under torch.compile the backward op
+            # makes them (a compiled graph cannot hand out its forward's buffers as they are).
+            logits_grad and eager,
+            target_grad and eager,
+        )
+        return loss.to(checked.out_dtype)
+    loss, lse, _, entropy, argmax = ce_forward_call(
         logits,
         rows_target,
         weight,
@@ -298,9 +328,9 @@ def softmax_cross_entropy(
         cap,
         return_stats,
         bool(inplace_backward),
-        resolve(backend, input),
+        backend,
     )
-    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_outer * n_inner, input.dtype)
+    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
     return _finish(
         loss,
         lse,
@@ -315,6 +345,25 @@ def softmax_cross_entropy(
         z_loss=float(z_loss),
         return_stats=return_stats,
     )
+
+
+def _grad_scale(
+    reduction: str,
+    valid: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    n_rows: int,
+    input: Tensor,
+) -> Tensor:
+    """The 0-d factor a ``'mean'``/``'sum'`` applies to the summed loss: ``1 / divisor`` (see
+    :func:`_ce_divisor`) or 1, in the accumulation dtype, on the input's device."""
+    acc = accumulation_dtype(input.dtype)
+    if reduction == "sum":
+        return torch.ones((), dtype=acc, device=input.device)
+    divisor = _ce_divisor(reduction, valid, target, weight, n_rows, input.dtype)
+    if isinstance(divisor, Tensor):
+        return torch.reciprocal(divisor)
+    return torch.full((), 1.0 / divisor if divisor else math.nan, dtype=acc, device=input.device)
 
 
 def sigmoid_binary_cross_entropy(
@@ -377,8 +426,27 @@ def sigmoid_binary_cross_entropy(
         )
     check_floating("target", target)
     check_bce_weights(weight, pos_weight, input, input.shape, "input's shape")
-    loss = bce_forward(input, target, weight, pos_weight, resolve(backend, input))
-    return _reduce(loss, reduction, input.numel(), target.dtype)
+    backend = resolve(backend, input)
+    if reduction == "none":
+        return bce_forward_call(input, target, weight, pos_weight, backend)
+    # 'mean'/'sum': one launch makes the summed loss (per-program partial sums, no elementwise
+    # loss in memory) and, in eager mode, the gradients, which the backward then only checks
+    # against the upstream gradient (see fused_ce.ops._scalar).
+    grad_enabled = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    numel = input.numel()
+    acc = accumulation_dtype(input.dtype, target.dtype)
+    value = 1.0 if reduction == "sum" else (1.0 / numel if numel else math.nan)
+    loss, _, _ = bce_scalar_call(
+        input,
+        target,
+        weight,
+        pos_weight,
+        torch.full((), value, dtype=acc, device=input.device),
+        backend,
+        grad_enabled and input.requires_grad,
+        grad_enabled and target.requires_grad,
+    )
+    return loss.to(target.dtype)
 
 
 cross_entropy = softmax_cross_entropy

@@ -40,9 +40,11 @@ def bce_kernel(
     weight_ptr,
     pos_weight_ptr,
     grad_ptr,
+    upstream_ptr,
     loss_ptr,
     grad_input_ptr,
     grad_target_ptr,
+    loss_partials_ptr,
     n_rows,
     n_cols,
     n_col_blocks,
@@ -59,18 +61,26 @@ def bce_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_POS_WEIGHT: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
+    SUM_LOSS: tl.constexpr,
     COMPUTE_GRAD_INPUT: tl.constexpr,
     COMPUTE_GRAD_TARGET: tl.constexpr,
+    SKIP_UNIT_UPSTREAM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Loss (forward) or gradients (backward) of one ``BLOCK_R x BLOCK_C`` tile.
 
-    Outputs (loss, grad_input, grad_target) are contiguous ``(n_rows, n_cols)``. Bytes moved:
-    forward reads x and t and writes the loss, once each; backward reads x, t and g and writes
-    each requested gradient, once each. Weights are read once per element too, but broadcast
-    ones hit the cache.
+    Outputs (loss, grad_input, grad_target) are contiguous ``(n_rows, n_cols)``. With
+    ``SUM_LOSS`` the loss is not stored: each program writes the sum of its tile's loss to
+    ``loss_partials[program]`` instead (a ``'mean'``/``'sum'`` then never writes and re-reads
+    the elementwise loss). Bytes moved: x and t read once, each requested output written once;
+    g read once unless it is one scalar (both strides 0); weights are read once per element too,
+    but broadcast ones hit the cache. One launch can write the loss and both gradients.
+
+    ``SKIP_UNIT_UPSTREAM`` (the scalar-loss backward: the forward already wrote the gradients
+    for an upstream gradient of 1): every program reads the 0-d ``upstream`` and, when it is 1,
+    masks off every load and store; otherwise it rewrites the gradients for ``g * upstream``.
     """
     # A 1-D grid: the tile index splits into (row block, column block), so neither count is
     # limited by CUDA's 65535 cap on the second grid dimension.
@@ -78,6 +88,10 @@ def bce_kernel(
     rows = (pid // n_col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = (pid % n_col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    if SKIP_UNIT_UPSTREAM:
+        upstream = tl.load(upstream_ptr).to(ACC_DTYPE)
+        # An upstream gradient of 1: every load and store is masked off, nothing moves.
+        mask = mask & (tl.full((BLOCK_R, BLOCK_C), 1.0, ACC_DTYPE) * upstream != 1.0)
     r = rows[:, None]
     c = cols[None, :]
 
@@ -100,11 +114,16 @@ def bce_kernel(
     log1p_e = _log1p(e)
     neg_log_sigmoid = log1p_e + tl.maximum(-x, 0.0)
     out = r * n_cols + c
-    if COMPUTE_LOSS:
+    if COMPUTE_LOSS or SUM_LOSS:
         loss = w * ((1.0 - t) * x + ((pw - 1.0) * t + 1.0) * neg_log_sigmoid)
+    if COMPUTE_LOSS:
         tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask)
+    if SUM_LOSS:
+        tl.store(loss_partials_ptr + pid, tl.sum(tl.sum(tl.where(mask, loss, 0.0), 1), 0))
     if COMPUTE_GRAD_INPUT or COMPUTE_GRAD_TARGET:
         g = tl.load(grad_ptr + r * grad_row_stride + c * grad_col_stride, mask, 0.0).to(ACC_DTYPE)
+        if SKIP_UNIT_UPSTREAM:
+            g = g * upstream
         g = g * w
     if COMPUTE_GRAD_INPUT:
         inv = 1.0 / (1.0 + e)

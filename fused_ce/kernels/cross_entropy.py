@@ -172,6 +172,131 @@ def _store_row_results(
 
 
 @triton.jit
+def _write_gradients(
+    logits_ptr,
+    target_ptr,
+    class_weight_ptr,
+    grad_logits_ptr,
+    grad_target_ptr,
+    rows,
+    row_mask,
+    n_inner,
+    n_classes,
+    col_start,
+    n_cols,
+    logits_row,
+    target_row,
+    logits_class_stride,
+    target_class_stride,
+    grad_outer_stride,
+    grad_class_stride,
+    grad_inner_stride,
+    grad_target_outer_stride,
+    grad_target_class_stride,
+    grad_target_inner_stride,
+    y,
+    valid,
+    row_max,
+    log_sum_exp,
+    lin_sum,
+    g,
+    coef_lse,
+    label_smoothing,
+    logit_scale,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Write ``dlogits`` (and ``dtarget``) of classes ``[col_start, col_start + n_cols)`` for a
+    block of rows, from their ``(m, log_s, U)``, their upstream gradient ``g`` of the loss and
+    ``coef_lse``, the upstream gradient of their lse (0 when none). ``y`` and ``valid`` are the
+    class-index target and its non-ignored mask (unused for probability targets). Shared by the
+    backward kernel and the scalar-loss forward, so both write the very same bits."""
+    if PROB_TARGET:
+        # dx = p * (g * U) - g * u_c
+        coef_p = g * lin_sum
+        coef_u = g
+        coef_y = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        y = tl.full((BLOCK_R,), -1, tl.int64)
+    else:
+        y = tl.where(valid, y, -1)
+        coef_y = (1.0 - label_smoothing) * g
+        if HAS_WEIGHT:
+            coef_y = coef_y * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
+        if HAS_SMOOTHING:
+            coef_u = (label_smoothing / n_classes) * g
+        else:
+            coef_u = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        # where(), not a product with v: g is inf for an all-ignored 'mean' (0/0), and the
+        # gradient of an ignored row must stay exactly 0.
+        coef_y = tl.where(valid, coef_y, 0.0)
+        coef_u = tl.where(valid, coef_u, 0.0)
+        coef_p = coef_y + coef_u * lin_sum
+    coef_p = coef_p + coef_lse
+    grad_row = _row_offsets(rows, n_inner, grad_outer_stride, grad_inner_stride)
+    grad_target_row = _row_offsets(
+        rows, n_inner, grad_target_outer_stride, grad_target_inner_stride
+    )
+    for offset in range(0, n_cols, BLOCK_C):
+        cols = col_start + offset + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = cols < n_classes
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(
+            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
+        ).to(ACC_DTYPE)
+        x, slope = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+        shifted = x - row_max[:, None]  # exact near the max: p keeps log_s's precision only
+        p = tl.exp(shifted - log_sum_exp[:, None])
+        grad = p * coef_p[:, None] - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
+        if PROB_TARGET or HAS_SMOOTHING:
+            if PROB_TARGET:
+                t = tl.load(
+                    target_ptr + target_row[:, None] + cols[None, :] * target_class_stride,
+                    mask,
+                    0.0,
+                ).to(ACC_DTYPE)
+                u = (1.0 - label_smoothing) * t + label_smoothing / n_classes
+            else:
+                u = tl.full((BLOCK_R, BLOCK_C), 1.0, ACC_DTYPE)
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, col_mask, 0.0).to(ACC_DTYPE)[None, :]
+                u = u * w
+            grad = grad - coef_u[:, None] * u
+            if TARGET_GRAD:
+                grad_t = g[:, None] * (1.0 - label_smoothing) * (log_sum_exp[:, None] - shifted)
+                if HAS_WEIGHT:
+                    grad_t = grad_t * w
+                tl.store(
+                    grad_target_ptr
+                    + grad_target_row[:, None]
+                    + cols[None, :] * grad_target_class_stride,
+                    grad_t.to(grad_target_ptr.dtype.element_ty),
+                    mask,
+                )
+        if LOGITS_GRAD:
+            tl.store(
+                grad_logits_ptr + grad_row[:, None] + cols[None, :] * grad_class_stride,
+                (grad * slope).to(grad_logits_ptr.dtype.element_ty),
+                mask,
+            )
+
+
+@triton.jit
+def _z_loss_coefficient(g, lse, valid, z_loss_hi, z_loss_lo, ACC_DTYPE: tl.constexpr):
+    """``d(z_loss * v * lse^2) / d lse`` times ``g``; where(), so an ignored row whose lse is
+    inf adds 0, not NaN."""
+    z_loss = _smoothing(z_loss_hi, z_loss_lo, ACC_DTYPE)
+    return tl.where(valid, 2.0 * z_loss * g * lse, 0.0)
+
+
+@triton.jit
 def ce_forward_kernel(
     logits_ptr,
     target_ptr,
@@ -181,6 +306,9 @@ def ce_forward_kernel(
     saved_ptr,
     entropy_ptr,
     argmax_ptr,
+    grad_scale_ptr,
+    grad_logits_ptr,
+    grad_target_ptr,
     n_rows,
     n_classes,
     n_inner,
@@ -191,6 +319,12 @@ def ce_forward_kernel(
     target_outer_stride,
     target_class_stride,
     target_inner_stride,
+    grad_outer_stride,
+    grad_class_stride,
+    grad_inner_stride,
+    grad_target_outer_stride,
+    grad_target_class_stride,
+    grad_target_inner_stride,
     ignore_index,
     label_smoothing_hi,
     label_smoothing_lo,
@@ -198,11 +332,16 @@ def ce_forward_kernel(
     logit_scale_lo,
     softcap_hi,
     softcap_lo,
+    z_loss_hi,
+    z_loss_lo,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WITH_STATS: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -210,8 +349,15 @@ def ce_forward_kernel(
     """Per-row loss and lse, and the saved ``(m, log_s, U)``, in one pass over the logits;
     with ``WITH_STATS`` also the entropy and argmax of each row.
 
+    With ``LOGITS_GRAD``/``TARGET_GRAD`` (the scalar-loss path) the same program then writes the
+    gradient of ``grad_scale * sum_n (loss_n + z_loss * v_n * lse_n^2)`` (``grad_scale`` read
+    from its 0-d buffer; ``HAS_Z_LOSS`` adds the z-loss term) with the backward's helper: a
+    row's second read hits registers (one class block) or the cache, so the logits cross memory
+    once and their gradient once for a whole forward + backward.
+
     Bytes moved: the logits once (``n_rows * C * elem``), plus the probability target once when
-    ``PROB_TARGET``; five words written per row (seven with stats). ``BLOCK_R`` rows share a
+    ``PROB_TARGET``; five words written per row (seven with stats); the gradient written once
+    when asked for. ``BLOCK_R`` rows share a
     program when C is small, so the 11-class and 1-class shapes do not launch a program per row.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -301,6 +447,56 @@ def ce_forward_kernel(
         WITH_STATS,
         ACC_DTYPE,
     )
+    if LOGITS_GRAD or TARGET_GRAD:
+        g = tl.full((BLOCK_R,), 0.0, ACC_DTYPE) + tl.load(grad_scale_ptr).to(ACC_DTYPE)
+        log_sum_exp = tl.log(sum_exp)
+        coef_lse = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        if HAS_Z_LOSS:
+            coef_lse = _z_loss_coefficient(
+                g, ref + log_sum_exp, valid, z_loss_hi, z_loss_lo, ACC_DTYPE
+            )
+        _write_gradients(
+            logits_ptr,
+            target_ptr,
+            class_weight_ptr,
+            grad_logits_ptr,
+            grad_target_ptr,
+            rows,
+            row_mask,
+            n_inner,
+            n_classes,
+            0,
+            n_classes,
+            logits_row,
+            target_row,
+            logits_class_stride,
+            target_class_stride,
+            grad_outer_stride,
+            grad_class_stride,
+            grad_inner_stride,
+            grad_target_outer_stride,
+            grad_target_class_stride,
+            grad_target_inner_stride,
+            y,
+            valid,
+            ref,
+            log_sum_exp,
+            lin_sum,
+            g,
+            coef_lse,
+            label_smoothing,
+            logit_scale,
+            softcap,
+            HAS_WEIGHT,
+            PROB_TARGET,
+            HAS_SMOOTHING,
+            HAS_SOFTCAP,
+            LOGITS_GRAD,
+            TARGET_GRAD,
+            ACC_DTYPE,
+            BLOCK_R,
+            BLOCK_C,
+        )
 
 
 @triton.jit
@@ -311,6 +507,7 @@ def ce_backward_kernel(
     saved_ptr,
     grad_loss_ptr,
     grad_lse_ptr,
+    upstream_ptr,
     grad_logits_ptr,
     grad_target_ptr,
     n_rows,
@@ -339,11 +536,16 @@ def ce_backward_kernel(
     logit_scale_lo,
     softcap_hi,
     softcap_lo,
+    z_loss_hi,
+    z_loss_lo,
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    SKIP_UNIT_UPSTREAM: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
     TARGET_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -352,95 +554,84 @@ def ce_backward_kernel(
     """``dlogits`` (and ``dtarget``) recomputed from the saved per-row ``(m, log_s, U)``.
 
     ``grad_loss`` and ``grad_lse`` are strided (stride 0 when autograd expands the upstream
-    gradient of a 'mean' or 'sum'). Grid: (row blocks, column splits); a column split lets few
-    long rows fill the device.
+    gradient of a 'mean' or 'sum'). ``HAS_Z_LOSS`` adds the gradient of ``z_loss * v * lse^2``
+    per unit of ``g``. With ``SKIP_UNIT_UPSTREAM`` (the scalar-loss backward: the forward
+    already wrote the gradient for an upstream gradient of 1) every program reads the 0-d
+    ``upstream`` and returns at once when it is 1; otherwise it rewrites the gradient for
+    ``g * upstream``, exactly (one rounding), not by scaling the stored one. Grid: (row
+    blocks, column splits); a column split lets few long rows fill the device.
     Bytes moved: the logits read once and the gradient written once (the same buffer may be
     both: each element is read before it is written, by the same program), plus the target read
     and its gradient written once for probability targets; per-row scalars are negligible.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    logits_row = _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride)
-    target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
-    label_smoothing = _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE)
-    logit_scale = _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE)
-    softcap = _smoothing(softcap_hi, softcap_lo, ACC_DTYPE)
-    grad_row = _row_offsets(rows, n_inner, grad_outer_stride, grad_inner_stride)
-
-    row_max = tl.load(saved_ptr + rows, row_mask, 0.0)
-    log_sum_exp = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0)
-    # In int64: 2 * n_rows overflows i32 beyond 2^30 rows (tl.cast, not .to(): a
-    # stride of 1 arrives as a constexpr).
-    lin_sum = tl.load(saved_ptr + 2 * tl.cast(saved_stride, tl.int64) + rows, row_mask, 0.0)
-    g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
-    if PROB_TARGET:
-        # dx = p * (g * U) - g * u_c
-        coef_p = g * lin_sum
-        coef_u = g
-        coef_y = tl.zeros((BLOCK_R,), ACC_DTYPE)
-        y = tl.zeros((BLOCK_R,), tl.int64)
+    if SKIP_UNIT_UPSTREAM:
+        upstream = tl.load(upstream_ptr).to(ACC_DTYPE)
     else:
-        y = tl.load(target_ptr + target_row, row_mask, 0).to(tl.int64)
-        valid = row_mask & (y != ignore_index) & (y >= 0) & (y < n_classes)
-        y = tl.where(valid, y, -1)
-        coef_y = (1.0 - label_smoothing) * g
-        if HAS_WEIGHT:
-            coef_y = coef_y * tl.load(class_weight_ptr + y, valid, 0.0).to(ACC_DTYPE)
-        if HAS_SMOOTHING:
-            coef_u = (label_smoothing / n_classes) * g
+        upstream = tl.full((), 0.0, ACC_DTYPE)  # never 1: the gradient is always written
+    if upstream != 1.0:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < n_rows
+        row_max = tl.load(saved_ptr + rows, row_mask, 0.0)
+        log_sum_exp = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0)
+        # In int64: 2 * n_rows overflows i32 beyond 2^30 rows (tl.cast, not .to(): a
+        # stride of 1 arrives as a constexpr).
+        lin_sum = tl.load(saved_ptr + 2 * tl.cast(saved_stride, tl.int64) + rows, row_mask, 0.0)
+        g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
+        if SKIP_UNIT_UPSTREAM:
+            g = g * upstream
+        target_row = _row_offsets(rows, n_inner, target_outer_stride, target_inner_stride)
+        if PROB_TARGET:
+            y = tl.zeros((BLOCK_R,), tl.int64)
+            valid = row_mask
         else:
-            coef_u = tl.zeros((BLOCK_R,), ACC_DTYPE)
-        # where(), not a product with v: g is inf for an all-ignored 'mean' (0/0), and the
-        # gradient of an ignored row must stay exactly 0.
-        coef_y = tl.where(valid, coef_y, 0.0)
-        coef_u = tl.where(valid, coef_u, 0.0)
-        coef_p = coef_y + coef_u * lin_sum
-    if HAS_GRAD_LSE:
-        coef_p = coef_p + tl.load(grad_lse_ptr + rows * grad_lse_stride, row_mask, 0.0).to(
-            ACC_DTYPE
-        )
-
-    start = tl.program_id(1).to(tl.int64) * cols_per_program
-    for offset in range(0, cols_per_program, BLOCK_C):
-        cols = start + offset + tl.arange(0, BLOCK_C).to(tl.int64)
-        col_mask = cols < n_classes
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(
-            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
-        ).to(ACC_DTYPE)
-        x, slope = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
-        shifted = x - row_max[:, None]  # exact near the max: p keeps log_s's precision only
-        p = tl.exp(shifted - log_sum_exp[:, None])
-        grad = p * coef_p[:, None] - tl.where(cols[None, :] == y[:, None], coef_y[:, None], 0.0)
-        if PROB_TARGET or HAS_SMOOTHING:
-            if PROB_TARGET:
-                t = tl.load(
-                    target_ptr + target_row[:, None] + cols[None, :] * target_class_stride,
-                    mask,
-                    0.0,
-                ).to(ACC_DTYPE)
-                u = (1.0 - label_smoothing) * t + label_smoothing / n_classes
-            else:
-                u = tl.full((BLOCK_R, BLOCK_C), 1.0, ACC_DTYPE)
-            if HAS_WEIGHT:
-                w = tl.load(class_weight_ptr + cols, col_mask, 0.0).to(ACC_DTYPE)[None, :]
-                u = u * w
-            grad = grad - coef_u[:, None] * u
-            if TARGET_GRAD:
-                grad_t = g[:, None] * (1.0 - label_smoothing) * (log_sum_exp[:, None] - shifted)
-                if HAS_WEIGHT:
-                    grad_t = grad_t * w
-                tl.store(
-                    grad_target_ptr
-                    + _row_offsets(
-                        rows, n_inner, grad_target_outer_stride, grad_target_inner_stride
-                    )[:, None]
-                    + cols[None, :] * grad_target_class_stride,
-                    grad_t.to(grad_target_ptr.dtype.element_ty),
-                    mask,
-                )
-        tl.store(
-            grad_logits_ptr + grad_row[:, None] + cols[None, :] * grad_class_stride,
-            (grad * slope).to(grad_logits_ptr.dtype.element_ty),
-            mask,
+            y = tl.load(target_ptr + target_row, row_mask, 0).to(tl.int64)
+            valid = row_mask & (y != ignore_index) & (y >= 0) & (y < n_classes)
+        coef_lse = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        if HAS_GRAD_LSE:
+            coef_lse = tl.load(grad_lse_ptr + rows * grad_lse_stride, row_mask, 0.0).to(ACC_DTYPE)
+        if HAS_Z_LOSS:
+            coef_lse = coef_lse + _z_loss_coefficient(
+                g, row_max + log_sum_exp, valid, z_loss_hi, z_loss_lo, ACC_DTYPE
+            )
+        _write_gradients(
+            logits_ptr,
+            target_ptr,
+            class_weight_ptr,
+            grad_logits_ptr,
+            grad_target_ptr,
+            rows,
+            row_mask,
+            n_inner,
+            n_classes,
+            tl.program_id(1).to(tl.int64) * cols_per_program,
+            cols_per_program,
+            _row_offsets(rows, n_inner, logits_outer_stride, logits_inner_stride),
+            target_row,
+            logits_class_stride,
+            target_class_stride,
+            grad_outer_stride,
+            grad_class_stride,
+            grad_inner_stride,
+            grad_target_outer_stride,
+            grad_target_class_stride,
+            grad_target_inner_stride,
+            y,
+            valid,
+            row_max,
+            log_sum_exp,
+            lin_sum,
+            g,
+            coef_lse,
+            _smoothing(label_smoothing_hi, label_smoothing_lo, ACC_DTYPE),
+            _smoothing(logit_scale_hi, logit_scale_lo, ACC_DTYPE),
+            _smoothing(softcap_hi, softcap_lo, ACC_DTYPE),
+            HAS_WEIGHT,
+            PROB_TARGET,
+            HAS_SMOOTHING,
+            HAS_SOFTCAP,
+            LOGITS_GRAD,
+            TARGET_GRAD,
+            ACC_DTYPE,
+            BLOCK_R,
+            BLOCK_C,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from .._backend import INTERPRET
@@ -14,6 +13,18 @@ MAX_TILE = 1 << 16 if INTERPRET else 1 << 13
 MAX_BLOCK_C = 1 << 14 if INTERPRET else 1 << 12
 
 
+def cdiv(numerator: int, denominator: int) -> int:
+    """``ceil(numerator / denominator)``. Plain Python: ``triton.cdiv`` is a constexpr
+    function whose call from the host costs about a microsecond of wrapping."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``); see :func:`cdiv` for why not
+    Triton's."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     """The Triton twin of an accumulation dtype."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -22,7 +33,7 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
 def tile(n_rows: int, n_cols: int, max_block_c: int = MAX_BLOCK_C) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for a row-wise kernel: a whole short row per lane group,
     several rows per program when rows are short."""
-    block_c = min(triton.next_power_of_2(max(n_cols, 1)), max_block_c)
-    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), MAX_TILE // block_c))
+    block_c = min(next_power_of_2(max(n_cols, 1)), max_block_c)
+    block_r = max(1, min(next_power_of_2(max(n_rows, 1)), MAX_TILE // block_c))
     num_warps = 4 if block_r * block_c <= 2048 else 8
     return block_r, block_c, num_warps

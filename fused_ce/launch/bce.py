@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from .._common import accumulation_dtype
 from ..kernels.bce import bce_kernel
-from ._common import MAX_TILE, tl_dtype
+from ._common import MAX_TILE, cdiv, next_power_of_2, tl_dtype
 
 _MAX_BLOCK_C = 1024
 
@@ -36,58 +35,87 @@ def run(
     loss: torch.Tensor | None,
     grad_input: torch.Tensor | None,
     grad_target: torch.Tensor | None,
+    *,
+    loss_sum: torch.Tensor | None = None,
+    upstream: torch.Tensor | None = None,
 ) -> None:
-    """Fill the given contiguous outputs (``loss``, or ``grad_input``/``grad_target`` from
-    ``grad``) for ``input`` and ``target`` of one shape; absent outputs are skipped."""
+    """Fill the given outputs for ``input`` and ``target`` of one shape, in one launch:
+    ``loss`` (contiguous, elementwise), ``loss_sum`` (0-d, the accumulation dtype: the sum of
+    the elementwise loss, from per-program partial sums), and ``grad_input``/``grad_target``
+    (contiguous) from ``grad``, the upstream gradient of the elementwise loss: of ``input``'s
+    shape, or 0-d (one value for every element, e.g. a mean's ``1 / numel``). Absent outputs
+    are skipped.
+
+    ``upstream`` (0-d, Triton only; the scalar-loss backward): the gradient buffers already
+    hold the gradients for ``grad``; the kernel leaves them untouched when ``upstream`` is 1
+    (read on the device) and rewrites them for ``grad * upstream`` otherwise."""
     shape = input.shape
     numel = input.numel()
     if numel == 0:
+        if loss_sum is not None:
+            loss_sum.zero_()
         return
+    uniform_grad = grad is not None and grad.dim() == 0
     # Everything dense and unbroadcast: one long row, the friendliest layout for the loads.
-    flat = all(
+    # Not for a loss sum, whose partial sums must group the elements by their logical
+    # (rows, cols) position whatever the layout, so strided operands sum to the same bits.
+    flat = loss_sum is None and all(
         t is None or (t.shape == shape and t.is_contiguous())
-        for t in (input, target, weight, pos_weight, grad)
+        for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
     )
-    operands = [
+    x2, t2, w2, pw2, g2 = (
         _as_2d(t, shape, flat) if t is not None else None
-        for t in (input, target, weight, pos_weight, grad)
-    ]
-    x2, t2 = operands[0], operands[1]
-    n_rows, n_cols = x2.shape
-    block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
-    block_r = max(1, min(triton.next_power_of_2(n_rows), MAX_TILE // 4 // block_c))
-    n_col_blocks = triton.cdiv(n_cols, block_c)
-
-    def strides(t: torch.Tensor | None) -> tuple[int, int]:
-        return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
-
-    placeholder = (
-        loss if loss is not None else (grad_input if grad_input is not None else grad_target)
+        for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
     )
-    bce_kernel[(triton.cdiv(n_rows, block_r) * n_col_blocks,)](
-        x2,
-        t2,
-        operands[2] if weight is not None else x2,
-        operands[3] if pos_weight is not None else x2,
-        operands[4] if grad is not None else x2,
-        loss if loss is not None else placeholder,
-        grad_input if grad_input is not None else placeholder,
-        grad_target if grad_target is not None else placeholder,
-        n_rows,
-        n_cols,
-        n_col_blocks,
-        *strides(x2),
-        *strides(t2),
-        *strides(operands[2]),
-        *strides(operands[3]),
-        *strides(operands[4]),
+    n_rows, n_cols = x2.shape
+    block_c = min(next_power_of_2(n_cols), _MAX_BLOCK_C)
+    block_r = max(1, min(next_power_of_2(n_rows), MAX_TILE // 4 // block_c))
+    n_col_blocks = cdiv(n_cols, block_c)
+    n_programs = cdiv(n_rows, block_r) * n_col_blocks
+    dtype = accumulation_dtype(input.dtype, target.dtype)
+    partials = (
+        torch.empty(n_programs, dtype=dtype, device=input.device) if loss_sum is not None else None
+    )
+    # Absent operands and outputs: any pointer of a fitting dtype; the constexpr flags keep
+    # them from being read or written.
+    placeholder = next(t for t in (loss, grad_input, grad_target, partials) if t is not None)
+    bce_kernel[(n_programs,)](
+        input_ptr=x2,
+        target_ptr=t2,
+        weight_ptr=w2 if w2 is not None else x2,
+        pos_weight_ptr=pw2 if pw2 is not None else x2,
+        grad_ptr=grad if uniform_grad else (g2 if g2 is not None else x2),
+        upstream_ptr=upstream if upstream is not None else x2,
+        loss_ptr=loss if loss is not None else placeholder,
+        grad_input_ptr=grad_input if grad_input is not None else placeholder,
+        grad_target_ptr=grad_target if grad_target is not None else placeholder,
+        loss_partials_ptr=partials if partials is not None else placeholder,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        n_col_blocks=n_col_blocks,
+        input_row_stride=x2.stride(0),
+        input_col_stride=x2.stride(1),
+        target_row_stride=t2.stride(0),
+        target_col_stride=t2.stride(1),
+        weight_row_stride=w2.stride(0) if w2 is not None else 0,
+        weight_col_stride=w2.stride(1) if w2 is not None else 0,
+        pos_weight_row_stride=pw2.stride(0) if pw2 is not None else 0,
+        pos_weight_col_stride=pw2.stride(1) if pw2 is not None else 0,
+        # A 0-d gradient: strides 0, so every element reads the one value.
+        grad_row_stride=g2.stride(0) if g2 is not None else 0,
+        grad_col_stride=g2.stride(1) if g2 is not None else 0,
         HAS_WEIGHT=weight is not None,
         HAS_POS_WEIGHT=pos_weight is not None,
         COMPUTE_LOSS=loss is not None,
+        SUM_LOSS=loss_sum is not None,
         COMPUTE_GRAD_INPUT=grad_input is not None,
         COMPUTE_GRAD_TARGET=grad_target is not None,
-        ACC_DTYPE=tl_dtype(accumulation_dtype(input.dtype, target.dtype)),
+        SKIP_UNIT_UPSTREAM=upstream is not None,
+        ACC_DTYPE=tl_dtype(dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=4 if block_r * block_c <= 1024 else 8,
     )
+    if partials is not None:
+        # Deterministic: a fixed-order sum of the per-program partials (one small launch).
+        torch.sum(partials, dim=0, out=loss_sum)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import struct
 
 import torch
-import triton
 
 from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ..torch_impl.cross_entropy import forward_outputs
-from ._common import tile, tl_dtype
+from ._common import cdiv, tile, tl_dtype
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
@@ -41,11 +40,18 @@ def option_args(options: CEOptions) -> dict:
     }
 
 
-def _target_strides(target: torch.Tensor) -> tuple[int, int, int]:
-    """(outer, class, inner) strides: class-index targets are ``(n_outer, n_inner)``."""
-    if target.dim() == 3:
-        return target.stride(0), target.stride(1), target.stride(2)
-    return target.stride(0), 0, target.stride(1)
+def _strides(prefix: str, tensor: torch.Tensor) -> dict[str, int]:
+    """``{prefix}_outer/class/inner_stride`` of a ``(n_outer, C, n_inner)`` operand; class-index
+    targets are ``(n_outer, n_inner)`` (class stride 0)."""
+    if tensor.dim() == 3:
+        outer, cls, inner = tensor.stride()
+    else:
+        (outer, inner), cls = tensor.stride(), 0
+    return {
+        f"{prefix}_outer_stride": outer,
+        f"{prefix}_class_stride": cls,
+        f"{prefix}_inner_stride": inner,
+    }
 
 
 def forward(
@@ -55,36 +61,52 @@ def forward(
     options: CEOptions,
     *,
     with_stats: bool = False,
+    z_loss: float = 0.0,
+    grad_scale: torch.Tensor | None = None,
+    grad_logits: torch.Tensor | None = None,
+    grad_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` (see :func:`forward_outputs`) in the
-    accumulation dtype. See kernels/cross_entropy.py."""
+    accumulation dtype, from one launch. See kernels/cross_entropy.py.
+
+    With ``grad_scale`` (0-d, the accumulation dtype) the same launch also writes the gradient
+    of ``grad_scale * sum_n (loss_n + z_loss * v_n * lse_n^2)`` into ``grad_logits`` (which may
+    be ``logits`` itself) and, for probability targets, into ``grad_target``, each when given:
+    the scalar-loss path, whose backward has nothing left to do for an upstream gradient of
+    1."""
     n_outer, n_classes, n_inner = logits.shape
     n_rows = n_outer * n_inner
-    prob_target = target.dim() == 3
     dtype = accumulation_dtype(logits.dtype, target.dtype)
     outputs = forward_outputs(n_rows, dtype, logits.device, with_stats)
     loss, lse, saved, entropy, argmax = outputs
     if n_rows == 0:
         return outputs
+    if grad_scale is None:
+        grad_logits = grad_target = None
     block_r, block_c, num_warps = tile(n_rows, n_classes)
-    ce_forward_kernel[(triton.cdiv(n_rows, block_r),)](
-        logits,
-        target,
-        weight if weight is not None else logits,
-        loss,
-        lse,
-        saved,
-        entropy if with_stats else loss,
-        argmax if with_stats else saved,
-        n_rows,
-        n_classes,
-        n_inner,
-        saved.stride(0),
-        *logits.stride(),
-        *_target_strides(target),
+    ce_forward_kernel[(cdiv(n_rows, block_r),)](
+        logits_ptr=logits,
+        target_ptr=target,
+        class_weight_ptr=weight if weight is not None else logits,
+        loss_ptr=loss,
+        lse_ptr=lse,
+        saved_ptr=saved,
+        # Absent operands and outputs: any buffer of their dtype; the constexpr flags keep them
+        # unread and unwritten.
+        entropy_ptr=entropy if with_stats else loss,
+        argmax_ptr=argmax if with_stats else saved,
+        grad_scale_ptr=grad_scale if grad_scale is not None else loss,
+        **_gradient_outputs(logits, grad_logits, grad_target),
+        n_rows=n_rows,
+        n_classes=n_classes,
+        n_inner=n_inner,
+        saved_stride=saved.stride(0),
+        **_strides("logits", logits),
+        **_strides("target", target),
         **option_args(options),
+        **_z_loss_args(z_loss),
         HAS_WEIGHT=weight is not None,
-        PROB_TARGET=prob_target,
+        PROB_TARGET=target.dim() == 3,
         WITH_STATS=with_stats,
         ACC_DTYPE=tl_dtype(dtype),
         BLOCK_R=block_r,
@@ -92,6 +114,28 @@ def forward(
         num_warps=num_warps,
     )
     return outputs
+
+
+def _gradient_outputs(
+    logits: torch.Tensor, grad_logits: torch.Tensor | None, grad_target: torch.Tensor | None
+) -> dict:
+    """The gradient pointers, strides and flags; an absent output gets another buffer (its
+    flag keeps it unwritten)."""
+    gl = grad_logits if grad_logits is not None else logits
+    gt = grad_target if grad_target is not None else gl
+    return {
+        "grad_logits_ptr": gl,
+        "grad_target_ptr": gt,
+        **_strides("grad", gl),
+        **_strides("grad_target", gt),
+        "LOGITS_GRAD": grad_logits is not None,
+        "TARGET_GRAD": grad_target is not None,
+    }
+
+
+def _z_loss_args(z_loss: float) -> dict:
+    hi, lo = _split_fp64(z_loss)
+    return {"z_loss_hi": hi, "z_loss_lo": lo, "HAS_Z_LOSS": z_loss > 0.0}
 
 
 def backward(
@@ -102,50 +146,57 @@ def backward(
     weight: torch.Tensor | None,
     saved: torch.Tensor,
     options: CEOptions,
-    grad_logits: torch.Tensor,
+    grad_logits: torch.Tensor | None,
     grad_target: torch.Tensor | None,
+    *,
+    z_loss: float = 0.0,
+    upstream: torch.Tensor | None = None,
 ) -> None:
     """Write ``dlogits`` into ``grad_logits`` (which may be ``logits`` itself) and, for
     probability targets, ``dtarget`` into ``grad_target`` when it is given; ``saved`` is the
-    forward's ``(3, n_rows)`` (unit stride along the rows)."""
+    forward's ``(3, n_rows)`` (unit stride along the rows); ``grad_loss`` is per row, any
+    stride, or 0-d (one value for every row).
+
+    The scalar-loss backward's extras (Triton only): ``z_loss`` adds the z-loss term's
+    gradient per unit of ``grad_loss``; with ``upstream`` (0-d) the buffers already hold the
+    gradient for ``grad_loss`` (the forward wrote it), and the kernel, reading ``upstream`` on
+    the device, leaves them untouched when it is 1 and rewrites them for ``grad_loss *
+    upstream`` otherwise."""
     n_outer, n_classes, n_inner = logits.shape
     n_rows = n_outer * n_inner
     if n_rows == 0 or n_classes == 0:
         return
-    prob_target = target.dim() == 3
     block_r, block_c, num_warps = tile(n_rows, n_classes)
-    row_programs = triton.cdiv(n_rows, block_r)
+    row_programs = cdiv(n_rows, block_r)
     # Split long rows over several programs when there are too few rows to fill the device.
-    col_blocks = triton.cdiv(n_classes, block_c)
+    col_blocks = cdiv(n_classes, block_c)
     splits = max(1, min(col_blocks, parallel_slots(logits) // row_programs))
-    cols_per_program = triton.cdiv(col_blocks, splits) * block_c
-    splits = triton.cdiv(n_classes, cols_per_program)
-    gt = grad_target if grad_target is not None else grad_logits
+    cols_per_program = cdiv(col_blocks, splits) * block_c
+    splits = cdiv(n_classes, cols_per_program)
     ce_backward_kernel[(row_programs, splits)](
-        logits,
-        target,
-        weight if weight is not None else logits,
-        saved,
-        grad_loss,
-        grad_lse if grad_lse is not None else saved,
-        grad_logits,
-        gt,
-        n_rows,
-        n_classes,
-        n_inner,
-        cols_per_program,
-        saved.stride(0),
-        grad_loss.stride(0),
-        grad_lse.stride(0) if grad_lse is not None else 0,
-        *logits.stride(),
-        *_target_strides(target),
-        *grad_logits.stride(),
-        *gt.stride(),
+        logits_ptr=logits,
+        target_ptr=target,
+        class_weight_ptr=weight if weight is not None else logits,
+        saved_ptr=saved,
+        grad_loss_ptr=grad_loss,
+        grad_lse_ptr=grad_lse if grad_lse is not None else saved,
+        upstream_ptr=upstream if upstream is not None else saved,
+        **_gradient_outputs(logits, grad_logits, grad_target),
+        n_rows=n_rows,
+        n_classes=n_classes,
+        n_inner=n_inner,
+        cols_per_program=cols_per_program,
+        saved_stride=saved.stride(0),
+        grad_loss_stride=grad_loss.stride(0) if grad_loss.dim() else 0,
+        grad_lse_stride=grad_lse.stride(0) if grad_lse is not None else 0,
+        **_strides("logits", logits),
+        **_strides("target", target),
         **option_args(options),
+        **_z_loss_args(z_loss),
         HAS_WEIGHT=weight is not None,
-        PROB_TARGET=prob_target,
+        PROB_TARGET=target.dim() == 3,
         HAS_GRAD_LSE=grad_lse is not None,
-        TARGET_GRAD=grad_target is not None,
+        SKIP_UNIT_UPSTREAM=upstream is not None,
         ACC_DTYPE=tl_dtype(saved.dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,

@@ -4,7 +4,6 @@ in memory, not even a chunk of them. See kernels/linear_cross_entropy.py."""
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from .._backend import INTERPRET
@@ -15,7 +14,7 @@ from ..kernels.linear_cross_entropy import (
     lce_forward_kernel,
 )
 from ..torch_impl.cross_entropy import forward_outputs
-from ._common import tl_dtype
+from ._common import cdiv, next_power_of_2, tl_dtype
 from .cross_entropy import option_args
 
 _TL_DTYPES = {
@@ -32,10 +31,10 @@ def _tiles(n_classes: int, n_features: int) -> dict[str, int]:
     dtype within shared memory. Interpreted: the smallest tiles that cover the tiny test
     shapes in few programs."""
     if INTERPRET:
-        block_v = min(64, max(16, triton.next_power_of_2(n_classes)))
-        block_d = min(32, max(16, triton.next_power_of_2(n_features)))
+        block_v = min(64, max(16, next_power_of_2(n_classes)))
+        block_d = min(32, max(16, next_power_of_2(n_features)))
         return {"BLOCK_N": 16, "BLOCK_V": block_v, "BLOCK_D": block_d, "BLOCK_DO": block_d}
-    block_do = min(64, max(16, triton.next_power_of_2(n_features)))
+    block_do = min(64, max(16, next_power_of_2(n_features)))
     return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DO": block_do, "num_warps": 4}
 
 
@@ -117,7 +116,7 @@ def forward(
         return outputs
     tiles = _tiles(n_classes, n_features)
     del tiles["BLOCK_DO"]
-    lce_forward_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
+    lce_forward_kernel[(cdiv(n_rows, tiles["BLOCK_N"]),)](
         loss_ptr=loss,
         lse_ptr=lse,
         saved_ptr=saved,
@@ -153,7 +152,7 @@ def backward(
     n_rows, n_features = input.shape
     n_classes = linear_weight.shape[0]
     tiles = _tiles(n_classes, n_features)
-    feature_blocks = max(1, triton.cdiv(n_features, tiles["BLOCK_DO"]))
+    feature_blocks = max(1, cdiv(n_features, tiles["BLOCK_DO"]))
     common = {
         "saved_ptr": saved,
         "saved_stride": saved.stride(0),
@@ -170,7 +169,7 @@ def backward(
         gi = grad_input if grad_input is not None else grad_target
         gt = grad_target if grad_target is not None else grad_input
         grid = (
-            triton.cdiv(n_rows, tiles["BLOCK_N"]),
+            cdiv(n_rows, tiles["BLOCK_N"]),
             feature_blocks if grad_input is not None else 1,
         )
         lce_backward_input_kernel[grid](
@@ -186,7 +185,7 @@ def backward(
         gw = grad_weight if grad_weight is not None else grad_bias
         gb = grad_bias if grad_bias is not None else grad_weight
         grid = (
-            triton.cdiv(n_classes, tiles["BLOCK_V"]),
+            cdiv(n_classes, tiles["BLOCK_V"]),
             feature_blocks if grad_weight is not None else 1,
         )
         lce_backward_weight_kernel[grid](

@@ -1,16 +1,24 @@
 """``fused_ce::bce_forward`` / ``fused_ce::bce_backward``: the sigmoid + BCE kernel as PyTorch
-custom ops with fake kernels and autograd. The reduction stays outside, in plain torch."""
+custom ops with fake kernels and autograd, for ``reduction='none'``; ``fused_ce::bce_scalar``
+for ``'mean'``/``'sum'``: the summed loss and its gradients from one launch, with no
+elementwise loss in memory. ``bce_forward_call`` and ``bce_scalar_call`` run the ops' bodies
+without the custom-op layer when not compiling (see ``_autograd``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ._autograd import forbid_double_backward
+from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
 from ._impl import implementation
+from ._scalar import is_unit_on_cpu, scalar_backward, scalar_setup_context
+
+_DOUBLE_BACKWARD = (
+    "sigmoid_binary_cross_entropy",
+    "torch.nn.functional.binary_cross_entropy_with_logits",
+)
 
 
-@torch.library.custom_op("fused_ce::bce_forward", mutates_args=())
-def bce_forward(
+def _forward(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -23,13 +31,15 @@ def bce_forward(
     return loss
 
 
+bce_forward = torch.library.custom_op("fused_ce::bce_forward", _forward, mutates_args=())
+
+
 @bce_forward.register_fake
 def _(input, target, weight, pos_weight, backend):
     return torch.empty(input.shape, dtype=target.dtype, device=input.device)
 
 
-@torch.library.custom_op("fused_ce::bce_backward", mutates_args=())
-def bce_backward(
+def _backward_op(
     grad: torch.Tensor,
     input: torch.Tensor,
     target: torch.Tensor,
@@ -54,6 +64,9 @@ def bce_backward(
     return grad_input, grad_target
 
 
+bce_backward = torch.library.custom_op("fused_ce::bce_backward", _backward_op, mutates_args=())
+
+
 def _grad_buffers(input, target, input_grad, target_grad):
     def buffer(like, wanted):
         shape = like.shape if wanted else (0,)
@@ -76,7 +89,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, target, weight, pos_weight = ctx.saved_tensors
     input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_input, grad_target = bce_backward(
+    run = _backward_op if getattr(ctx, "eager", False) else bce_backward
+    grad_input, grad_target = run(
         grad, input, target, weight, pos_weight, ctx.backend, input_grad, target_grad
     )
     return (
@@ -89,10 +103,153 @@ def _backward(ctx, grad):
 
 
 bce_forward.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(bce_backward, *_DOUBLE_BACKWARD)
+
+bce_forward_call = dispatch(
+    bce_forward,
+    eager_function(
+        "BinaryCrossEntropyFunction",
+        _forward,
+        _setup_context,
+        _backward,
+        double_backward_message(*_DOUBLE_BACKWARD),
+    ),
+)
 
 
-forbid_double_backward(
-    bce_backward,
-    "sigmoid_binary_cross_entropy",
-    "torch.nn.functional.binary_cross_entropy_with_logits",
+# --- 'mean' / 'sum': the gradient made during the forward ------------------------------------
+
+
+def _scalar(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    backend: str,
+    input_grad: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, dL/dinput, dL/dtarget)`` of ``L = grad_scale * sum loss`` (``grad_scale``: 0-d in
+    the accumulation dtype, ``1 / numel`` for a mean, 1 for a sum) from one launch that keeps
+    no elementwise loss; each gradient is made only when its flag asks (else empty)."""
+    grad_input, grad_target = _grad_buffers(input, target, input_grad, target_grad)
+    loss_sum = input.new_empty((), dtype=grad_scale.dtype)
+    implementation("bce", backend).run(
+        input,
+        target,
+        weight,
+        pos_weight,
+        grad_scale if input_grad or target_grad else None,
+        None,
+        grad_input if input_grad else None,
+        grad_target if target_grad else None,
+        loss_sum=loss_sum,
+    )
+    return loss_sum * grad_scale, grad_input, grad_target
+
+
+bce_scalar = torch.library.custom_op("fused_ce::bce_scalar", _scalar, mutates_args=())
+
+
+@bce_scalar.register_fake
+def _(input, target, weight, pos_weight, grad_scale, backend, input_grad, target_grad):
+    loss = input.new_empty((), dtype=grad_scale.dtype)
+    return (loss, *_grad_buffers(input, target, input_grad, target_grad))
+
+
+def _rewrite(backend, upstream, operands, options, buffers, in_place) -> None:
+    """Write the gradients for ``upstream`` into ``buffers`` (see ``_scalar``)."""
+    input, target, weight, pos_weight, grad_scale = operands
+    grad_input, grad_target = buffers
+    if grad_input is None and grad_target is None:
+        return
+    if backend == "triton":
+        from ..launch import bce as launch
+
+        # In place: the kernel compares upstream with 1 on the device and moves nothing then.
+        launch.run(
+            input,
+            target,
+            weight,
+            pos_weight,
+            grad_scale if in_place else grad_scale * upstream,
+            None,
+            grad_input,
+            grad_target,
+            upstream=upstream if in_place else None,
+        )
+        return
+    if in_place and is_unit_on_cpu(upstream):
+        return
+    implementation("bce", backend).run(
+        input, target, weight, pos_weight, grad_scale * upstream, None, grad_input, grad_target
+    )
+
+
+def _scalar_backward_op(
+    upstream: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    backend: str,
+    input_grad: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dinput, dL/dtarget)`` of ``bce_scalar``'s loss for the upstream gradient
+    ``upstream``, in new buffers (each empty unless asked for)."""
+    grad_input, grad_target = _grad_buffers(input, target, input_grad, target_grad)
+    _rewrite(
+        backend,
+        upstream,
+        (input, target, weight, pos_weight, grad_scale),
+        (),
+        (grad_input if input_grad else None, grad_target if target_grad else None),
+        False,
+    )
+    return grad_input, grad_target
+
+
+bce_scalar_backward = torch.library.custom_op(
+    "fused_ce::bce_scalar_backward", _scalar_backward_op, mutates_args=()
+)
+
+
+@bce_scalar_backward.register_fake
+def _(upstream, input, target, weight, pos_weight, grad_scale, backend, input_grad, target_grad):
+    return _grad_buffers(input, target, input_grad, target_grad)
+
+
+def _scalar_setup(ctx, inputs, output):
+    input, target, weight, pos_weight, grad_scale, backend, input_grad, target_grad = inputs
+    _, grad_input, grad_target = output
+    scalar_setup_context(
+        ctx,
+        backend=backend,
+        gradients=(grad_input, grad_target),
+        wanted=(input_grad, target_grad),
+        operands=(input, target, weight, pos_weight, grad_scale),
+        n_inputs=len(inputs),
+        options=(),
+    )
+
+
+def _scalar_backward(ctx, grad_loss, *unused):
+    return scalar_backward(ctx, grad_loss, rewrite=_rewrite, backward_op=bce_scalar_backward)
+
+
+bce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
+forbid_double_backward(bce_scalar_backward, *_DOUBLE_BACKWARD)
+
+bce_scalar_call = dispatch(
+    bce_scalar,
+    eager_function(
+        "BinaryCrossEntropyScalarFunction",
+        _scalar,
+        _scalar_setup,
+        _scalar_backward,
+        double_backward_message(*_DOUBLE_BACKWARD),
+    ),
 )

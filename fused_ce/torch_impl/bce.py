@@ -24,15 +24,24 @@ def run(
     loss: torch.Tensor | None,
     grad_input: torch.Tensor | None,
     grad_target: torch.Tensor | None,
+    *,
+    loss_sum: torch.Tensor | None = None,
 ) -> None:
-    """Fill the given outputs, like ``launch.bce.run``."""
+    """Fill the given outputs, like ``launch.bce.run`` (``grad`` may be 0-d; ``loss_sum``,
+    0-d, receives the sum of the elementwise loss)."""
     dtype = accumulation_dtype(input.dtype, target.dtype)
     x = input.to(dtype)
     t = target.to(dtype)
     w = weight.to(dtype) if weight is not None else None
     pw = pos_weight.to(dtype) if pos_weight is not None else None
-    if loss is not None:
-        loss.copy_(F.binary_cross_entropy_with_logits(x, t, w, reduction="none", pos_weight=pw))
+    if loss is not None or loss_sum is not None:
+        value = F.binary_cross_entropy_with_logits(x, t, w, reduction="none", pos_weight=pw)
+        if loss is not None:
+            loss.copy_(value)
+        if loss_sum is not None:
+            # Summed in the logical order, so a strided operand sums to the same bits as a
+            # dense one.
+            loss_sum.copy_(value.contiguous().sum())
     if grad is None:
         return
     g = grad.to(dtype) * w if w is not None else grad.to(dtype)

@@ -116,9 +116,56 @@ def forward(
     options: CEOptions,
     *,
     with_stats: bool = False,
+    z_loss: float = 0.0,
+    grad_scale: torch.Tensor | None = None,
+    grad_logits: torch.Tensor | None = None,
+    grad_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` for ``(n_outer, C, n_inner)`` logits
-    (see :func:`forward_outputs` and kernels/cross_entropy.py)."""
+    (see :func:`forward_outputs` and kernels/cross_entropy.py).
+
+    With ``grad_scale`` (0-d) it also writes the gradient of ``grad_scale * sum_n (loss_n +
+    z_loss * v_n * lse_n^2)`` into ``grad_logits`` (may be ``logits``) and ``grad_target``, as
+    ``launch.cross_entropy.forward`` does (here by the backward's chunked pass)."""
+    outputs = _forward(logits, target, weight, options, with_stats)
+    if grad_scale is not None and (grad_logits is not None or grad_target is not None):
+        n_rows = outputs[0].shape[0]
+        dtype = outputs[0].dtype
+        grad_loss = grad_scale.to(dtype).expand(n_rows)
+        grad_lse = None
+        if z_loss > 0.0:
+            grad_lse = z_loss_grad_lse(grad_loss, outputs[1], target, options.ignore_index, z_loss)
+        backward(
+            grad_loss,
+            grad_lse,
+            logits,
+            target,
+            weight,
+            outputs[2],
+            options,
+            grad_logits if grad_logits is not None else torch.empty_like(logits),
+            grad_target,
+        )
+    return outputs
+
+
+def z_loss_grad_lse(
+    grad_loss: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+) -> torch.Tensor:
+    """Per row, the upstream gradient of lse that ``grad_loss * z_loss * v * lse^2`` sends:
+    ``2 z_loss grad_loss v lse`` (0 for ignored rows, whatever their lse)."""
+    grad_lse = (2.0 * z_loss) * grad_loss * lse
+    if target.dim() == 3:
+        return grad_lse
+    # As int64, as torch compares: a uint8 target would wrap ignore_index.
+    return torch.where(target.reshape(-1).long() != ignore_index, grad_lse, 0.0)
+
+
+def _forward(logits, target, weight, options, with_stats):
     ignore_index, label_smoothing, logit_scale, softcap = options
     n_outer, n_classes, n_inner = logits.shape
     dtype = accumulation_dtype(logits.dtype, target.dtype)
