@@ -40,10 +40,10 @@ from ._validation import (
 )
 from .functional import CrossEntropyStats, _ce_divisor, _finish, _reduce
 from .ops.linear import (
-    linear_bce_forward,
-    linear_bce_scalar,
-    linear_ce_forward,
-    linear_ce_scalar,
+    linear_bce_forward_call,
+    linear_bce_scalar_call,
+    linear_ce_forward_call,
+    linear_ce_scalar_call,
 )
 
 PATHS = ("auto", "chunked", "fused")
@@ -252,7 +252,7 @@ def linear_cross_entropy(
             reduce_scale = torch.full(
                 (), 1.0 / divisor if divisor else float("nan"), dtype=acc, device=input.device
             )
-        loss, *_ = linear_ce_scalar(
+        loss, *_ = linear_ce_scalar_call(
             x,
             linear_weight,
             linear_bias,
@@ -268,7 +268,7 @@ def linear_cross_entropy(
             *wants,
         )
         return loss.to(checked.out_dtype)
-    loss, lse, _, entropy, argmax = linear_ce_forward(
+    loss, lse, _, entropy, argmax = linear_ce_forward_call(
         x,
         linear_weight,
         linear_bias,
@@ -388,7 +388,7 @@ def linear_binary_cross_entropy_with_logits(
         numel = rows_target.numel()
         value = 1.0 if reduction == "sum" else (1.0 / numel if numel else float("nan"))
         scale = torch.full((), value, dtype=acc, device=input.device)
-        loss, *_ = linear_bce_scalar(
+        loss, *_ = linear_bce_scalar_call(
             x,
             linear_weight,
             linear_bias,
@@ -400,7 +400,7 @@ def linear_binary_cross_entropy_with_logits(
             *wants,
         )
         return loss.to(target.dtype)
-    loss = linear_bce_forward(
+    loss = linear_bce_forward_call(
         x,
         linear_weight,
         linear_bias,

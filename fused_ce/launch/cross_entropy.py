@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -21,9 +22,12 @@ def _split_fp64(value: float) -> tuple[float, float]:
     return hi, value - hi
 
 
+@functools.lru_cache(maxsize=64)
 def option_args(options: CEOptions) -> dict:
     """``options`` as every CE kernel (plain and fused linear) takes them: the scalars by
-    name, each float as two fp32 halves, and the constexpr flags that compile their use out."""
+    name, each float as two fp32 halves, and the constexpr flags that compile their use out.
+    Cached: a training run uses one set of options (callers unpack the dict, never change
+    it)."""
     smoothing_hi, smoothing_lo = _split_fp64(options.label_smoothing)
     scale_hi, scale_lo = _split_fp64(options.logit_scale)
     softcap_hi, softcap_lo = _split_fp64(options.softcap)
@@ -133,6 +137,7 @@ def _gradient_outputs(
     }
 
 
+@functools.lru_cache(maxsize=16)
 def _z_loss_args(z_loss: float) -> dict:
     hi, lo = _split_fp64(z_loss)
     return {"z_loss_hi": hi, "z_loss_lo": lo, "HAS_Z_LOSS": z_loss > 0.0}

@@ -14,4 +14,12 @@ def implementation(family: str, backend: str) -> ModuleType:
     """``fused_ce.<package>.<family>`` for a resolved ``backend`` (see ``_backend.resolve``).
     The modules are imported on first use, so ``import fused_ce`` neither needs Triton nor
     compiles anything."""
-    return importlib.import_module(f"fused_ce.{_PACKAGES[backend]}.{family}")
+    module = _MODULES.get((family, backend))
+    if module is None:
+        module = importlib.import_module(f"fused_ce.{_PACKAGES[backend]}.{family}")
+        _MODULES[family, backend] = module
+    return module
+
+
+# Looked up on every op call: a dict hit is cheaper than importlib's sys.modules path.
+_MODULES: dict[tuple[str, str], ModuleType] = {}

@@ -17,6 +17,7 @@ as the forward's gradient, so all routes give the same bits for the same ``g``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,17 @@ def scalar_setup_context(
     ctx.n_inputs = n_inputs
     ctx.options = options
     ctx.handed_out = False
+
+
+@contextlib.contextmanager
+def keeping_versions(*buffers: torch.Tensor | None):
+    """Rewriting the forward's own gradient buffers in place is not a modification of a
+    saved tensor that torch's version check should report: keep their version counters."""
+    with contextlib.ExitStack() as stack:
+        for buffer in buffers:
+            if buffer is not None:
+                stack.enter_context(torch.autograd._unsafe_preserve_version_counter(buffer))
+        yield
 
 
 def is_unit_on_cpu(upstream: torch.Tensor) -> bool:

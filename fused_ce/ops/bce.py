@@ -10,7 +10,7 @@ import torch
 
 from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
 from ._impl import implementation
-from ._scalar import is_unit_on_cpu, scalar_backward, scalar_setup_context
+from ._scalar import is_unit_on_cpu, keeping_versions, scalar_backward, scalar_setup_context
 
 _DOUBLE_BACKWARD = (
     "sigmoid_binary_cross_entropy",
@@ -182,9 +182,10 @@ def _rewrite(backend, upstream, operands, options, buffers, in_place) -> None:
         return
     if in_place and is_unit_on_cpu(upstream):
         return
-    implementation("bce", backend).run(
-        input, target, weight, pos_weight, grad_scale * upstream, None, grad_input, grad_target
-    )
+    with keeping_versions(*buffers):
+        implementation("bce", backend).run(
+            input, target, weight, pos_weight, grad_scale * upstream, None, grad_input, grad_target
+        )
 
 
 def _scalar_backward_op(

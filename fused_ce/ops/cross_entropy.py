@@ -27,7 +27,7 @@ from ._autograd import (
     forbid_double_backward,
 )
 from ._impl import implementation
-from ._scalar import is_unit_on_cpu, scalar_backward, scalar_setup_context
+from ._scalar import is_unit_on_cpu, keeping_versions, scalar_backward, scalar_setup_context
 
 _DOUBLE_BACKWARD = ("softmax_cross_entropy", "torch.nn.functional.cross_entropy")
 
@@ -403,17 +403,18 @@ def _rewrite(backend, upstream, operands, options, buffers, in_place) -> None:
         grad_lse = torch_impl.z_loss_grad_lse(
             grad_loss, saved[0] + saved[1], target, ce_options.ignore_index, z_loss
         )
-    implementation("cross_entropy", backend).backward(
-        grad_loss,
-        grad_lse,
-        logits,
-        target,
-        weight,
-        saved,
-        ce_options,
-        grad_logits if grad_logits is not None else torch.empty_like(logits),
-        grad_target,
-    )
+    with keeping_versions(*buffers):
+        implementation("cross_entropy", backend).backward(
+            grad_loss,
+            grad_lse,
+            logits,
+            target,
+            weight,
+            saved,
+            ce_options,
+            grad_logits if grad_logits is not None else torch.empty_like(logits),
+            grad_target,
+        )
 
 
 def _scalar_backward_op(

@@ -26,7 +26,7 @@ import torch
 from .._common import CEOptions, accumulation_dtype
 from ..torch_impl import cross_entropy as torch_ce
 from ..torch_impl import linear as chunked
-from ._autograd import forbid_double_backward
+from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
 from ._impl import implementation
 
 
@@ -74,8 +74,7 @@ def _grad_buffers(
 # --- softmax cross-entropy head ---------------------------------------------------------------
 
 
-@torch.library.custom_op("fused_ce::linear_ce_forward", mutates_args=())
-def linear_ce_forward(
+def _linear_ce_forward(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -109,6 +108,11 @@ def linear_ce_forward(
     )
 
 
+linear_ce_forward = torch.library.custom_op(
+    "fused_ce::linear_ce_forward", _linear_ce_forward, mutates_args=()
+)
+
+
 @linear_ce_forward.register_fake
 def _(
     input,
@@ -129,8 +133,7 @@ def _(
     return torch_ce.forward_outputs(input.shape[0], dtype, input.device, with_stats)
 
 
-@torch.library.custom_op("fused_ce::linear_ce_backward", mutates_args=())
-def linear_ce_backward(
+def _linear_ce_backward(
     grad_loss: torch.Tensor,
     grad_lse: torch.Tensor | None,
     input: torch.Tensor,
@@ -194,6 +197,11 @@ def linear_ce_backward(
     return (*grads.results(), grad_target)
 
 
+linear_ce_backward = torch.library.custom_op(
+    "fused_ce::linear_ce_backward", _linear_ce_backward, mutates_args=()
+)
+
+
 @linear_ce_backward.register_fake
 def _(
     grad_loss,
@@ -222,25 +230,44 @@ def _(
 
 
 def _ce_setup_context(ctx, inputs, output):
-    input, linear_weight, linear_bias, target, weight = inputs[:5]
+    (
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        logit_scale,
+        softcap,
+        _with_stats,
+        chunk_size,
+        fused,
+        backend,
+    ) = inputs
     _, _, saved, entropy, _ = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, saved)
     ctx.mark_non_differentiable(saved, entropy)
     ctx.set_materialize_grads(False)
-    # ignore_index, label_smoothing, logit_scale, softcap; then chunk_size, fused, backend
-    ctx.options = inputs[5:9]
-    ctx.path = inputs[10:]
+    ctx.options = (ignore_index, label_smoothing, logit_scale, softcap)
+    ctx.path = (chunk_size, fused, backend)
+
+
+# linear_ce_forward's inputs: 4 that may have gradients (input, linear_weight, linear_bias,
+# target), then the class weight and 8 options, which have none.
+_CE_NO_GRADS = (None,) * 9
 
 
 def _ce_backward(ctx, grad_loss, grad_lse, *unused):
     input, linear_weight, linear_bias, target, weight, saved = ctx.saved_tensors
     if grad_loss is None and grad_lse is None:
-        return (None,) * 13
+        return (None,) * 4 + _CE_NO_GRADS
     if grad_loss is None:
         grad_loss = saved.new_zeros(saved.shape[1])
     needs = ctx.needs_input_grad
     target_grad = target.is_floating_point() and needs[3]
-    grads = linear_ce_backward(
+    run = _linear_ce_backward if getattr(ctx, "eager", False) else linear_ce_backward
+    grads = run(
         grad_loss,
         grad_lse,
         input,
@@ -256,14 +283,13 @@ def _ce_backward(ctx, grad_loss, grad_lse, *unused):
         needs[2],
         target_grad,
     )
-    return _wanted(grads, needs[:3] + (target_grad,)) + (None,) * 9
+    return _wanted(grads, needs[:3] + (target_grad,)) + _CE_NO_GRADS
 
 
 linear_ce_forward.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
-@torch.library.custom_op("fused_ce::linear_ce_scalar", mutates_args=())
-def linear_ce_scalar(
+def _linear_ce_scalar(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -300,6 +326,11 @@ def linear_ce_scalar(
         grad_target=grad_target if target_grad else None,
     )
     return (loss.sum() * scale, *grads.results(), grad_target)
+
+
+linear_ce_scalar = torch.library.custom_op(
+    "fused_ce::linear_ce_scalar", _linear_ce_scalar, mutates_args=()
+)
 
 
 @linear_ce_scalar.register_fake
@@ -340,8 +371,7 @@ def _(
 # --- sigmoid binary cross-entropy head --------------------------------------------------------
 
 
-@torch.library.custom_op("fused_ce::linear_bce_forward", mutates_args=())
-def linear_bce_forward(
+def _linear_bce_forward(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -377,13 +407,17 @@ def _bce_loss_buffer(input, linear_weight, target, row_sums):
     return torch.empty(target.shape, dtype=target.dtype, device=target.device)
 
 
+linear_bce_forward = torch.library.custom_op(
+    "fused_ce::linear_bce_forward", _linear_bce_forward, mutates_args=()
+)
+
+
 @linear_bce_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, pos_weight, chunk_size, backend, row_sums):
     return _bce_loss_buffer(input, linear_weight, target, row_sums)
 
 
-@torch.library.custom_op("fused_ce::linear_bce_backward", mutates_args=())
-def linear_bce_backward(
+def _linear_bce_backward(
     grad: torch.Tensor,
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -420,6 +454,11 @@ def linear_bce_backward(
     return (*grads.results(), grad_target)
 
 
+linear_bce_backward = torch.library.custom_op(
+    "fused_ce::linear_bce_backward", _linear_bce_backward, mutates_args=()
+)
+
+
 @linear_bce_backward.register_fake
 def _(
     grad,
@@ -442,15 +481,31 @@ def _(
 
 
 def _bce_setup_context(ctx, inputs, output):
-    input, linear_weight, linear_bias, target, weight, pos_weight = inputs[:6]
+    (
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        pos_weight,
+        chunk_size,
+        backend,
+        _row_sums,
+    ) = inputs
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, pos_weight)
-    ctx.options = inputs[6:8]  # chunk_size, backend
+    ctx.options = (chunk_size, backend)
+
+
+# linear_bce_forward's inputs after the 4 that may have gradients: weight, pos_weight and 3
+# options.
+_BCE_NO_GRADS = (None,) * 5
 
 
 def _bce_backward(ctx, grad):
     input, linear_weight, linear_bias, target, weight, pos_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads = linear_bce_backward(
+    run = _linear_bce_backward if getattr(ctx, "eager", False) else linear_bce_backward
+    grads = run(
         grad,
         input,
         linear_weight,
@@ -464,14 +519,13 @@ def _bce_backward(ctx, grad):
         needs[2],
         needs[3],
     )
-    return _wanted(grads, needs[:4]) + (None,) * 5
+    return _wanted(grads, needs[:4]) + _BCE_NO_GRADS
 
 
 linear_bce_forward.register_autograd(_bce_backward, setup_context=_bce_setup_context)
 
 
-@torch.library.custom_op("fused_ce::linear_bce_scalar", mutates_args=())
-def linear_bce_scalar(
+def _linear_bce_scalar(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -505,6 +559,11 @@ def linear_bce_scalar(
         grad_target=grad_target if target_grad else None,
     )
     return (loss.sum() * scale, *grads.results(), grad_target)
+
+
+linear_bce_scalar = torch.library.custom_op(
+    "fused_ce::linear_bce_scalar", _linear_bce_scalar, mutates_args=()
+)
 
 
 @linear_bce_scalar.register_fake
@@ -568,9 +627,56 @@ def _scalar_backward(ctx, grad_loss, *grads_of_grads):
 linear_ce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup_context)
 linear_bce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup_context)
 
-forbid_double_backward(linear_ce_backward, "linear_cross_entropy", "F.linear + F.cross_entropy")
-forbid_double_backward(
-    linear_bce_backward,
+_CE_NAMES = ("linear_cross_entropy", "F.linear + F.cross_entropy")
+_BCE_NAMES = (
     "linear_binary_cross_entropy_with_logits",
     "F.linear + F.binary_cross_entropy_with_logits",
+)
+forbid_double_backward(linear_ce_backward, *_CE_NAMES)
+forbid_double_backward(linear_bce_backward, *_BCE_NAMES)
+
+
+def _eager(name, forward, setup_context, backward, names) -> type[torch.autograd.Function]:
+    return eager_function(name, forward, setup_context, backward, double_backward_message(*names))
+
+
+linear_ce_forward_call = dispatch(
+    linear_ce_forward,
+    _eager(
+        "LinearCrossEntropyFunction",
+        _linear_ce_forward,
+        _ce_setup_context,
+        _ce_backward,
+        _CE_NAMES,
+    ),
+)
+linear_ce_scalar_call = dispatch(
+    linear_ce_scalar,
+    _eager(
+        "LinearCrossEntropyScalarFunction",
+        _linear_ce_scalar,
+        _scalar_setup_context,
+        _scalar_backward,
+        _CE_NAMES,
+    ),
+)
+linear_bce_forward_call = dispatch(
+    linear_bce_forward,
+    _eager(
+        "LinearBinaryCrossEntropyFunction",
+        _linear_bce_forward,
+        _bce_setup_context,
+        _bce_backward,
+        _BCE_NAMES,
+    ),
+)
+linear_bce_scalar_call = dispatch(
+    linear_bce_scalar,
+    _eager(
+        "LinearBinaryCrossEntropyScalarFunction",
+        _linear_bce_scalar,
+        _scalar_setup_context,
+        _scalar_backward,
+        _BCE_NAMES,
+    ),
 )
