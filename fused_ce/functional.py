@@ -304,7 +304,7 @@ def softmax_cross_entropy(
             logits,
             rows_target,
             weight,
-            checked.valid,
+            checked.valid if z_loss > 0.0 else None,
             grad_scale,
             ignore_index,
             checked.label_smoothing,
@@ -317,7 +317,7 @@ def softmax_cross_entropy(
             logits_grad and eager,
             target_grad and eager,
         )
-        return loss.to(checked.out_dtype)
+        return loss if loss.dtype == checked.out_dtype else loss.to(checked.out_dtype)
     loss, lse, _, entropy, argmax = ce_forward_call(
         logits,
         rows_target,
@@ -446,7 +446,7 @@ def sigmoid_binary_cross_entropy(
         grad_enabled and input.requires_grad,
         grad_enabled and target.requires_grad,
     )
-    return loss.to(target.dtype)
+    return loss if loss.dtype == target.dtype else loss.to(target.dtype)
 
 
 cross_entropy = softmax_cross_entropy

@@ -33,7 +33,8 @@ def _log1p(z):
     return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
 
 
-@triton.jit
+# n_rows varies from call to call (the batch): no specialization on its value.
+@triton.jit(do_not_specialize=["n_rows"])
 def bce_kernel(
     input_ptr,
     target_ptr,

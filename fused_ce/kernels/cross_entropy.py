@@ -296,7 +296,10 @@ def _z_loss_coefficient(g, lse, valid, z_loss_hi, z_loss_lo, ACC_DTYPE: tl.const
     return tl.where(valid, 2.0 * z_loss * g * lse, 0.0)
 
 
-@triton.jit
+# Runtime integers that vary from call to call or take arbitrary values: no specialization on
+# their value (== 1, divisible by 16), so a new batch size or ignore_index reuses the compiled
+# kernel and the launcher inspects them less.
+@triton.jit(do_not_specialize=["n_rows", "ignore_index"])
 def ce_forward_kernel(
     logits_ptr,
     target_ptr,
@@ -499,7 +502,7 @@ def ce_forward_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "ignore_index"])
 def ce_backward_kernel(
     logits_ptr,
     target_ptr,

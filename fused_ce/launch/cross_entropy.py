@@ -44,17 +44,32 @@ def option_args(options: CEOptions) -> dict:
     }
 
 
-def _strides(prefix: str, tensor: torch.Tensor) -> dict[str, int]:
-    """``{prefix}_outer/class/inner_stride`` of a ``(n_outer, C, n_inner)`` operand; class-index
-    targets are ``(n_outer, n_inner)`` (class stride 0)."""
-    if tensor.dim() == 3:
-        outer, cls, inner = tensor.stride()
+def _strides(logits, target, grad_logits, grad_target) -> dict[str, int]:
+    """The ``*_outer/class/inner_stride`` arguments of the ``(n_outer, C, n_inner)`` operands;
+    class-index targets are ``(n_outer, n_inner)`` (class stride 0)."""
+    logits_outer, logits_class, logits_inner = logits.stride()
+    grad_outer, grad_class, grad_inner = grad_logits.stride()
+    if target.dim() == 3:
+        target_outer, target_class, target_inner = target.stride()
     else:
-        (outer, inner), cls = tensor.stride(), 0
+        (target_outer, target_inner), target_class = target.stride(), 0
+    if grad_target.dim() == 3:
+        grad_target_outer, grad_target_class, grad_target_inner = grad_target.stride()
+    else:
+        (grad_target_outer, grad_target_inner), grad_target_class = grad_target.stride(), 0
     return {
-        f"{prefix}_outer_stride": outer,
-        f"{prefix}_class_stride": cls,
-        f"{prefix}_inner_stride": inner,
+        "logits_outer_stride": logits_outer,
+        "logits_class_stride": logits_class,
+        "logits_inner_stride": logits_inner,
+        "target_outer_stride": target_outer,
+        "target_class_stride": target_class,
+        "target_inner_stride": target_inner,
+        "grad_outer_stride": grad_outer,
+        "grad_class_stride": grad_class,
+        "grad_inner_stride": grad_inner,
+        "grad_target_outer_stride": grad_target_outer,
+        "grad_target_class_stride": grad_target_class,
+        "grad_target_inner_stride": grad_target_inner,
     }
 
 
@@ -88,6 +103,9 @@ def forward(
     if grad_scale is None:
         grad_logits = grad_target = None
     block_r, block_c, num_warps = tile(n_rows, n_classes)
+    # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
+    gl = grad_logits if grad_logits is not None else logits
+    gt = grad_target if grad_target is not None else gl
     ce_forward_kernel[(cdiv(n_rows, block_r),)](
         logits_ptr=logits,
         target_ptr=target,
@@ -100,41 +118,26 @@ def forward(
         entropy_ptr=entropy if with_stats else loss,
         argmax_ptr=argmax if with_stats else saved,
         grad_scale_ptr=grad_scale if grad_scale is not None else loss,
-        **_gradient_outputs(logits, grad_logits, grad_target),
+        grad_logits_ptr=gl,
+        grad_target_ptr=gt,
         n_rows=n_rows,
         n_classes=n_classes,
         n_inner=n_inner,
         saved_stride=saved.stride(0),
-        **_strides("logits", logits),
-        **_strides("target", target),
+        **_strides(logits, target, gl, gt),
         **option_args(options),
         **_z_loss_args(z_loss),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=target.dim() == 3,
         WITH_STATS=with_stats,
+        LOGITS_GRAD=grad_logits is not None,
+        TARGET_GRAD=grad_target is not None,
         ACC_DTYPE=tl_dtype(dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=num_warps,
     )
     return outputs
-
-
-def _gradient_outputs(
-    logits: torch.Tensor, grad_logits: torch.Tensor | None, grad_target: torch.Tensor | None
-) -> dict:
-    """The gradient pointers, strides and flags; an absent output gets another buffer (its
-    flag keeps it unwritten)."""
-    gl = grad_logits if grad_logits is not None else logits
-    gt = grad_target if grad_target is not None else gl
-    return {
-        "grad_logits_ptr": gl,
-        "grad_target_ptr": gt,
-        **_strides("grad", gl),
-        **_strides("grad_target", gt),
-        "LOGITS_GRAD": grad_logits is not None,
-        "TARGET_GRAD": grad_target is not None,
-    }
 
 
 @functools.lru_cache(maxsize=16)
@@ -178,6 +181,9 @@ def backward(
     splits = max(1, min(col_blocks, parallel_slots(logits) // row_programs))
     cols_per_program = cdiv(col_blocks, splits) * block_c
     splits = cdiv(n_classes, cols_per_program)
+    # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
+    gl = grad_logits if grad_logits is not None else logits
+    gt = grad_target if grad_target is not None else gl
     ce_backward_kernel[(row_programs, splits)](
         logits_ptr=logits,
         target_ptr=target,
@@ -186,7 +192,8 @@ def backward(
         grad_loss_ptr=grad_loss,
         grad_lse_ptr=grad_lse if grad_lse is not None else saved,
         upstream_ptr=upstream if upstream is not None else saved,
-        **_gradient_outputs(logits, grad_logits, grad_target),
+        grad_logits_ptr=gl,
+        grad_target_ptr=gt,
         n_rows=n_rows,
         n_classes=n_classes,
         n_inner=n_inner,
@@ -194,14 +201,15 @@ def backward(
         saved_stride=saved.stride(0),
         grad_loss_stride=grad_loss.stride(0) if grad_loss.dim() else 0,
         grad_lse_stride=grad_lse.stride(0) if grad_lse is not None else 0,
-        **_strides("logits", logits),
-        **_strides("target", target),
+        **_strides(logits, target, gl, gt),
         **option_args(options),
         **_z_loss_args(z_loss),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=target.dim() == 3,
         HAS_GRAD_LSE=grad_lse is not None,
         SKIP_UNIT_UPSTREAM=upstream is not None,
+        LOGITS_GRAD=grad_logits is not None,
+        TARGET_GRAD=grad_target is not None,
         ACC_DTYPE=tl_dtype(saved.dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,

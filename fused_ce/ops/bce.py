@@ -165,10 +165,8 @@ def _rewrite(backend, upstream, operands, options, buffers, in_place) -> None:
     if grad_input is None and grad_target is None:
         return
     if backend == "triton":
-        from ..launch import bce as launch
-
         # In place: the kernel compares upstream with 1 on the device and moves nothing then.
-        launch.run(
+        implementation("bce", backend).run(
             input,
             target,
             weight,

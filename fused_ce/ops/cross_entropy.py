@@ -378,10 +378,8 @@ def _rewrite(backend, upstream, operands, options, buffers, in_place) -> None:
     if grad_logits is None and grad_target is None:
         return
     if backend == "triton":
-        from ..launch import cross_entropy as launch
-
         # In place: the kernel compares upstream with 1 on the device and exits at once.
-        launch.backward(
+        implementation("cross_entropy", backend).backward(
             grad_scale if in_place else grad_scale * upstream,
             None,
             logits,
