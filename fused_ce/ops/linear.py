@@ -311,7 +311,6 @@ def _linear_ce_scalar(
     one chunked sweep (the chunked path only)."""
     grads = _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad)
     grad_target = _grad_target(target, target_grad)
-    n_rows = input.shape[0]
     loss, *_ = chunked.cross_entropy(
         input,
         linear_weight,
@@ -321,7 +320,7 @@ def _linear_ce_scalar(
         CEOptions(ignore_index, label_smoothing, logit_scale, softcap),
         _rows(chunk_size, input, linear_weight),
         implementation("cross_entropy", backend),
-        grad_loss=scale.to(accumulation_dtype(input.dtype, target.dtype)).expand(n_rows),
+        grad_scale=scale.to(accumulation_dtype(input.dtype, target.dtype)),
         grads=grads,
         grad_target=grad_target if target_grad else None,
     )

@@ -163,6 +163,7 @@ def cross_entropy(
     saved: torch.Tensor | None = None,
     grad_loss: torch.Tensor | None = None,
     grad_lse: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
     grads: LinearGrads | None = None,
     grad_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
@@ -174,8 +175,9 @@ def cross_entropy(
     ``options``. Three uses:
 
     * ``saved=None, grad_loss=None``: the forward's statistics only;
-    * ``saved=None`` with ``grad_loss``: statistics and gradients in one sweep (the scalar-loss
-      path: each chunk's logits are made once);
+    * ``saved=None`` with ``grad_scale`` (0-d): statistics and the gradients of ``grad_scale *
+      sum_n loss_n`` in one sweep (the scalar-loss path: each chunk's logits are made once, and
+      one ``ce.forward`` call turns them into their gradient in place);
     * ``saved`` (the forward's ``(3, N)``) with ``grad_loss`` (and optionally ``grad_lse``):
       the backward, recomputing each chunk's logits; nothing is returned.
 
@@ -194,8 +196,18 @@ def cross_entropy(
         logits = _logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
         # (rows, 1) class indices or (rows, V, 1) probabilities: the core's 3-D layout.
         chunk_target = target[rows].unsqueeze(-1)
+        chunk_grad_target = grad_target[rows].unsqueeze(-1) if grad_target is not None else None
         if compute_stats:
-            chunk_outputs = ce.forward(logits, chunk_target, weight, options, with_stats=with_stats)
+            chunk_outputs = ce.forward(
+                logits,
+                chunk_target,
+                weight,
+                options,
+                with_stats=with_stats,
+                grad_scale=grad_scale,
+                grad_logits=logits if grad_scale is not None else None,  # in place
+                grad_target=chunk_grad_target if grad_scale is not None else None,
+            )
             for out, value in zip(outputs, chunk_outputs, strict=True):
                 if out.dim() == 2:
                     out[:, rows] = value
@@ -211,8 +223,9 @@ def cross_entropy(
                 saved[:, rows],
                 options,
                 logits,  # in place: the chunk buffer becomes dL/dz
-                grad_target[rows].unsqueeze(-1) if grad_target is not None else None,
+                chunk_grad_target,
             )
+        if grad_loss is not None or grad_scale is not None:
             grads.add(rows, logits.squeeze(-1))
     return outputs
 
