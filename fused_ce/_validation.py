@@ -156,7 +156,7 @@ def check_ce_target(
             f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
         )
     # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
-    valid = target.long() != ignore_index
+    valid = (target if target.dtype == torch.int64 else target.long()) != ignore_index
     in_range = (target >= 0) & (target < n_classes)
     # A constant message: under torch.compile with dynamic shapes, n_classes and
     # ignore_index may be SymInts, and formatting them breaks the graph.

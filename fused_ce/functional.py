@@ -436,7 +436,7 @@ def sigmoid_binary_cross_entropy(
     numel = input.numel()
     acc = accumulation_dtype(input.dtype, target.dtype)
     value = 1.0 if reduction == "sum" else (1.0 / numel if numel else math.nan)
-    loss, _, _ = bce_scalar_call(
+    loss, *_ = bce_scalar_call(
         input,
         target,
         weight,

@@ -119,9 +119,7 @@ def test_launches_linear_cross_entropy(path):
             x, w, target, chunk_size=4, path=path, backend="triton"
         )
     chunked = path == "chunked"
-    assert dict(counts) == (
-        {"ce_forward_kernel": 2} if chunked else {"lce_forward_kernel": 1}
-    )
+    assert dict(counts) == ({"ce_forward_kernel": 2} if chunked else {"lce_forward_kernel": 1})
     with count_launches() as counts:
         loss.backward()
     assert dict(counts) == (
@@ -309,3 +307,40 @@ def test_scalar_path_probability_target_gradient(backend_device):
     rx, rt = torch.autograd.grad(ref, (x64, t64), torch.tensor(3.0, dtype=torch.float64))
     torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gt.double(), rt, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_opcheck_scalar_ops(backend_device, kind):
+    """The scalar-loss ops and their backward ops pass torch.library.opcheck (schema, fake
+    kernels, autograd registration), with a permuted layout for the logits."""
+    from fused_ce.ops import bce as bce_ops
+    from fused_ce.ops import cross_entropy as ce_ops
+
+    backend, device = backend_device
+    logits = randn((5, 4), 0, device).t().unsqueeze(-1)  # (4, 5, 1), permuted
+    if kind == "index":
+        target = _index_target(4, 5, device).view(4, 1)
+        valid = target != -100
+    else:
+        target = _prob_target((4, 5), device).unsqueeze(-1)
+        valid = None
+    scale = torch.tensor(0.25, device=device)
+    options = (-100, 0.1, 0.7, 3.0, 1e-2)  # ignore_index, smoothing, scale, softcap, z_loss
+    flags = (True, kind == "prob")
+    torch.library.opcheck(
+        ce_ops.ce_scalar, (logits, target, None, valid, scale, *options, backend, *flags)
+    )
+    saved = ce_ops.ce_scalar(logits, target, None, valid, scale, *options, backend, False, False)[1]
+    upstream = torch.tensor(1.5, device=device)
+    torch.library.opcheck(
+        ce_ops.ce_scalar_backward,
+        (upstream, logits, target, None, saved, scale, *options, backend, *flags),
+    )
+    x = randn((3, 5), 1, device)
+    t = _prob_target((3, 5), device)
+    pos_weight = positive((5,), 2, device)
+    torch.library.opcheck(bce_ops.bce_scalar, (x, t, None, pos_weight, scale, backend, True, True))
+    torch.library.opcheck(
+        bce_ops.bce_scalar_backward,
+        (upstream, x, t, None, pos_weight, scale, backend, True, True),
+    )

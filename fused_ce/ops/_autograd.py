@@ -46,13 +46,16 @@ def eager_function(
     backward: Callable,
     double_backward_error: str,
     refuse_create_graph: Callable | None = None,
+    returned: int | None = None,
 ) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` with an op's forward body, ``setup_context`` and backward
     (``backward`` calls the bodies of the backward ops directly when ``ctx.eager``).
 
     Under ``create_graph=True`` the gradients it returns carry a node that raises
     ``double_backward_error`` when differentiated, as the registered backward ops do;
-    ``refuse_create_graph(ctx)``, when given, may raise at once instead.
+    ``refuse_create_graph(ctx)``, when given, may raise at once instead. With ``returned``,
+    only the forward's first ``returned`` outputs come back (as a tuple): the others exist for
+    ``setup_context`` to save, and autograd need not wrap them.
     """
 
     # Old-style forward(ctx, *args): autograd.Function.apply binds the arguments to the
@@ -61,7 +64,7 @@ def eager_function(
         output = forward(*inputs)
         ctx.eager = True
         setup_context(ctx, inputs, output)
-        return output
+        return output if returned is None else output[:returned]
 
     def guarded_backward(ctx, *grads):
         if not torch.is_grad_enabled():

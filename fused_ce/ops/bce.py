@@ -250,5 +250,6 @@ bce_scalar_call = dispatch(
         _scalar_setup,
         _scalar_backward,
         double_backward_message(*_DOUBLE_BACKWARD),
+        returned=1,
     ),
 )
