@@ -567,10 +567,8 @@ def ce_backward_kernel(
     both: each element is read before it is written, by the same program), plus the target read
     and its gradient written once for probability targets; per-row scalars are negligible.
     """
-    if SKIP_UNIT_UPSTREAM:
-        upstream = tl.load(upstream_ptr).to(ACC_DTYPE)
-    else:
-        upstream = 0.0  # never 1: the gradient is always written (a compile-time if)
+    # Unchecked: 0.0, never 1, so the gradient is always written (a compile-time if).
+    upstream = tl.load(upstream_ptr).to(ACC_DTYPE) if SKIP_UNIT_UPSTREAM else 0.0
     if upstream != 1.0:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < n_rows

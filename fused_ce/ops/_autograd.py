@@ -94,22 +94,19 @@ def eager_function(
 
 
 def dispatch(op, function: type[torch.autograd.Function]) -> Callable:
-    """``op`` (the registered custom op) while ``torch.compile`` traces, ``function``'s apply
-    (the eager fast path, same bodies) otherwise.
+    """``op`` (the registered custom op) while ``torch.compile`` traces or a functorch
+    transform (vmap, grad) is active, ``function``'s apply (the eager fast path, same bodies)
+    otherwise.
 
-    ``Function.apply`` is entered below its Python wrapper, which only binds arguments for
-    ``setup_context`` (not used here) and unwraps functorch wrappers: under a functorch
-    transform (vmap, grad) the full ``apply`` runs instead."""
+    The apply is entered below ``Function.apply``'s Python wrapper, which only binds arguments
+    for a ``setup_context`` (not used here) and unwraps functorch wrappers (none here)."""
     apply = super(torch.autograd.function._SingleLevelFunction, function).apply
-    full_apply = function.apply
     is_compiling = torch.compiler.is_compiling
     transforms_active = torch._C._are_functorch_transforms_active
 
     def call(*args):
-        if is_compiling():
+        if is_compiling() or transforms_active():
             return op(*args)
-        if transforms_active():
-            return full_apply(*args)
         return apply(*args)
 
     call.__doc__ = op.__doc__
