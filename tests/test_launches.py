@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _reference import generator, positive, randn
-from conftest import INTERPRET, backend_cases
+from conftest import backend_cases
 
 import fused_ce
+from fused_ce._backend import INTERPRET
 
 TRITON_CASES = [case for case in backend_cases() if case[0] == "triton"]
 
