@@ -2,12 +2,12 @@
 
 A chunk holds about ``CHUNK_ELEMENTS`` logits: whole outer blocks of the ``(n_outer, C,
 n_inner)`` view while one fits, else pieces of one block's inner dim (a ``(1, C, H, W)`` input
-is no single ``C * H * W`` chunk). Each chunk is worked in place in one ``rows x C`` buffer of the accumulation dtype. In the
-backward that buffer is the caller's gradient buffer itself whenever it has that dtype and a
-row-major view (the fused linear heads pass their fp32 logits buffer as both logits and
-gradient), so the backward then makes no chunk-sized temporary at all; otherwise it is one copy
-of the chunk. The forward holds two (a copy of the logits and their exponentials).
-"""
+is no single ``C * H * W`` chunk). Each chunk is worked in place in one ``rows x C`` buffer of
+the accumulation dtype. In the backward that buffer is the caller's gradient buffer itself
+whenever it has that dtype and a row-major view (the fused linear heads pass their fp32 logits
+buffer as both logits and gradient), so the backward then makes no chunk-sized temporary at
+all; otherwise it is one copy of the chunk. The forward holds two (a copy of the logits and
+their exponentials)."""
 
 from __future__ import annotations
 
