@@ -89,37 +89,56 @@ def _ce_calls() -> Iterator[None]:
         "weight": [False, True],
         "smoothing": [0.0, 0.1],
         "softcap": [0.0, 3.0],
+        "z_loss": [0.0, 0.1],
         "stats": [False, True],
         "grad_lse": [False, True],
+        # The scalar-loss path: the forward writes the gradients, the backward rescales them.
+        "scalar": [True, False],
+        "logits_grad": [False, True],
         # (n_outer, C, n_inner): one row, short rows (many per program), long rows, NCHW.
         "shape": [(1, 1, 1), (64, 11, 1), (2, 5000, 1), (2, 3, 4)],
     }
     for case in covering(factors):
         n_outer, n_classes, n_inner = case["shape"]
         logits = _randn(n_outer, n_classes, n_inner, dtype=case["dtype"])
-        if case["target"] == "prob":
+        prob = case["target"] == "prob"
+        if prob:
             target = torch.softmax(_randn(n_outer, n_classes, n_inner, dtype=torch.float64), 1)
             target = target.to(case["dtype"])
         else:
             target = torch.zeros(n_outer, n_inner, dtype=getattr(torch, case["target"]))
         weight = torch.ones(n_classes, dtype=case["dtype"]) if case["weight"] else None
         options = CEOptions(-100, case["smoothing"], 1.0, case["softcap"])
-        _, _, saved, _, _ = ce.forward(logits, target, weight, options, with_stats=case["stats"])
+        acc = torch.float64 if case["dtype"] == torch.float64 else torch.float32
+        # Only a probability target can leave the logits without a gradient.
+        grad_logits = torch.empty_like(logits) if case["logits_grad"] or not prob else None
+        grad_target = torch.empty_like(target) if prob else None
+        scalar = case["scalar"]
+        _, _, saved, _, _ = ce.forward(
+            logits,
+            target,
+            weight,
+            options,
+            with_stats=case["stats"],
+            z_loss=case["z_loss"],
+            grad_scale=torch.ones((), dtype=acc) if scalar else None,
+            grad_logits=grad_logits,
+            grad_target=grad_target,
+        )
         rows = n_outer * n_inner
-        grad_lse = torch.ones(rows, dtype=saved.dtype) if case["grad_lse"] else None
-        # The upstream gradient of a 'mean' arrives expanded (stride 0).
-        grad_loss = torch.ones((), dtype=saved.dtype).expand(rows)
-        grad_target = torch.empty_like(target) if case["target"] == "prob" else None
         ce.backward(
-            grad_loss,
-            grad_lse,
+            # The upstream gradient of a 'mean' arrives as one value (0-d) or expanded.
+            torch.ones((), dtype=acc) if scalar else torch.ones((), dtype=acc).expand(rows),
+            torch.ones(rows, dtype=acc) if case["grad_lse"] else None,
             logits,
             target,
             weight,
             saved,
             options,
-            torch.empty_like(logits),
+            grad_logits,
             grad_target,
+            z_loss=case["z_loss"],
+            upstream=torch.ones((), dtype=acc) if scalar else None,
         )
         yield
 
@@ -131,7 +150,9 @@ def _bce_calls() -> Iterator[None]:
         "dtype": [torch.float16, torch.bfloat16, torch.float32, torch.float64],
         "weight": [False, True],
         "pos_weight": [False, True],
-        "outputs": ["loss", "grad_input", "grad_target", "both_grads"],
+        "outputs": ["loss", "loss_sum", "grad_input", "grad_target", "both_grads"],
+        "uniform_grad": [False, True],
+        "upstream": [False, True],
         "shape": [(7,), (33, 5)],
     }
     for case in covering(factors):
@@ -141,19 +162,22 @@ def _bce_calls() -> Iterator[None]:
         pos_weight = torch.ones(shape[-1:], dtype=dtype) if case["pos_weight"] else None
         outputs = case["outputs"]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
+        grads = "grad" in outputs
+        grad = None
+        if grads:
+            grad = torch.ones((), dtype=acc)
+            grad = grad if case["uniform_grad"] else grad.expand(shape)
         bce.run(
             x,
             t,
             weight,
             pos_weight,
-            None if outputs == "loss" else torch.ones((), dtype=acc).expand(shape),
+            grad,
             torch.empty(shape, dtype=acc) if outputs == "loss" else None,
-            torch.empty(shape, dtype=dtype)
-            if "grad_input" in outputs or "both" in outputs
-            else None,
-            torch.empty(shape, dtype=dtype)
-            if "grad_target" in outputs or "both" in outputs
-            else None,
+            torch.empty(shape, dtype=dtype) if outputs in ("grad_input", "both_grads") else None,
+            torch.empty(shape, dtype=dtype) if outputs in ("grad_target", "both_grads") else None,
+            loss_sum=torch.empty((), dtype=acc) if outputs == "loss_sum" else None,
+            upstream=torch.ones((), dtype=acc) if grads and case["upstream"] else None,
         )
         yield
 
@@ -170,7 +194,7 @@ def _linear_calls() -> Iterator[None]:
         "smoothing": [0.0, 0.1],
         "softcap": [0.0, 3.0],
         "stats_or_grad_lse": [False, True],
-        "input_grads": ["input", "target", "both"],
+        "input_grads": ["input", "both", "target"],
         "weight_grads": ["weight", "bias", "both"],
     }
     n_rows, n_classes, n_features = 5, 37, 24
@@ -272,12 +296,13 @@ def specialise(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dic
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int):
-            if value == 1:
+            if value == 1 and not param.do_not_specialize:
                 signature[param.name] = "constexpr"
                 constexprs[key] = 1
             else:
                 signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
+                aligned = not (param.do_not_specialize or param.do_not_specialize_on_alignment)
+                if aligned and value % 16 == 0:
                     attrs[key] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[param.name] = "fp32"
@@ -310,6 +335,19 @@ def record_launches() -> dict[str, list]:
             del kernel.run
     by_name = {k.__name__: k for k in kernels}
     return {name: (by_name[name], list(found.values())) for name, found in variants.items()}
+
+
+def uncovered_flags(launches: dict) -> list[str]:
+    """``kernel.FLAG=value`` for each value of a bool constexpr flag that no recorded variant
+    takes: a launcher option the calls above do not reach (the covering set must then grow)."""
+    missing = []
+    for name, (kernel, variants) in launches.items():
+        for index, param in enumerate(kernel.params):
+            values = [constexprs.get((index,)) for _, constexprs, _, _ in variants]
+            flags = {v for v in values if isinstance(v, bool)}  # not the ints (1 == True)
+            if param.is_constexpr and flags:
+                missing += [f"{name}.{param.name}={v}" for v in (True, False) if v not in flags]
+    return missing
 
 
 # --- the i32 offset check ------------------------------------------------------------------------
@@ -407,6 +445,7 @@ def compile_all() -> dict:
                     report["failures"].append(
                         {"kernel": name, "target": f"sm_{cc}", "flags": flags, "i32": finding}
                     )
+    report["uncovered"] = uncovered_flags(launches)
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 

@@ -46,5 +46,7 @@ def test_kernels_compile_for_cuda_targets_without_i32_offsets():
     for name, entry in report["kernels"].items():
         assert entry["variants"] >= 4, name  # one per dtype at least
         assert "cubin" in entry["stages"], (name, entry["stages"])
+    # Every bool flag of every kernel is compiled both ways.
+    assert not report["uncovered"], report["uncovered"]
     assert not report["failures"], json.dumps(report["failures"][:5], indent=1)
     assert done.returncode == 0, done.stderr[-4000:]
