@@ -1,4 +1,5 @@
-"""Which implementation serves a call: the Triton kernels or the plain-PyTorch path."""
+"""Which implementation serves a call: the Triton kernels, the native C++ CPU kernels, or the
+plain-PyTorch path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from . import native
+
+BACKENDS = ("auto", "triton", "native", "torch")
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -28,10 +31,13 @@ def triton_runs_on(device: torch.device | str) -> bool:
 
 def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     """Resolve ``backend`` for a call whose main operand is ``tensor`` to the implementation
-    that runs it: ``"triton"`` or ``"torch"``.
+    that runs it: ``"triton"``, ``"native"`` or ``"torch"``.
 
     ``None`` reads ``FUSED_CE_BACKEND`` (default ``"auto"``). ``"auto"`` picks Triton for CUDA
-    tensors, and for CPU tensors when ``TRITON_INTERPRET=1``; the torch path otherwise.
+    tensors; for CPU tensors the native kernels when they are built (``fused_ce.native``),
+    else the torch path. Under ``TRITON_INTERPRET=1`` (a testing mode: the Triton kernels run
+    in Python on the CPU) ``"auto"`` picks Triton for CPU tensors too, as that setting asks;
+    ``backend="native"`` still picks the C++ kernels there.
     """
     if backend is None:
         backend = os.environ.get("FUSED_CE_BACKEND", "auto")
@@ -39,8 +45,18 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    if backend == "native":
+        if tensor.device.type != "cpu":
+            raise RuntimeError(
+                f"backend='native' runs on CPU tensors, got a tensor on {tensor.device}"
+            )
+        if not native_available():
+            raise RuntimeError(f"backend='native' is unavailable: {native.unavailable_reason()}")
+        return "native"
     if backend == "auto":
-        return "triton" if triton_runs_on(tensor.device) else "torch"
+        if triton_runs_on(tensor.device):
+            return "triton"
+        return "native" if tensor.device.type == "cpu" and native_available() else "torch"
     if not HAS_TRITON:
         raise RuntimeError(
             "backend='triton' needs the triton package, which is not installed "
@@ -52,6 +68,11 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
             f"got a tensor on {tensor.device}"
         )
     return "triton"
+
+
+def native_available() -> bool:
+    """Whether the native C++ kernels are built and load here (cached after the first call)."""
+    return native.available()
 
 
 @functools.cache

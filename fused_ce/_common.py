@@ -20,3 +20,18 @@ class CEOptions(NamedTuple):
     label_smoothing: float = 0.0
     logit_scale: float = 1.0
     softcap: float = 0.0  # 0: no cap
+
+
+def as_rows_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Tensor:
+    """View a tensor broadcast to ``shape`` as (rows, cols): one row when ``flat``, else
+    (prod(shape[:-1]), shape[-1]). Stride-0 (broadcast) dims stay stride 0; a layout that no
+    view can express is copied. (The elementwise BCE kernels' operand layout.)"""
+    tensor = tensor.expand(shape)
+    if flat:
+        return tensor.reshape(1, -1)
+    if len(shape) == 0:
+        return tensor.reshape(1, 1)
+    try:
+        return tensor.view(-1, shape[-1])
+    except RuntimeError:
+        return tensor.reshape(-1, shape[-1])

@@ -12,19 +12,23 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fused_ce  # noqa: E402,F401
-from fused_ce._backend import triton_runs_on  # noqa: E402
+from fused_ce._backend import native_available, triton_runs_on  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
 
 def backend_cases() -> list[tuple[str, str]]:
     """(backend, device) pairs this machine can test: the torch path on CPU (and CUDA), the
-    Triton kernels wherever they run (CUDA, or the CPU through the interpreter, which is only
-    switched on without CUDA)."""
+    native C++ kernels on CPU when built (tests/test_native.py fails where they should be and
+    are not), the Triton kernels wherever they run (CUDA, or the CPU through the interpreter,
+    which is only switched on without CUDA)."""
     devices = ["cpu", "cuda"] if CUDA else ["cpu"]
-    return [("torch", device) for device in devices] + [
-        ("triton", device) for device in devices if triton_runs_on(device)
-    ]
+    native = [("native", "cpu")] if native_available() else []
+    return (
+        [("torch", device) for device in devices]
+        + native
+        + [("triton", device) for device in devices if triton_runs_on(device)]
+    )
 
 
 @pytest.fixture(params=backend_cases(), ids=lambda c: f"{c[0]}-{c[1]}")

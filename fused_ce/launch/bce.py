@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .._common import accumulation_dtype
+from .._common import accumulation_dtype, as_rows_2d
 from ..kernels.bce import bce_kernel
 from ._common import MAX_TILE, cdiv, next_power_of_2, tl_dtype
 
 _MAX_BLOCK_C = 1024
-
-
-def _as_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Tensor:
-    """View a tensor broadcast to ``shape`` as (rows, cols): one row when ``flat``, else
-    (prod(shape[:-1]), shape[-1]). Stride-0 (broadcast) dims stay stride 0; a layout that no
-    view can express is copied."""
-    tensor = tensor.expand(shape)
-    if flat:
-        return tensor.reshape(1, -1)
-    if len(shape) == 0:
-        return tensor.reshape(1, 1)
-    try:
-        return tensor.view(-1, shape[-1])
-    except RuntimeError:
-        return tensor.reshape(-1, shape[-1])
 
 
 def run(
@@ -64,7 +49,7 @@ def run(
         for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
     )
     x2, t2, w2, pw2, g2 = (
-        _as_2d(t, shape, flat) if t is not None else None
+        as_rows_2d(t, shape, flat) if t is not None else None
         for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
     )
     n_rows, n_cols = x2.shape

@@ -6,8 +6,8 @@ import importlib
 from types import ModuleType
 
 # Resolved backend -> the package whose modules expose each family's functions under the same
-# names: the Triton launchers, the plain-PyTorch reference path.
-_PACKAGES = {"triton": "launch", "torch": "torch_impl"}
+# names: the Triton launchers, the native C++ kernels' wrappers, the plain-PyTorch reference path.
+_PACKAGES = {"triton": "launch", "native": "native", "torch": "torch_impl"}
 
 
 def implementation(family: str, backend: str) -> ModuleType:

@@ -1,0 +1,111 @@
+// Shared pieces of the native CPU kernels: dtype conversion of one strided row into an
+// accumulation-dtype buffer (and back), per-thread scratch buffers, and the vector helpers.
+//
+// Every kernel works in the accumulation dtype A (float for fp16/bf16/fp32 operands, double
+// when any operand is fp64): a row is converted once into a per-thread buffer, the vector
+// passes run there (in L1/L2 for rows up to a few hundred thousand classes), and the result is
+// rounded once at the store. This file is compiled once per CPU capability (see setup.py):
+// at::vec::Vectorized's width is that of the capability the translation unit is built for.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace fused_ce_native {
+
+using at::vec::Vectorized;
+
+// Rows are split over at::parallel_for's threads in grains of about this many elements: small
+// problems (the lecture's 64 x 11 batches) then run on the calling thread, with no hand-off.
+constexpr int64_t kGrainElements = 1 << 15;
+
+inline int64_t row_grain(int64_t row_elements) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(row_elements, 1));
+}
+
+// x -> A for one strided row of n elements (unit stride gets its own loop, which the compiler
+// vectorizes; c10::Half / c10::BFloat16 convert through their float operators).
+template <typename T, typename A>
+void load_row(const void* base, int64_t stride, int64_t n, A* out) {
+  const T* in = static_cast<const T*>(base);
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(static_cast<float>(in[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(static_cast<float>(in[i * stride]));
+  }
+}
+
+template <typename T, typename A>
+void store_row(const A* in, void* base, int64_t stride, int64_t n) {
+  T* out = static_cast<T*>(base);
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i * stride] = static_cast<T>(in[i]);
+  }
+}
+
+// The conversions above with T = double skip the float detour (it would round fp64).
+template <>
+inline void load_row<double, double>(const void* base, int64_t stride, int64_t n, double* out) {
+  const double* in = static_cast<const double*>(base);
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i * stride];
+}
+
+template <typename A>
+using LoadRow = void (*)(const void*, int64_t, int64_t, A*);
+template <typename A>
+using StoreRow = void (*)(const A*, void*, int64_t, int64_t);
+
+// The loader/storer for a tensor's dtype, chosen once per call (not per element).
+template <typename A>
+LoadRow<A> row_loader(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return &load_row<float, A>;
+    case at::kDouble: return &load_row<double, A>;
+    case at::kHalf: return &load_row<c10::Half, A>;
+    case at::kBFloat16: return &load_row<c10::BFloat16, A>;
+    default: TORCH_CHECK(false, "fused_ce native: unsupported floating dtype ", dtype);
+  }
+}
+
+template <typename A>
+StoreRow<A> row_storer(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return &store_row<float, A>;
+    case at::kDouble: return &store_row<double, A>;
+    case at::kHalf: return &store_row<c10::Half, A>;
+    case at::kBFloat16: return &store_row<c10::BFloat16, A>;
+    default: TORCH_CHECK(false, "fused_ce native: unsupported floating dtype ", dtype);
+  }
+}
+
+// Per-thread scratch: a worker thread runs one row at a time, so thread_local buffers make
+// the kernels reentrant (several Python threads may call them at once) without locks.
+template <typename A>
+A* scratch(int slot, int64_t n) {
+  thread_local std::vector<A> buffers[8];
+  std::vector<A>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// exp for arguments in [-inf, 0] (and NaN, which callers handle per row): the fast
+// polynomial for fp32 (ATen's exp_u20: within about 1e-6 relative, far below the fp32
+// tolerance of a loss, and clamps rather than propagating NaN), Sleef's 1-ulp exp for fp64.
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& v) { return v.exp_u20(); }
+inline Vectorized<double> exp_nonpositive(const Vectorized<double>& v) { return v.exp(); }
+
+template <typename A>
+inline A reduce_sum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
+}
+
+}  // namespace fused_ce_native

@@ -1,0 +1,497 @@
+// Softmax + cross-entropy on the CPU: the math of fused_ce/kernels/cross_entropy.py.
+//
+// Logits are a strided (n_outer, C, n_inner) array; a row is one softmax over C. Per row, in
+// the accumulation dtype A (see common.h), with z the final logits (after logit_scale and
+// softcap), ref the row max (0 when it is not finite), d = z - ref, e = exp(d), s = sum e,
+// log_s = log s, u the "linear weights" (w for label smoothing, w * ((1 - eps) t + eps / C)
+// for probability targets), U = sum u:
+//
+//   loss  = a (log_s - d_y) + b (U log_s - sum_c u_c d_c)     (a, b: see ce_loss below)
+//   dz_c  = p_c coef_p - coef_u u_c - coef_y [c == y],         p = e / s
+//   dx_c  = dz_c * logit_scale * (1 - tanh^2)                   (the softcap's slope)
+//
+// Passes over one row (forward): convert+scale/cap into a per-thread buffer (reads the logits
+// from memory once), max, then one pass of exp and sums. With a gradient in the forward (the
+// scalar-loss path) one more pass over the buffers writes dz: the whole forward + backward
+// costs one exp per element, one read of the logits and one write of the gradient.
+// The backward from saved statistics: convert, one exp per element, write.
+#pragma once
+
+#include "common.h"
+
+namespace fused_ce_native {
+namespace {
+
+template <typename A>
+struct CEArgs {
+  int64_t n_rows, n_classes, n_inner;
+  // logits: element size, (outer, class, inner) strides in elements, loader
+  const char* logits;
+  int64_t logits_size, lo, lc, li;
+  LoadRow<A> load_logits;
+  // target: class indices (int64 or uint8, (outer, inner) strides) or probabilities
+  const char* target;
+  int64_t target_size, to, tc, ti;
+  bool prob, target_uint8;
+  LoadRow<A> load_target;
+  const A* weight;  // (C,) in A, or nullptr
+  int64_t ignore_index;
+  A eps, scale, cap;
+  // forward outputs (contiguous, A)
+  A *loss, *lse, *saved, *entropy;
+  int64_t saved_stride;
+  int64_t* argmax;
+  bool stats;
+  // gradient: a scalar grad_scale (forward) or per-row grad_loss / grad_lse (backward)
+  A grad_scale, z_loss;
+  const A *grad_loss, *grad_lse;
+  int64_t grad_loss_stride, grad_lse_stride;
+  char* grad_logits;
+  int64_t grad_size, go, gc, gi;
+  StoreRow<A> store_grad;
+  char* grad_target;
+  int64_t grad_target_size, gto, gtc, gti;
+  StoreRow<A> store_grad_target;
+};
+
+enum class Mode { kForward, kForwardGrad, kBackward };
+
+template <typename A, typename F>
+inline void for_vectors(int64_t n, F body) {
+  constexpr int64_t W = Vectorized<A>::size();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) body(i, W);
+  if (i < n) body(i, n - i);
+}
+
+// Lanes past `count` (zero-filled by a partial loadu) replaced by `fill`.
+template <typename A>
+inline Vectorized<A> head(const Vectorized<A>& v, int64_t count, A fill) {
+  return count == Vectorized<A>::size() ? v : Vectorized<A>::set(Vectorized<A>(fill), v, count);
+}
+
+// z *= scale; with a cap, z = cap * tanh(z / cap) and slope = scale * (1 - tanh^2), the latter
+// as 4w / (1 + w)^2 with w = exp(-2|z / cap|): no cancellation where |tanh| is near 1.
+template <typename A>
+void final_logits(A* z, A* slope, int64_t n, A scale, A cap) {
+  using V = Vectorized<A>;
+  if (cap <= A(0)) {
+    if (scale != A(1)) for_vectors<A>(n, [&](int64_t i, int64_t k) {
+      (V::loadu(z + i, k) * V(scale)).store(z + i, k);
+    });
+    return;
+  }
+  for_vectors<A>(n, [&](int64_t i, int64_t k) {
+    V a = V::loadu(z + i, k) * V(scale) / V(cap);
+    if (slope != nullptr) {
+      V w = (a.abs() * V(A(-2))).exp();
+      V one_plus = V(A(1)) + w;
+      (V(A(4) * scale) * w / (one_plus * one_plus)).store(slope + i, k);
+    }
+    (a.tanh() * V(cap)).store(z + i, k);
+  });
+}
+
+// Max of the row (NaN propagates) and, when wanted, its first index (torch.argmax's rule:
+// a NaN counts as the maximum).
+template <typename A>
+A row_max(const A* z, int64_t n) {
+  using V = Vectorized<A>;
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  V best(neg_inf);
+  for_vectors<A>(n, [&](int64_t i, int64_t k) {
+    best = at::vec::maximum(best, head(V::loadu(z + i, k), k, neg_inf));
+  });
+  return at::vec::vec_reduce_all<A>(
+      [](V& a, V& b) { return at::vec::maximum(a, b); }, best);
+}
+
+template <typename A>
+int64_t row_argmax(const A* z, int64_t n) {
+  int64_t index = 0;
+  A best = n > 0 ? z[0] : A(0);
+  for (int64_t c = 1; c < n && !std::isnan(best); ++c) {
+    if (z[c] > best || std::isnan(z[c])) {
+      best = z[c];
+      index = c;
+    }
+  }
+  return index;
+}
+
+struct RowSums {
+  double sum_exp = 0, exp_dot = 0, lin_sum = 0, lin_dot = 0;
+};
+
+// One pass: e = exp(z - ref) (stored when `e_out`), s = sum e, S1 = sum e (z - ref) (entropy),
+// and for the linear part U = sum u, sum u (z - ref) (u = `u`, or ones when `u` is null).
+template <typename A>
+RowSums exp_pass(
+    const A* z, int64_t n, A ref, A* e_out, bool stats, bool linear, const A* u) {
+  using V = Vectorized<A>;
+  V sum_exp(A(0)), exp_dot(A(0)), lin_sum(A(0)), lin_dot(A(0));
+  const V zero(A(0));
+  for_vectors<A>(n, [&](int64_t i, int64_t k) {
+    V d = head(V::loadu(z + i, k) - V(ref), k, A(0));
+    V e = head(exp_nonpositive(d), k, A(0));
+    if (e_out != nullptr) e.store(e_out + i, k);
+    sum_exp += e;
+    if (stats) exp_dot += V::blendv(zero, e * d, e > zero);  // e == 0: 0, not 0 * -inf
+    if (linear) {
+      if (u != nullptr) {
+        V uv = V::loadu(u + i, k);
+        lin_sum += uv;
+        lin_dot += uv * d;
+      } else {
+        lin_dot += d;
+      }
+    }
+  });
+  RowSums sums;
+  sums.sum_exp = reduce_sum(sum_exp);
+  sums.exp_dot = reduce_sum(exp_dot);
+  sums.lin_sum = u != nullptr ? reduce_sum(lin_sum) : static_cast<double>(n);
+  sums.lin_dot = reduce_sum(lin_dot);
+  return sums;
+}
+
+// dz = (p * coef_p - coef_u * u) * slope into `out` (which may alias `src`), where p is
+// src * p_mul (src = e, p_mul = 1 / s) or exp((src - m) - log_s) (src = z). `u` null with
+// `linear`: ones. `slope` null: the scalar `scale`.
+template <typename A, bool FROM_EXP>
+void gradient_pass(
+    const A* src, int64_t n, A p_mul, A m, A log_s, A coef_p, A coef_u, bool linear,
+    const A* u, const A* slope, A scale, A* out) {
+  using V = Vectorized<A>;
+  for_vectors<A>(n, [&](int64_t i, int64_t k) {
+    V v = V::loadu(src + i, k);
+    V p = FROM_EXP ? v * V(p_mul) : exp_nonpositive((v - V(m)) - V(log_s));
+    V grad = p * V(coef_p);
+    if (linear) grad = grad - V(coef_u) * (u != nullptr ? V::loadu(u + i, k) : V(A(1)));
+    grad = grad * (slope != nullptr ? V::loadu(slope + i, k) : V(scale));
+    grad.store(out + i, k);
+  });
+}
+
+template <typename A>
+void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
+  const int64_t C = a.n_classes;
+  const bool grad = mode != Mode::kForward;
+  const bool linear = a.prob || a.eps > A(0);
+  A* z = scratch<A>(0, C);
+  A* e = scratch<A>(1, C);
+  A* u = scratch<A>(2, C);
+  A* slope = (grad && a.cap > A(0)) ? scratch<A>(3, C) : nullptr;
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t outer = row / a.n_inner, inner = row % a.n_inner;
+    a.load_logits(
+        a.logits + a.logits_size * (outer * a.lo + inner * a.li), a.lc, C, z);
+    final_logits(z, slope, C, a.scale, a.cap);
+
+    int64_t y = 0;
+    bool valid = true;
+    const A* u_row = nullptr;  // null: ones
+    if (a.prob) {
+      a.load_target(a.target + a.target_size * (outer * a.to + inner * a.ti), a.tc, C, u);
+      // u = ((1 - eps) t + eps / C) * w
+      using V = Vectorized<A>;
+      const A keep = A(1) - a.eps, spread = C > 0 ? a.eps / A(C) : A(0);
+      for_vectors<A>(C, [&](int64_t i, int64_t k) {
+        V t = V::loadu(u + i, k) * V(keep) + V(spread);
+        if (a.weight != nullptr) t = t * V::loadu(a.weight + i, k);
+        t.store(u + i, k);
+      });
+      u_row = u;
+    } else {
+      const char* t = a.target + a.target_size * (outer * a.to + inner * a.ti);
+      // uint8 targets compare as their unsigned value (255 is not -1).
+      y = a.target_uint8 ? static_cast<int64_t>(*reinterpret_cast<const uint8_t*>(t))
+                         : *reinterpret_cast<const int64_t*>(t);
+      valid = y != a.ignore_index && y >= 0 && y < C;
+      u_row = a.weight;
+    }
+
+    A m, log_s, lin_sum, g, g_lse, p_mul = A(1);
+    if (mode == Mode::kBackward) {
+      m = a.saved[row];
+      log_s = a.saved[a.saved_stride + row];
+      lin_sum = a.saved[2 * a.saved_stride + row];
+      g = a.grad_loss[row * a.grad_loss_stride];
+      g_lse = a.grad_lse != nullptr ? a.grad_lse[row * a.grad_lse_stride] : A(0);
+    } else {
+      const A max_value = row_max(z, C);
+      if (a.stats) a.argmax[row] = row_argmax(z, C);
+      const A ref = std::isfinite(max_value) ? max_value : A(0);
+      RowSums sums = exp_pass(z, C, ref, grad ? e : nullptr, a.stats, linear, u_row);
+      // A NaN or +inf logit makes the row NaN, as in torch (the fast exp clamps instead).
+      A sum_exp = (std::isnan(max_value) || max_value == std::numeric_limits<A>::infinity())
+          ? nan
+          : A(sums.sum_exp);
+      m = ref;
+      log_s = std::log(sum_exp);
+      lin_sum = linear ? A(sums.lin_sum) : A(0);
+      const A smooth = lin_sum * log_s - A(sums.lin_dot);
+      A loss;
+      if (a.prob) {
+        loss = smooth;
+      } else if (valid) {
+        A nll = log_s + (ref - z[y]);
+        if (a.weight != nullptr) nll *= a.weight[y];
+        loss = a.eps > A(0) ? (A(1) - a.eps) * nll + (a.eps / A(C)) * smooth : nll;
+      } else {
+        loss = A(0);
+      }
+      const A lse = ref + log_s;
+      a.loss[row] = loss;
+      a.lse[row] = lse;
+      a.saved[row] = ref;
+      a.saved[a.saved_stride + row] = log_s;
+      a.saved[2 * a.saved_stride + row] = lin_sum;
+      if (a.stats) a.entropy[row] = log_s - A(sums.exp_dot) / sum_exp;
+      if (!grad) continue;
+      g = a.grad_scale;
+      g_lse = (valid && a.z_loss != A(0)) ? a.grad_scale * a.z_loss * A(2) * lse : A(0);
+      p_mul = A(1) / sum_exp;
+    }
+
+    // Per-row coefficients; where(), not a product with v, so that an infinite g (an
+    // all-ignored 'mean') leaves an ignored row's gradient exactly 0.
+    A coef_p, coef_u, coef_y = A(0);
+    if (a.prob) {
+      coef_p = g * lin_sum;
+      coef_u = g;
+    } else {
+      coef_y = valid ? (A(1) - a.eps) * g * (a.weight != nullptr ? a.weight[y] : A(1)) : A(0);
+      coef_u = (valid && a.eps > A(0)) ? (a.eps / A(C)) * g : A(0);
+      coef_p = coef_y + coef_u * lin_sum;
+    }
+    coef_p += g_lse;
+    if (std::isnan(log_s)) coef_p = nan;  // the backward's fast exp would not propagate it
+    // The target class: p_y * coef_p - coef_y in one scalar step with the accurate exp, so
+    // p - 1 near p = 1 keeps the precision of p (computed before `out` may overwrite e).
+    A grad_y = A(0);
+    if (coef_y != A(0)) {
+      const A p_y = mode == Mode::kBackward ? std::exp((z[y] - m) - log_s) : e[y] * p_mul;
+      A value = p_y * coef_p - coef_y;
+      if (linear) value -= coef_u * (u_row != nullptr ? u_row[y] : A(1));
+      grad_y = value * (slope != nullptr ? slope[y] : a.scale);
+    }
+    if (mode == Mode::kBackward) {
+      gradient_pass<A, false>(z, C, p_mul, m, log_s, coef_p, coef_u, linear, u_row, slope,
+                              a.scale, e);
+    } else {
+      gradient_pass<A, true>(e, C, p_mul, m, log_s, coef_p, coef_u, linear, u_row, slope,
+                             a.scale, e);
+    }
+    if (coef_y != A(0)) e[y] = grad_y;
+    a.store_grad(e, a.grad_logits + a.grad_size * (outer * a.go + inner * a.gi), a.gc, C);
+    if (a.prob && a.grad_target != nullptr) {
+      // d loss / d t_c = g (1 - eps) w_c (log_s - (z_c - m)), into the u buffer (now unused).
+      using V = Vectorized<A>;
+      const A coef_t = g * (A(1) - a.eps);
+      for_vectors<A>(C, [&](int64_t i, int64_t k) {
+        V value = V(coef_t) * (V(log_s) - (V::loadu(z + i, k) - V(m)));
+        if (a.weight != nullptr) value = value * V::loadu(a.weight + i, k);
+        value.store(u + i, k);
+      });
+      a.store_grad_target(
+          u, a.grad_target + a.grad_target_size * (outer * a.gto + inner * a.gti), a.gtc, C);
+    }
+  }
+}
+
+at::ScalarType accumulation(const at::Tensor& logits, const at::Tensor& target) {
+  return (logits.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble)
+      ? at::kDouble
+      : at::kFloat;
+}
+
+void check_row_output(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_contiguous() && t.numel() == n && t.scalar_type() == dtype,
+              "fused_ce native: ", name, " must be a contiguous ", dtype, " tensor of ", n,
+              " elements, got ", t.sizes(), " ", t.scalar_type());
+}
+
+template <typename A>
+CEArgs<A> common_args(const at::Tensor& logits, const at::Tensor& target,
+                      const std::optional<at::Tensor>& weight, at::Tensor& weight_acc,
+                      int64_t ignore_index, double eps, double scale, double cap) {
+  TORCH_CHECK(logits.dim() == 3, "fused_ce native: logits must be (n_outer, C, n_inner)");
+  CEArgs<A> a{};
+  a.n_classes = logits.size(1);
+  a.n_inner = logits.size(2);
+  a.n_rows = logits.size(0) * a.n_inner;
+  a.logits = static_cast<const char*>(logits.const_data_ptr());
+  a.logits_size = logits.element_size();
+  a.lo = logits.stride(0);
+  a.lc = logits.stride(1);
+  a.li = logits.stride(2);
+  a.load_logits = row_loader<A>(logits.scalar_type());
+  a.prob = target.is_floating_point();
+  a.target = static_cast<const char*>(target.const_data_ptr());
+  a.target_size = target.element_size();
+  if (a.prob) {
+    TORCH_CHECK(target.dim() == 3 && target.sizes() == logits.sizes(),
+                "fused_ce native: probability targets must have the logits' shape");
+    a.to = target.stride(0);
+    a.tc = target.stride(1);
+    a.ti = target.stride(2);
+    a.load_target = row_loader<A>(target.scalar_type());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+                "fused_ce native: class-index targets must be int64 or uint8");
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) &&
+                    target.size(1) == a.n_inner,
+                "fused_ce native: class-index targets must be (n_outer, n_inner)");
+    a.target_uint8 = target.scalar_type() == at::kByte;
+    a.to = target.stride(0);
+    a.ti = target.stride(1);
+  }
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == a.n_classes,
+                "fused_ce native: weight must be (C,)");
+    weight_acc = weight->to(c10::CppTypeToScalarType<A>::value).contiguous();
+    a.weight = weight_acc.const_data_ptr<A>();
+  }
+  a.ignore_index = ignore_index;
+  a.eps = static_cast<A>(eps);
+  a.scale = static_cast<A>(scale);
+  a.cap = static_cast<A>(cap);
+  return a;
+}
+
+template <typename A>
+void set_grad_outputs(CEArgs<A>& a, const at::Tensor& logits, const at::Tensor& grad_logits,
+                      const std::optional<at::Tensor>& grad_target) {
+  TORCH_CHECK(grad_logits.sizes() == logits.sizes() &&
+                  grad_logits.scalar_type() == logits.scalar_type(),
+              "fused_ce native: grad_logits must have the logits' shape and dtype");
+  a.grad_logits = static_cast<char*>(grad_logits.data_ptr());
+  a.grad_size = grad_logits.element_size();
+  a.go = grad_logits.stride(0);
+  a.gc = grad_logits.stride(1);
+  a.gi = grad_logits.stride(2);
+  a.store_grad = row_storer<A>(grad_logits.scalar_type());
+  if (grad_target.has_value() && a.prob) {
+    TORCH_CHECK(grad_target->sizes() == logits.sizes(),
+                "fused_ce native: grad_target must have the target's shape");
+    a.grad_target = static_cast<char*>(grad_target->data_ptr());
+    a.grad_target_size = grad_target->element_size();
+    a.gto = grad_target->stride(0);
+    a.gtc = grad_target->stride(1);
+    a.gti = grad_target->stride(2);
+    a.store_grad_target = row_storer<A>(grad_target->scalar_type());
+  }
+}
+
+template <typename A>
+void run(const CEArgs<A>& a, Mode mode) {
+  if (a.n_rows == 0) return;
+  at::parallel_for(0, a.n_rows, row_grain(a.n_classes), [&](int64_t begin, int64_t end) {
+    ce_rows<A>(a, mode, begin, end);
+  });
+}
+
+template <typename A>
+void forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                  double scale, double cap, const at::Tensor& loss, const at::Tensor& lse,
+                  const at::Tensor& saved, const at::Tensor& entropy, const at::Tensor& argmax,
+                  const std::optional<at::Tensor>& grad_scale, double z_loss,
+                  const std::optional<at::Tensor>& grad_logits,
+                  const std::optional<at::Tensor>& grad_target) {
+  at::Tensor weight_acc;
+  CEArgs<A> a = common_args<A>(logits, target, weight, weight_acc, ignore_index, eps, scale, cap);
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  check_row_output(loss, "loss", a.n_rows, acc);
+  check_row_output(lse, "lse", a.n_rows, acc);
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == 3 && saved.size(1) == a.n_rows &&
+                  saved.stride(1) == 1 && saved.scalar_type() == acc,
+              "fused_ce native: saved must be (3, n_rows) with unit row stride");
+  a.loss = loss.data_ptr<A>();
+  a.lse = lse.data_ptr<A>();
+  a.saved = saved.data_ptr<A>();
+  a.saved_stride = saved.stride(0);
+  a.stats = entropy.numel() > 0;
+  if (a.stats) {
+    check_row_output(entropy, "entropy", a.n_rows, acc);
+    check_row_output(argmax, "argmax", a.n_rows, at::kLong);
+    a.entropy = entropy.data_ptr<A>();
+    a.argmax = argmax.data_ptr<int64_t>();
+  }
+  Mode mode = Mode::kForward;
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == acc,
+                "fused_ce native: grad_scale must be a 0-d tensor of the accumulation dtype");
+    TORCH_CHECK(grad_logits.has_value(), "fused_ce native: grad_scale needs grad_logits");
+    a.grad_scale = *grad_scale->const_data_ptr<A>();
+    a.z_loss = static_cast<A>(z_loss);
+    set_grad_outputs(a, logits, *grad_logits, grad_target);
+    mode = Mode::kForwardGrad;
+  }
+  run(a, mode);
+}
+
+void ce_forward(const at::Tensor& logits, const at::Tensor& target,
+                const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                double scale, double cap, const at::Tensor& loss, const at::Tensor& lse,
+                const at::Tensor& saved, const at::Tensor& entropy, const at::Tensor& argmax,
+                const std::optional<at::Tensor>& grad_scale, double z_loss,
+                const std::optional<at::Tensor>& grad_logits,
+                const std::optional<at::Tensor>& grad_target) {
+  if (accumulation(logits, target) == at::kDouble) {
+    forward_impl<double>(logits, target, weight, ignore_index, eps, scale, cap, loss, lse,
+                         saved, entropy, argmax, grad_scale, z_loss, grad_logits, grad_target);
+  } else {
+    forward_impl<float>(logits, target, weight, ignore_index, eps, scale, cap, loss, lse, saved,
+                        entropy, argmax, grad_scale, z_loss, grad_logits, grad_target);
+  }
+}
+
+template <typename A>
+void backward_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                   const at::Tensor& logits, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, const at::Tensor& saved,
+                   int64_t ignore_index, double eps, double scale, double cap,
+                   const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_target) {
+  at::Tensor weight_acc;
+  CEArgs<A> a = common_args<A>(logits, target, weight, weight_acc, ignore_index, eps, scale, cap);
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == 3 && saved.size(1) == a.n_rows &&
+                  saved.stride(1) == 1 && saved.scalar_type() == acc,
+              "fused_ce native: saved must be (3, n_rows) with unit row stride");
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == a.n_rows &&
+                  grad_loss.scalar_type() == acc,
+              "fused_ce native: grad_loss must be (n_rows,) in the accumulation dtype");
+  a.saved = const_cast<A*>(saved.const_data_ptr<A>());
+  a.saved_stride = saved.stride(0);
+  a.grad_loss = grad_loss.const_data_ptr<A>();
+  a.grad_loss_stride = grad_loss.stride(0);
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->dim() == 1 && grad_lse->size(0) == a.n_rows &&
+                    grad_lse->scalar_type() == acc,
+                "fused_ce native: grad_lse must be (n_rows,) in the accumulation dtype");
+    a.grad_lse = grad_lse->const_data_ptr<A>();
+    a.grad_lse_stride = grad_lse->stride(0);
+  }
+  set_grad_outputs(a, logits, grad_logits, grad_target);
+  run(a, Mode::kBackward);
+}
+
+void ce_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                 const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, const at::Tensor& saved,
+                 int64_t ignore_index, double eps, double scale, double cap,
+                 const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_target) {
+  if (saved.scalar_type() == at::kDouble) {
+    backward_impl<double>(grad_loss, grad_lse, logits, target, weight, saved, ignore_index, eps,
+                          scale, cap, grad_logits, grad_target);
+  } else {
+    backward_impl<float>(grad_loss, grad_lse, logits, target, weight, saved, ignore_index, eps,
+                         scale, cap, grad_logits, grad_target);
+  }
+}
+
+}  // namespace
+}  // namespace fused_ce_native

@@ -1,0 +1,41 @@
+// The schemas of the native ops, defined once. They live in their own namespace,
+// fused_ce_native::, and are called from inside the Python custom ops fused_ce::*, which keep
+// the fakes, autograd and torch.compile support; these ops only fill the outputs they are given
+// (allocated by the caller, so no allocation policy lives in C++).
+//
+// One translation unit per CPU capability (setup.py compiles this file once per capability,
+// with its flags): the kernels are headers included here, so each build parses torch's
+// headers once.
+#include <torch/library.h>
+
+#include "bce.h"
+#include "cross_entropy.h"
+
+TORCH_LIBRARY(fused_ce_native, m) {
+  // Per-row (loss, lse, saved (3, n_rows), entropy, argmax) of (n_outer, C, n_inner) logits;
+  // with grad_scale (0-d) also the gradient of grad_scale * sum_n (loss_n + z_loss * v_n *
+  // lse_n^2) into grad_logits (and grad_target for probability targets).
+  m.def(
+      "ce_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float logit_scale, float softcap, Tensor(a!) loss, "
+      "Tensor(b!) lse, Tensor(c!) saved, Tensor(d!) entropy, Tensor(e!) argmax, "
+      "Tensor? grad_scale, float z_loss, Tensor(f!)? grad_logits, Tensor(g!)? grad_target) -> ()");
+  // dlogits (and dtarget) recomputed from the saved per-row statistics; grad_logits may be
+  // logits itself (each row is read before it is written).
+  m.def(
+      "ce_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
+      "Tensor? weight, Tensor saved, int ignore_index, float label_smoothing, float logit_scale, "
+      "float softcap, Tensor(a!) grad_logits, Tensor(b!)? grad_target) -> ()");
+  // Sigmoid + BCE on 2-D (rows, cols) operands (stride 0 for broadcast ones): any of the
+  // elementwise loss, its sum, and the input and target gradients of the upstream grad.
+  m.def(
+      "bce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? grad, "
+      "Tensor(a!)? loss, Tensor(b!)? grad_input, Tensor(c!)? grad_target, "
+      "Tensor(d!)? loss_sum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {
+  m.impl("ce_forward", &fused_ce_native::ce_forward);
+  m.impl("ce_backward", &fused_ce_native::ce_backward);
+  m.impl("bce", &fused_ce_native::bce);
+}
