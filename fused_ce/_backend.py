@@ -70,6 +70,8 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     return "triton"
 
 
+# A constant to torch.compile: it calls this once while tracing rather than tracing the loader.
+@torch.compiler.assume_constant_result
 def native_available() -> bool:
     """Whether the native C++ kernels are built and load here (cached after the first call)."""
     return native.available()
