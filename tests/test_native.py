@@ -1,0 +1,219 @@
+"""The native C++ backend beyond the shared suite (which runs every loss test on it through
+``conftest.backend_cases``): that it is built where it can be, that the package works without
+it, that concurrent calls are safe, and the forward-with-gradient interface of its modules
+(the scalar-loss fast path), against float64 PyTorch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _reference import TIGHT, positive, randn
+
+import fused_ce
+from fused_ce import native
+from fused_ce._common import CEOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extension_is_built_where_a_compiler_is():
+    """The native cases of the suite must not vanish silently: with a C++ compiler (or in CI)
+    the extension has to be there, e.g. built by `make setup`."""
+    if os.environ.get("FUSED_CE_DISABLE_NATIVE") == "1":
+        assert not native.available()
+        assert "FUSED_CE_DISABLE_NATIVE" in native.unavailable_reason()
+        return
+    compiler = shutil.which(os.environ.get("CXX", "c++").split()[0])
+    if compiler is not None or os.environ.get("CI") == "true":
+        assert native.available(), (
+            f"the native extension is missing although a compiler is present: "
+            f"{native.unavailable_reason()}"
+        )
+        assert native.capability() in ("avx512", "avx2", "default")
+    else:
+        assert "not built" in native.unavailable_reason()
+
+
+def test_package_works_with_the_extension_disabled():
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        import fused_ce
+        from fused_ce._backend import resolve
+        x = torch.randn(16, 7, generator=torch.Generator().manual_seed(0))
+        y = torch.arange(16) % 7
+        assert resolve("auto", x) == "torch", resolve("auto", x)
+        try:
+            fused_ce.softmax_cross_entropy(x, y, backend="native")
+        except RuntimeError as error:
+            assert "FUSED_CE_DISABLE_NATIVE" in str(error), error
+        else:
+            raise AssertionError("backend='native' ran although disabled")
+        loss = fused_ce.softmax_cross_entropy(x, y)
+        torch.testing.assert_close(loss, F.cross_entropy(x, y))
+        print("ok")
+        """
+    )
+    env = {**os.environ, "FUSED_CE_DISABLE_NATIVE": "1", "TRITON_INTERPRET": "0"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+def test_concurrent_calls_match_serial_ones():
+    """Several Python threads in the kernels at once (each with its scratch buffers) give the
+    results of one thread, bit for bit."""
+    cases = []
+    for seed in range(6):
+        logits = randn((64, 300), seed, "cpu")
+        target = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(seed))
+        bce_input = randn((64, 40), seed + 100, "cpu")
+        bce_target = torch.rand(64, 40, generator=torch.Generator().manual_seed(seed))
+        cases.append((logits, target, bce_input, bce_target))
+
+    def run(case):
+        logits, target, bce_input, bce_target = (t.clone() for t in case)
+        logits.requires_grad_(True)
+        bce_input.requires_grad_(True)
+        ce = fused_ce.softmax_cross_entropy(logits, target, label_smoothing=0.1, backend="native")
+        bce = fused_ce.sigmoid_binary_cross_entropy(bce_input, bce_target, backend="native")
+        (ce + bce).backward()
+        return [ce.detach(), bce.detach(), logits.grad, bce_input.grad]
+
+    serial = [run(case) for case in cases]
+    results = [None] * (4 * len(cases))
+
+    def worker(index):
+        for _ in range(3):
+            results[index] = run(cases[index % len(cases)])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, result in enumerate(results):
+        for ours, expected in zip(result, serial[index % len(cases)], strict=True):
+            torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def _final_logits(x, logit_scale, softcap):
+    z = x * logit_scale
+    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "weight-smoothing-ignore", "softcap-scale", "prob", "prob-weight-smoothing", "nchw"],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ce_forward_with_gradient(case, dtype, inplace):
+    """forward(grad_scale=s) writes d/dlogits (and d/dtarget) of s * sum_n (loss_n + z_loss *
+    v_n * lse_n^2), as float64 autograd through torch's cross_entropy computes it."""
+    from fused_ce.native import cross_entropy as native_ce
+
+    n, n_classes, n_inner = 6, 37, 1
+    if case == "nchw":
+        n_inner = 5
+    logits = randn((n, n_classes, n_inner), 1, "cpu", dtype, scale=3.0)
+    if case == "nchw":  # class stride != 1: the logits as an NCHW-like strided view
+        logits = randn((n, n_inner, n_classes), 1, "cpu", dtype, scale=3.0).transpose(1, 2)
+    weight = positive((n_classes,), 2, "cpu", dtype) if "weight" in case else None
+    options = CEOptions(
+        ignore_index=3 if "ignore" in case else -100,
+        label_smoothing=0.2 if "smoothing" in case else 0.0,
+        logit_scale=0.7 if "scale" in case else 1.0,
+        softcap=4.0 if "softcap" in case else 0.0,
+    )
+    prob = case.startswith("prob")
+    if prob:
+        target = torch.softmax(randn((n, n_classes, n_inner), 3, "cpu", dtype), 1)
+    else:
+        target = torch.randint(
+            0, n_classes, (n, n_inner), generator=torch.Generator().manual_seed(4)
+        )
+        target[0, 0] = 3  # an ignored row when ignore_index is 3
+    z_loss, scale = 0.3, 0.25
+
+    x64 = logits.detach().double().requires_grad_(True)
+    t64 = target.detach().double().requires_grad_(True) if prob else target
+    z = _final_logits(x64, options.logit_scale, options.softcap)
+    losses = F.cross_entropy(
+        z,
+        t64,
+        weight.double() if weight is not None else None,
+        reduction="none",
+        ignore_index=options.ignore_index,
+        label_smoothing=options.label_smoothing,
+    )
+    lse = torch.logsumexp(z, 1)
+    valid = torch.ones_like(lse) if prob else (target != options.ignore_index).double()
+    total = scale * (losses.sum() + z_loss * (valid * lse.square()).sum())
+    wrt = [x64, t64] if prob else [x64]
+    expected = torch.autograd.grad(total, wrt)
+
+    source = logits.clone()
+    grad_logits = source if inplace else torch.empty_like(logits)
+    grad_target = torch.empty_like(target) if prob else None
+    loss, lse_out, *_ = native_ce.forward(
+        source,
+        target,
+        weight,
+        options,
+        z_loss=z_loss,
+        grad_scale=torch.tensor(scale, dtype=dtype),
+        grad_logits=grad_logits,
+        grad_target=grad_target,
+    )
+    rtol, atol = TIGHT[dtype]
+    torch.testing.assert_close(loss.double(), losses.detach().reshape(-1), rtol=rtol, atol=atol)
+    torch.testing.assert_close(lse_out.double(), lse.detach().reshape(-1), rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_logits.double(), expected[0], rtol=rtol, atol=atol)
+    if prob:
+        torch.testing.assert_close(grad_target.double(), expected[1], rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [False, True])
+def test_bce_run_with_uniform_gradient_and_loss_sum(dtype, weights):
+    """One call: the loss's sum into loss_sum and both gradients of a 0-d upstream gradient,
+    against float64 autograd through torch's binary_cross_entropy_with_logits."""
+    from fused_ce.native import bce as native_bce
+
+    x = randn((5, 9), 1, "cpu", dtype, scale=4.0)
+    t = torch.rand(5, 9, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    w = positive((5, 1), 3, "cpu", dtype) if weights else None  # broadcast over columns
+    pw = positive((9,), 4, "cpu", dtype) if weights else None  # the last dim
+    g = torch.tensor(0.5, dtype=dtype)
+    x64 = x.double().requires_grad_(True)
+    t64 = t.double().requires_grad_(True)
+    loss64 = F.binary_cross_entropy_with_logits(
+        x64,
+        t64,
+        w.double() if weights else None,
+        reduction="sum",
+        pos_weight=pw.double() if weights else None,
+    )
+    expected = torch.autograd.grad(0.5 * loss64, [x64, t64])
+    loss_sum = torch.empty((), dtype=dtype)
+    grad_input, grad_target = torch.empty_like(x), torch.empty_like(t)
+    native_bce.run(x, t, w, pw, g, None, grad_input, grad_target, loss_sum=loss_sum)
+    rtol, atol = TIGHT[dtype]
+    torch.testing.assert_close(loss_sum.double(), loss64.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_input.double(), expected[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_target.double(), expected[1], rtol=rtol, atol=atol)
