@@ -16,7 +16,9 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(shell find csrc -type f 2>/dev
 # torch==2.13.0 first when no torch is present: a bare `torch` requirement would pull a
 # multi-GB CUDA build; with it installed, the project's `torch>=2.4` installs nothing more.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,train,triton,hf]"
+	$(BIN)/python -m pip install -q setuptools wheel ninja
+	# No build isolation: setup.py builds the native kernels (csrc/) against this torch.
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train,triton,hf]"
 	touch $@
 
 setup: $(STAMP)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional, linear
-from .._backend import triton_runs_on
+from .._backend import native_available, triton_runs_on
 
 Inputs = tuple[dict[str, Tensor], dict[str, Any]]
 
@@ -62,7 +62,7 @@ class Case:
     make: Callable[[torch.Generator], Inputs]
     fused: Callable[..., Tensor]
     reference: Callable[..., Tensor]
-    backends: tuple[str, ...] = ("torch", "triton")
+    backends: tuple[str, ...] = ("torch", "triton", "native")
 
 
 def _ce_class(
@@ -243,8 +243,12 @@ def cases() -> list[Case]:
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """``torch`` always; ``triton`` where :func:`~fused_ce._backend.triton_runs_on` says so."""
-    return ["torch", "triton"] if triton_runs_on(device) else ["torch"]
+    """``torch`` always; ``triton`` where :func:`~fused_ce._backend.triton_runs_on` says so;
+    ``native`` on CPU when the C++ extension is built."""
+    backends = ["torch", "triton"] if triton_runs_on(device) else ["torch"]
+    if device.type == "cpu" and native_available():
+        backends.append("native")
+    return backends
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from .._backend import BACKENDS, resolve
+from .. import __version__, native
+from .._backend import BACKENDS, native_available, resolve
 from .train import (
     DEFAULT_EPOCHS,
     LOSSES,
@@ -118,7 +118,8 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="backend of the fused loss (default: auto: Triton on CUDA, torch on CPU)",
+        help="backend of the fused loss (default: auto: Triton on CUDA, the native C++ kernels "
+        "on CPU when built, else torch)",
     )
     group.add_argument(
         "--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)"
@@ -366,6 +367,10 @@ def _check(args: argparse.Namespace) -> int:
             "(triton backend not checked: it needs the triton package, pip install "
             "'fused_ce[triton]', and CUDA, or TRITON_INTERPRET=1 on CPU)"
         )
+    for device in devices:
+        print(f"backend='auto' runs {resolve('auto', torch.empty(0, device=device))} on {device}")
+    if not native_available():
+        print(f"(native backend not checked: {native.unavailable_reason()})")
     print(f"{len(results) - failed}/{len(results)} within tolerance")
     return 1 if failed else 0
 
