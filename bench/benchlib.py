@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fused_ce
+from fused_ce._backend import native_available
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -302,6 +303,8 @@ ALL_PROVIDERS = (
         why_not="path='fused' recomputes the logits per feature block; timed for D <= 1024",
     ),
     Provider("fused_ce-torch", FAMILIES, lambda c: _fused(c, "torch")),
+    # The C++ kernels of csrc/ (CPU; listed where the extension is built).
+    Provider("fused_ce-native", FAMILIES, lambda c: _fused(c, "native"), devices=("cpu",)),
     Provider("torch-eager", FAMILIES, reference),
     Provider("torch-compile", FAMILIES, _compiled),
     Provider("torch-chunked", ("linear_ce",), _torch_chunked),
@@ -320,6 +323,7 @@ PRIORITY = {
     "torch-chunked": 0,
     "torch-compile": 1,
     "fused_ce-torch": 2 if CUDA else 0,
+    "fused_ce-native": 0,
 }
 
 
@@ -351,6 +355,8 @@ def providers_for(family: str) -> list[str]:
         if p.name == "fused_ce-triton-fused" and not _has_linear_path_option():
             continue
         if p.name == "torch-chunked" and not hasattr(F, "linear_cross_entropy"):
+            continue
+        if p.name == "fused_ce-native" and not native_available():
             continue
         if p.module is not None and peer_status()[p.module.replace("_", "-")].startswith("un"):
             continue

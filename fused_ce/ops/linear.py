@@ -30,8 +30,10 @@ from ._autograd import dispatch, double_backward_message, eager_function, forbid
 from ._impl import implementation
 
 
-def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor) -> int:
-    return chunked.chunk_rows(chunk_size, input.shape[0], linear_weight.shape[0], input)
+def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor, backend: str) -> int:
+    return chunked.chunk_rows(
+        chunk_size, input.shape[0], linear_weight.shape[0], input, backend=backend
+    )
 
 
 def _grads(input, linear_weight, linear_bias, input_grad, weight_grad, bias_grad):
@@ -102,7 +104,7 @@ def _linear_ce_forward(
     return chunked.cross_entropy(
         *operands,
         options,
-        _rows(chunk_size, input, linear_weight),
+        _rows(chunk_size, input, linear_weight, backend),
         implementation("cross_entropy", backend),
         with_stats=with_stats,
     )
@@ -186,7 +188,7 @@ def _linear_ce_backward(
         target,
         weight,
         options,
-        _rows(chunk_size, input, linear_weight),
+        _rows(chunk_size, input, linear_weight, backend),
         implementation("cross_entropy", backend),
         saved=saved,
         grad_loss=grad_loss,
@@ -318,7 +320,7 @@ def _linear_ce_scalar(
         target,
         weight,
         CEOptions(ignore_index, label_smoothing, logit_scale, softcap),
-        _rows(chunk_size, input, linear_weight),
+        _rows(chunk_size, input, linear_weight, backend),
         implementation("cross_entropy", backend),
         grad_scale=scale.to(accumulation_dtype(input.dtype, target.dtype)),
         grads=grads,
@@ -393,7 +395,7 @@ def _linear_bce_forward(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight),
+        _rows(chunk_size, input, linear_weight, backend),
         implementation("bce", backend),
         loss=loss,
     )
@@ -444,7 +446,7 @@ def _linear_bce_backward(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight),
+        _rows(chunk_size, input, linear_weight, backend),
         implementation("bce", backend),
         grad=grad,
         grads=grads,
@@ -550,7 +552,7 @@ def _linear_bce_scalar(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight),
+        _rows(chunk_size, input, linear_weight, backend),
         implementation("bce", backend),
         loss=loss,
         grad=scale.to(loss.dtype).expand(target.shape),

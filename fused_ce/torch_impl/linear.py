@@ -33,11 +33,19 @@ from .cross_entropy import forward_outputs
 # no faster at N 8192, D 512, V 32768 on a 2-core box.)
 CUDA_CHUNK_BYTES = 512 << 20
 CPU_CHUNK_BYTES = 16 << 20
+# The native kernels make no temporaries (the loss and dL/dz are computed in place in the chunk
+# buffer), so on their path a chunk can be larger: that gives the dW GEMM (K = rows per chunk)
+# a deeper K. Measured at N 1024, D 512, V 32768 fp32 on a loaded 2-core box: 128-row chunks
+# (16 MiB) took 1.3x the time of the three GEMMs, 512-row chunks (64 MiB) 1.05x.
+NATIVE_CPU_CHUNK_BYTES = 64 << 20
 
 
-def chunk_rows(chunk_size: int, n_rows: int, n_classes: int, input: torch.Tensor) -> int:
-    """Rows per chunk: ``chunk_size`` when positive, else the budget rule above (at least one
-    row; a multiple of 64 on CUDA once the budget allows, for GEMM-friendly shapes)."""
+def chunk_rows(
+    chunk_size: int, n_rows: int, n_classes: int, input: torch.Tensor, *, backend: str = "torch"
+) -> int:
+    """Rows per chunk: ``chunk_size`` when positive, else the budget rule above for the
+    resolved ``backend`` (at least one row; a multiple of 64 on CUDA once the budget allows,
+    for GEMM-friendly shapes)."""
     if chunk_size > 0:
         return max(1, min(chunk_size, n_rows))
     if input.device.type == "cuda":
@@ -45,7 +53,8 @@ def chunk_rows(chunk_size: int, n_rows: int, n_classes: int, input: torch.Tensor
         rows = rows - rows % 64 if rows >= 64 else rows
     else:
         # The torch path computes in fp32 (fp64 for fp64) whatever the input dtype.
-        rows = CPU_CHUNK_BYTES // (max(input.element_size(), 4) * max(n_classes, 1))
+        budget = NATIVE_CPU_CHUNK_BYTES if backend == "native" else CPU_CHUNK_BYTES
+        rows = budget // (max(input.element_size(), 4) * max(n_classes, 1))
     return max(1, min(rows, n_rows))
 
 
