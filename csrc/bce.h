@@ -111,7 +111,8 @@ void bce_impl(const at::Tensor& input, const at::Tensor& target,
           const int64_t k = std::min(W, n - i);
           const V xv = V::loadu(x + i, k), tv = V::loadu(t + i, k);
           const V e = (zero - xv.abs()).exp();
-          const V l1 = e.log1p();
+          // log1p only where the loss or the target gradient needs it (not for dx alone).
+          const V l1 = (want_loss || want_gt) ? e.log1p() : zero;
           const V nls = l1 + at::vec::maximum(zero - xv, zero);  // -logsigmoid(x)
           if (want_loss) {
             V c = pw ? (V::loadu(pw + i, k) - one) * tv + one : one;

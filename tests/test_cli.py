@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_ce._backend import triton_runs_on
+from fused_ce._backend import native_available, triton_runs_on
 from fused_ce.app.cli import main
 
 CUDA = torch.cuda.is_available()
@@ -109,7 +109,10 @@ def test_check_passes_on_every_backend_here(capsys):
         "linear_binary_cross_entropy_with_logits",
     }
     expected = {"torch", "triton"} if triton_runs_on("cuda" if CUDA else "cpu") else {"torch"}
+    if native_available():
+        expected.add("native")
     assert expected <= backends
+    assert "backend='auto' runs " in stdout
     assert all(row.endswith("ok") for row in rows)
     assert f"{len(rows)}/{len(rows)} within tolerance" in stdout
 

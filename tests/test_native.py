@@ -217,3 +217,37 @@ def test_bce_run_with_uniform_gradient_and_loss_sum(dtype, weights):
     torch.testing.assert_close(loss_sum.double(), loss64.detach(), rtol=rtol, atol=atol)
     torch.testing.assert_close(grad_input.double(), expected[0], rtol=rtol, atol=atol)
     torch.testing.assert_close(grad_target.double(), expected[1], rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_each_capability_build_matches_torch(capability):
+    """The narrower builds (loaded where the CPU lacks AVX-512, or AVX2) give torch's results:
+    ATEN_CPU_CAPABILITY makes torch, and so the loader, report a narrower CPU."""
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        import fused_ce
+        from fused_ce import native
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(37, 53, generator=gen, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, 53, (37,), generator=gen)
+        t = torch.rand(37, 53, generator=gen, dtype=torch.float64)
+        ce = fused_ce.softmax_cross_entropy(x, y, label_smoothing=0.1, backend="native")
+        bce = fused_ce.sigmoid_binary_cross_entropy(x, t, backend="native")
+        grads = torch.autograd.grad(ce + bce, x)
+        x2 = x.detach().requires_grad_(True)
+        ref = F.cross_entropy(x2, y, label_smoothing=0.1)
+        ref = ref + F.binary_cross_entropy_with_logits(x2, t)
+        torch.testing.assert_close(ce + bce, ref)
+        torch.testing.assert_close(grads[0], torch.autograd.grad(ref, x2)[0])
+        print(native.capability())
+        """
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "TRITON_INTERPRET": "0"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == capability

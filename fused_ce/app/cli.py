@@ -362,16 +362,16 @@ def _check(args: argparse.Namespace) -> int:
         results = run_checks(devices, [DTYPES[name] for name in dict.fromkeys(names)], args.seed)
     print(format_table(results))
     failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed}/{len(results)} within tolerance")
     if "triton" not in {r.backend for r in results}:
         print(
             "(triton backend not checked: it needs the triton package, pip install "
             "'fused_ce[triton]', and CUDA, or TRITON_INTERPRET=1 on CPU)"
         )
-    for device in devices:
-        print(f"backend='auto' runs {resolve('auto', torch.empty(0, device=device))} on {device}")
     if not native_available():
         print(f"(native backend not checked: {native.unavailable_reason()})")
-    print(f"{len(results) - failed}/{len(results)} within tolerance")
+    for device in devices:
+        print(f"backend='auto' runs {resolve('auto', torch.empty(0, device=device))} on {device}")
     return 1 if failed else 0
 
 
