@@ -337,7 +337,7 @@ def test_env_var_selects_the_backend(backend_device, monkeypatch):
 
 def test_auto_backend(monkeypatch):
     """'auto' (and the default) picks Triton for CUDA tensors and for CPU tensors under the
-    interpreter, and the torch path otherwise or without Triton."""
+    interpreter, else the native kernels for CPU tensors when built, else the torch path."""
     cpu = torch.zeros(1)
     monkeypatch.delenv("FUSED_CE_BACKEND", raising=False)
     monkeypatch.setattr(backend_module, "HAS_TRITON", True)
@@ -347,10 +347,18 @@ def test_auto_backend(monkeypatch):
     assert backend_module.resolve("torch", cpu) == "torch"
     assert backend_module.resolve("auto", torch.zeros(1, device="meta")) == "torch"
     monkeypatch.setattr(backend_module, "INTERPRET", False)
+    monkeypatch.setattr(backend_module, "native_available", lambda: False)
     assert backend_module.resolve("auto", cpu) == "torch"
+    monkeypatch.setattr(backend_module, "native_available", lambda: True)
+    assert backend_module.resolve("auto", cpu) == "native"
+    assert backend_module.resolve("native", cpu) == "native"
     monkeypatch.setattr(backend_module, "INTERPRET", True)
     monkeypatch.setattr(backend_module, "HAS_TRITON", False)
+    assert backend_module.resolve("auto", cpu) == "native"
+    monkeypatch.setattr(backend_module, "native_available", lambda: False)
     assert backend_module.resolve("auto", cpu) == "torch"
+    with pytest.raises(RuntimeError, match="backend='native' is unavailable"):
+        backend_module.resolve("native", cpu)
 
 
 def test_without_triton_installed_auto_runs_the_torch_path():

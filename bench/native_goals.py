@@ -1,0 +1,178 @@
+"""The native backend's goals (issue 11), side by side in one process on this CPU.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick]
+    THP_MEM_ALLOC_ENABLE=1 OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py
+
+Each row times forward + backward per call (best of rounds, wall clock) for: fused_ce through its
+public API with ``backend="native"``, the native modules' one-pass call that the scalar-loss
+fast path makes (forward with ``grad_scale``: loss and gradient in one pass, into a reused
+gradient buffer), torch eager and ``torch.compile`` of torch's loss. The small shapes run at 1
+thread. The conditions (threads, load average, allocator and OpenMP settings) are printed with
+the table: on a shared machine only ratios within one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fused_ce
+from fused_ce._common import CEOptions
+from fused_ce.native import bce as native_bce
+from fused_ce.native import cross_entropy as native_ce
+
+
+def best_of(fn, rounds: int, calls: int) -> float:
+    """Best per-call wall time in seconds over ``rounds`` rounds of ``calls`` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def ce_case(n: int, c: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=gen).to(dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    grad = torch.empty_like(x)
+    scale = torch.tensor(1.0 / n)
+    compiled = torch.compile(F.cross_entropy)
+
+    def run(loss_fn):
+        def call():
+            leaf = x.detach().requires_grad_(True)
+            loss_fn(leaf, y).backward()
+
+        return call
+
+    def one_pass():
+        native_ce.forward(
+            x.unsqueeze(-1),
+            y.unsqueeze(-1),
+            None,
+            CEOptions(),
+            grad_scale=scale,
+            grad_logits=grad.unsqueeze(-1),
+        )
+
+    return {
+        "fused_ce native (API)": run(
+            lambda a, b: fused_ce.softmax_cross_entropy(a, b, backend="native")
+        ),
+        "native one-pass": one_pass,
+        "torch eager": run(F.cross_entropy),
+        "torch.compile": run(compiled),
+    }
+
+
+def bce_case(n: int, c: int):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=gen)
+    t = torch.randint(0, 2, (n, c), generator=gen).float()
+    grad_input = torch.empty_like(x)
+    loss_sum = torch.empty(())
+    scale = torch.tensor(1.0 / x.numel())
+    compiled = torch.compile(F.binary_cross_entropy_with_logits)
+
+    def run(loss_fn):
+        def call():
+            leaf = x.detach().requires_grad_(True)
+            loss_fn(leaf, t).backward()
+
+        return call
+
+    def one_pass():
+        native_bce.run(x, t, None, None, scale, None, grad_input, None, loss_sum=loss_sum)
+
+    return {
+        "fused_ce native (API)": run(
+            lambda a, b: fused_ce.sigmoid_binary_cross_entropy(a, b, backend="native")
+        ),
+        "native one-pass": one_pass,
+        "torch eager": run(F.binary_cross_entropy_with_logits),
+        "torch.compile": run(compiled),
+    }
+
+
+def linear_case(n: int, d: int, v: int):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen) / d**0.5
+    w = torch.randn(v, d, generator=gen)
+    y = torch.randint(0, v, (n,), generator=gen)
+    logits, grad_x, grad_w = torch.empty(n, v), torch.empty(n, d), torch.empty(v, d)
+
+    def gemms():
+        torch.mm(x, w.t(), out=logits)
+        torch.mm(logits, w, out=grad_x)
+        torch.mm(logits.t(), x, out=grad_w)
+
+    def run(loss_fn):
+        def call():
+            a, b = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+            loss_fn(a, b, y).backward()
+
+        return call
+
+    cases = {
+        "three GEMMs": gemms,
+        "fused_ce native": run(
+            lambda a, b, t: fused_ce.linear_cross_entropy(a, b, t, backend="native")
+        ),
+        "torch eager": run(lambda a, b, t: F.cross_entropy(F.linear(a, b), t)),
+    }
+    if hasattr(F, "linear_cross_entropy"):
+        options = torch.nn.LinearCrossEntropyOptions()
+        cases["torch chunked"] = run(
+            lambda a, b, t: F.linear_cross_entropy(a, b, t, options=options)
+        )
+    return cases
+
+
+def report(title: str, cases: dict, rounds: int, calls: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    print(f"\n{title} ({threads} thread{'s' if threads > 1 else ''})")
+    times = {}
+    for name, fn in cases.items():
+        times[name] = best_of(fn, rounds, calls)
+    base = times.get("torch eager")
+    for name, seconds in times.items():
+        ratio = f"{seconds / base:5.2f} x eager" if base else ""
+        print(f"  {name:24s} {seconds * 1e3:10.3f} ms  {ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="skip the linear CE case")
+    args = parser.parse_args()
+    cores = torch.get_num_threads()
+    print(
+        f"torch {torch.__version__}, {cores} threads, capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, native build {fused_ce.native.capability()}"
+    )
+    print(
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"load average at start {os.getloadavg()}"
+    )
+    for dtype in (torch.float32, torch.bfloat16):
+        report(f"CE fwd+bwd 4096 x 32768 {dtype}", ce_case(4096, 32768, dtype), 3, 1, cores)
+    report("BCE fwd+bwd 4096 x 1024 fp32", bce_case(4096, 1024), 5, 5, cores)
+    for n in (1024, 64):
+        report(f"CE fwd+bwd {n} x 11 fp32", ce_case(n, 11, torch.float32), 5, 200, 1)
+        report(f"BCE fwd+bwd {n} x 1 fp32", bce_case(n, 1), 5, 200, 1)
+    if not args.quick:
+        linear = linear_case(8192, 512, 32768)
+        report("linear CE fwd+bwd 8192 x 512 x 32768 fp32", linear, 2, 1, cores)
+    print(f"\nload average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
