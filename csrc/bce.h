@@ -18,13 +18,17 @@
 namespace fused_ce_native {
 namespace {
 
-// Elements per block: operands are converted block by block into per-thread buffers.
+// Elements per block: a thread takes blocks of this many elements of one row.
 constexpr int64_t kBlock = 2048;
 
+// One operand, 2-D strided. A block of it is read in place when it is already contiguous in
+// the accumulation dtype, is one value when broadcast along the row (stride 0: a 0-d upstream
+// gradient, a per-row weight), and is converted into a per-thread buffer otherwise.
 template <typename A>
 struct Operand {
   const char* data = nullptr;
   int64_t size = 0, row_stride = 0, col_stride = 0;
+  bool in_place = false;
   LoadRow<A> load = nullptr;
 
   Operand() = default;
@@ -34,26 +38,31 @@ struct Operand {
     size = t->element_size();
     row_stride = t->stride(0);
     col_stride = t->stride(1);
+    in_place = col_stride == 1 && t->scalar_type() == c10::CppTypeToScalarType<A>::value;
     load = row_loader<A>(t->scalar_type());
   }
   bool present() const { return data != nullptr; }
-  // n elements of row `row` from column `col` into `out` (a broadcast operand is a fill).
-  void get(int64_t row, int64_t col, int64_t n, A* out) const {
+  // n elements of row `row` from column `col`: a pointer to them (into the tensor or into
+  // `buffer`), or nullptr with `uniform` set when the operand is constant along the row.
+  const A* get(int64_t row, int64_t col, int64_t n, A* buffer, A& uniform) const {
     const char* base = data + size * (row * row_stride + col * col_stride);
     if (col_stride == 0) {
-      A value;
-      load(base, 0, 1, &value);
-      std::fill(out, out + n, value);
-    } else {
-      load(base, col_stride, n, out);
+      load(base, 0, 1, &uniform);
+      return nullptr;
     }
+    if (in_place) return reinterpret_cast<const A*>(base);
+    load(base, col_stride, n, buffer);
+    return buffer;
   }
 };
 
+// One contiguous output: written in place when it has the accumulation dtype, else through a
+// per-thread buffer and one conversion.
 template <typename A>
 struct Output {
   char* data = nullptr;
   int64_t size = 0;
+  bool in_place = false;
   StoreRow<A> store = nullptr;
 
   Output() = default;
@@ -61,9 +70,16 @@ struct Output {
     if (!t.has_value()) return;
     data = static_cast<char*>(t->data_ptr());
     size = t->element_size();
+    in_place = t->scalar_type() == c10::CppTypeToScalarType<A>::value;
     store = row_storer<A>(t->scalar_type());
   }
   bool present() const { return data != nullptr; }
+  A* begin(int64_t offset, A* buffer) const {
+    return in_place ? reinterpret_cast<A*>(data) + offset : buffer;
+  }
+  void finish(int64_t offset, const A* values, int64_t n) const {
+    if (!in_place) store(values, data + size * offset, 1, n);
+  }
 };
 
 template <typename A>
@@ -88,66 +104,68 @@ void bce_impl(const at::Tensor& input, const at::Tensor& target,
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::min(n_cols, kBlock));
   if (n_blocks > 0) {
     at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
-      A* x = scratch<A>(0, kBlock);
-      A* t = scratch<A>(1, kBlock);
-      A* w = w_op.present() ? scratch<A>(2, kBlock) : nullptr;
-      A* pw = pw_op.present() ? scratch<A>(3, kBlock) : nullptr;
-      A* g = g_op.present() ? scratch<A>(4, kBlock) : nullptr;
-      A* out_loss = scratch<A>(5, kBlock);
-      A* out_gx = scratch<A>(6, kBlock);
-      A* out_gt = scratch<A>(7, kBlock);
+      A* buffers[5];
+      for (int slot = 0; slot < 5; ++slot) buffers[slot] = scratch<A>(slot, kBlock);
+      A* out_loss_buffer = scratch<A>(5, kBlock);
+      A* out_gx_buffer = scratch<A>(6, kBlock);
+      A* out_gt_buffer = scratch<A>(7, kBlock);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t row = block / col_blocks, col = (block % col_blocks) * kBlock;
         const int64_t n = std::min(kBlock, n_cols - col);
-        x_op.get(row, col, n, x);
-        t_op.get(row, col, n, t);
-        if (w) w_op.get(row, col, n, w);
-        if (pw) pw_op.get(row, col, n, pw);
-        if (g) g_op.get(row, col, n, g);
+        A x_u = 0, t_u = 0, w_u = 1, pw_u = 1, g_u = 0;
+        const A* x = x_op.get(row, col, n, buffers[0], x_u);
+        const A* t = t_op.get(row, col, n, buffers[1], t_u);
+        const A* w = w_op.present() ? w_op.get(row, col, n, buffers[2], w_u) : nullptr;
+        const A* pw = pw_op.present() ? pw_op.get(row, col, n, buffers[3], pw_u) : nullptr;
+        const A* g = g_op.present() ? g_op.get(row, col, n, buffers[4], g_u) : nullptr;
+        const int64_t out_offset = row * n_cols + col;
+        A* out_loss = loss_out.begin(out_offset, out_loss_buffer);
+        A* out_gx = gx_out.begin(out_offset, out_gx_buffer);
+        A* out_gt = gt_out.begin(out_offset, out_gt_buffer);
+        auto at = [](const A* values, A uniform, int64_t i, int64_t k) {
+          return values != nullptr ? V::loadu(values + i, k) : V(uniform);
+        };
         V sum(A(0));
         const V zero(A(0)), one(A(1));
         constexpr int64_t W = V::size();
         for (int64_t i = 0; i < n; i += W) {
           const int64_t k = std::min(W, n - i);
-          const V xv = V::loadu(x + i, k), tv = V::loadu(t + i, k);
-          const V e = (zero - xv.abs()).exp();
+          const V xv = at(x, x_u, i, k), tv = at(t, t_u, i, k);
+          // The fast exp clamps a NaN argument: a NaN logit's lanes take the NaN back.
+          const V e = V::blendv(exp_nonpositive(zero - xv.abs()), xv, xv != xv);
           // log1p only where the loss or the target gradient needs it (not for dx alone).
           const V l1 = (want_loss || want_gt) ? e.log1p() : zero;
           const V nls = l1 + at::vec::maximum(zero - xv, zero);  // -logsigmoid(x)
+          const V pwv = at(pw, pw_u, i, k), wv = at(w, w_u, i, k);
           if (want_loss) {
-            V c = pw ? (V::loadu(pw + i, k) - one) * tv + one : one;
-            V value = (one - tv) * xv + c * nls;
-            if (w) value = value * V::loadu(w + i, k);
+            V value = (one - tv) * xv + ((pwv - one) * tv + one) * nls;
+            value = value * wv;
             value.store(out_loss + i, k);
             sum += k == W ? value : V::set(zero, value, k);
           }
           if (!(want_gx || want_gt)) continue;
-          V gw = V::loadu(g + i, k);
-          if (w) gw = gw * V::loadu(w + i, k);
+          const V gw = at(g, g_u, i, k) * wv;
           if (want_gx) {
             const V inv = one / (one + e);
             const V positive = xv >= zero;
             const V sig = V::blendv(e * inv, inv, positive);      // sigmoid(x)
             const V sig_neg = V::blendv(inv, e * inv, positive);  // sigmoid(-x)
-            const V pt = pw ? V::loadu(pw + i, k) * tv : tv;
-            (gw * ((one - tv) * sig - pt * sig_neg)).store(out_gx + i, k);
+            (gw * ((one - tv) * sig - pwv * tv * sig_neg)).store(out_gx + i, k);
           }
           if (want_gt) {
             V value;
-            if (pw) {
+            if (pw_op.present()) {
               const V nls_neg = l1 + at::vec::maximum(xv, zero);  // -logsigmoid(-x)
-              value = gw * (V::loadu(pw + i, k) * nls - nls_neg);
+              value = gw * (pwv * nls - nls_neg);
             } else {
               value = (zero - xv) * gw;
             }
             value.store(out_gt + i, k);
           }
         }
-        const int64_t out_offset = row * n_cols + col;
-        if (loss_out.present())
-          loss_out.store(out_loss, loss_out.data + loss_out.size * out_offset, 1, n);
-        if (want_gx) gx_out.store(out_gx, gx_out.data + gx_out.size * out_offset, 1, n);
-        if (want_gt) gt_out.store(out_gt, gt_out.data + gt_out.size * out_offset, 1, n);
+        if (loss_out.present()) loss_out.finish(out_offset, out_loss, n);
+        if (want_gx) gx_out.finish(out_offset, out_gx, n);
+        if (want_gt) gt_out.finish(out_offset, out_gt, n);
         if (!partial.empty()) partial[block] = reduce_sum(sum);
       }
     });
