@@ -3,12 +3,13 @@
     OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick]
     THP_MEM_ALLOC_ENABLE=1 OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py
 
-Each row times forward + backward per call (best of rounds, wall clock) for: fused_ce through its
-public API with ``backend="native"``, the native modules' one-pass call that the scalar-loss
-fast path makes (forward with ``grad_scale``: loss and gradient in one pass, into a reused
-gradient buffer), torch eager and ``torch.compile`` of torch's loss. The small shapes run at 1
-thread. The conditions (threads, load average, allocator and OpenMP settings) are printed with
-the table: on a shared machine only ratios within one run mean anything.
+Each row times forward + backward per call (best of rounds) for: fused_ce through its public
+API with ``backend="native"``, the native modules' one-pass call that the scalar-loss fast path
+makes (forward with ``grad_scale``: loss and gradient in one pass, into a reused gradient
+buffer), torch eager and ``torch.compile`` of torch's loss. The large shapes use all threads
+and wall time; the small shapes run at 1 thread and are timed in the calling thread's CPU time.
+The conditions (threads, load average, allocator and OpenMP settings) are printed with the
+table: on a shared machine only ratios within one run mean anything.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from fused_ce.native import bce as native_bce
 from fused_ce.native import cross_entropy as native_ce
 
 
-def best_of(fn, rounds: int, calls: int) -> float:
-    """Best per-call wall time in seconds over ``rounds`` rounds of ``calls`` calls."""
+def best_of(fn, rounds: int, calls: int, clock=time.perf_counter) -> float:
+    """Best per-call time in seconds over ``rounds`` rounds of ``calls`` calls."""
     fn()
     best = float("inf")
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (clock() - start) / calls)
     return best
 
 
@@ -138,10 +139,14 @@ def linear_case(n: int, d: int, v: int):
 
 def report(title: str, cases: dict, rounds: int, calls: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    print(f"\n{title} ({threads} thread{'s' if threads > 1 else ''})")
+    # One thread: the calling thread's CPU time, which a loaded machine's preemptions do not
+    # inflate (all the work of a 1-thread call runs on it); several: wall time.
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    kind = "CPU time of the calling thread" if threads == 1 else "wall time"
+    print(f"\n{title} ({threads} thread{'s' if threads > 1 else ''}, {kind})")
     times = {}
     for name, fn in cases.items():
-        times[name] = best_of(fn, rounds, calls)
+        times[name] = best_of(fn, rounds, calls, clock)
     base = times.get("torch eager")
     for name, seconds in times.items():
         ratio = f"{seconds / base:5.2f} x eager" if base else ""

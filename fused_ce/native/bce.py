@@ -25,9 +25,10 @@ def run(
     ``loss_sum`` (0-d, accumulation dtype), and ``grad_input``/``grad_target`` from ``grad``
     (any shape broadcastable to the input's, e.g. a 0-d uniform upstream gradient)."""
     shape = input.shape
-    # Everything dense and unbroadcast: one long row, cut into blocks for the threads.
+    # Everything dense and unbroadcast, or one value (a 0-d upstream gradient): one long row,
+    # cut into blocks for the threads (not a row per element of an (N, 1) input).
     flat = all(
-        t is None or (t.shape == shape and t.is_contiguous())
+        t is None or t.numel() == 1 or (t.shape == shape and t.is_contiguous())
         for t in (input, target, weight, pos_weight, grad)
     )
     operands = [
