@@ -29,7 +29,6 @@ from .._backend import BACKENDS
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ..linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 from . import data
-from ._backend import BACKENDS
 from .data import _check_positive
 
 TASKS = ("majority-bits", "popcount", "clusters")
