@@ -361,11 +361,12 @@ def test_auto_backend(monkeypatch):
         backend_module.resolve("native", cpu)
 
 
-def test_without_triton_installed_auto_runs_the_torch_path():
+def test_without_triton_installed_auto_runs_the_cpu_paths():
     """Triton is an extra: without it (``None`` in sys.modules hides an installed one, as on
-    a plain ``pip install .``) ``import fused_ce`` works, ``auto`` picks the torch path even
-    under the interpreter, the loss is torch's, and ``backend='triton'`` says how to install
-    it. A fresh interpreter: this one has imported fused_ce with Triton."""
+    a plain ``pip install .``) ``import fused_ce`` works, ``auto`` picks the native kernels
+    (where built) or the torch path even under the interpreter, the loss is torch's, and
+    ``backend='triton'`` says how to install it. A fresh interpreter: this one has imported
+    fused_ce with Triton."""
     script = """
 import sys
 sys.modules["triton"] = None
@@ -374,7 +375,8 @@ import fused_ce
 from fused_ce import _backend
 x = torch.randn(4, 5, dtype=torch.float64)
 y = torch.tensor([0, 4, 2, 1])
-assert not _backend.HAS_TRITON and _backend.resolve("auto", x) == "torch"
+cpu_path = "native" if _backend.native_available() else "torch"
+assert not _backend.HAS_TRITON and _backend.resolve("auto", x) == cpu_path
 torch.testing.assert_close(fused_ce.cross_entropy(x, y), F.cross_entropy(x, y))
 try:
     fused_ce.cross_entropy(x, y, backend="triton")
