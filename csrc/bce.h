@@ -131,8 +131,9 @@ void bce_impl(const at::Tensor& input, const at::Tensor& target,
         for (int64_t i = 0; i < n; i += W) {
           const int64_t k = std::min(W, n - i);
           const V xv = at(x, x_u, i, k), tv = at(t, t_u, i, k);
-          // The fast exp clamps a NaN argument: a NaN logit's lanes take the NaN back.
-          const V e = V::blendv(exp_nonpositive(zero - xv.abs()), xv, xv != xv);
+          // Sleef's 1-ulp exp, not the fast one: dx is held to one rounding of the fp32
+          // reference (the fast exp's 20 ulp show up in sigmoid directly).
+          const V e = (zero - xv.abs()).exp();
           // log1p only where the loss or the target gradient needs it (not for dx alone).
           const V l1 = (want_loss || want_gt) ? e.log1p() : zero;
           const V nls = l1 + at::vec::maximum(zero - xv, zero);  // -logsigmoid(x)

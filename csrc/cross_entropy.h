@@ -155,18 +155,25 @@ RowSums exp_pass(
   return sums;
 }
 
-// dz = (p * coef_p - coef_u * u) * slope into `out` (which may alias `src`), where p is
-// src * p_mul (src = e, p_mul = 1 / s) or exp((src - m) - log_s) (src = z). `u` null with
-// `linear`: ones. `slope` null: the scalar `scale`.
-template <typename A, bool FROM_EXP>
-void gradient_pass(
-    const A* src, int64_t n, A p_mul, A m, A log_s, A coef_p, A coef_u, bool linear,
-    const A* u, const A* slope, A scale, A* out) {
+// e = exp(z - m) into `e` (the backward's recomputation of the forward's exp pass: the same
+// vector exp on the same operands, so both paths give the same bits).
+template <typename A>
+void exp_row(const A* z, int64_t n, A m, A* e) {
   using V = Vectorized<A>;
   for_vectors<A>(n, [&](int64_t i, int64_t k) {
-    V v = V::loadu(src + i, k);
-    V p = FROM_EXP ? v * V(p_mul) : exp_nonpositive((v - V(m)) - V(log_s));
-    V grad = p * V(coef_p);
+    exp_nonpositive(V::loadu(z + i, k) - V(m)).store(e + i, k);
+  });
+}
+
+// dz = (e * p_mul * coef_p - coef_u * u) * slope into `out` (which may alias `e`), with
+// p_mul = exp(-log_s) so that p = e / s. `u` null with `linear`: ones. `slope` null: the
+// scalar `scale`.
+template <typename A>
+void gradient_pass(const A* e, int64_t n, A p_mul, A coef_p, A coef_u, bool linear, const A* u,
+                   const A* slope, A scale, A* out) {
+  using V = Vectorized<A>;
+  for_vectors<A>(n, [&](int64_t i, int64_t k) {
+    V grad = V::loadu(e + i, k) * V(p_mul) * V(coef_p);
     if (linear) grad = grad - V(coef_u) * (u != nullptr ? V::loadu(u + i, k) : V(A(1)));
     grad = grad * (slope != nullptr ? V::loadu(slope + i, k) : V(scale));
     grad.store(out + i, k);
@@ -212,7 +219,7 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       u_row = a.weight;
     }
 
-    A m, log_s, lin_sum, g, g_lse, p_mul = A(1);
+    A m, log_s, lin_sum, g, g_lse, p_mul;
     if (mode == Mode::kBackward) {
       m = a.saved[row];
       log_s = a.saved[a.saved_stride + row];
@@ -251,41 +258,40 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       if (a.stats) a.entropy[row] = log_s - A(sums.exp_dot) / sum_exp;
       if (!grad) continue;
       g = a.grad_scale;
-      g_lse = (valid && a.z_loss != A(0)) ? a.grad_scale * a.z_loss * A(2) * lse : A(0);
-      p_mul = A(1) / sum_exp;
+      // In the order of the backward's torch_impl.z_loss_grad_lse, for the same bits.
+      g_lse = (valid && a.z_loss != A(0)) ? (A(2) * a.z_loss) * a.grad_scale * lse : A(0);
     }
+    // p = e * exp(-log_s) on both paths (not e / s: the backward has only log_s), so the
+    // gradient made in the forward equals the backward's bit for bit.
+    p_mul = std::exp(-log_s);
 
-    // Per-row coefficients; where(), not a product with v, so that an infinite g (an
-    // all-ignored 'mean') leaves an ignored row's gradient exactly 0.
-    A coef_p, coef_u, coef_y = A(0);
-    if (a.prob) {
-      coef_p = g * lin_sum;
-      coef_u = g;
-    } else {
-      coef_y = valid ? (A(1) - a.eps) * g * (a.weight != nullptr ? a.weight[y] : A(1)) : A(0);
-      coef_u = (valid && a.eps > A(0)) ? (a.eps / A(C)) * g : A(0);
-      coef_p = coef_y + coef_u * lin_sum;
+    if (a.grad_logits != nullptr) {
+      // Per-row coefficients; where(), not a product with v, so that an infinite g (an
+      // all-ignored 'mean') leaves an ignored row's gradient exactly 0.
+      A coef_p, coef_u, coef_y = A(0);
+      if (a.prob) {
+        coef_p = g * lin_sum;
+        coef_u = g;
+      } else {
+        coef_y = valid ? (A(1) - a.eps) * g * (a.weight != nullptr ? a.weight[y] : A(1)) : A(0);
+        coef_u = (valid && a.eps > A(0)) ? (a.eps / A(C)) * g : A(0);
+        coef_p = coef_y + coef_u * lin_sum;
+      }
+      coef_p += g_lse;
+      if (std::isnan(log_s)) coef_p = nan;  // the fast exp would not propagate it
+      if (mode == Mode::kBackward) exp_row(z, C, m, e);
+      // The target class: p_y * coef_p - coef_y in one scalar step, so p - 1 near p = 1 keeps
+      // the precision of p (computed before the pass below overwrites e).
+      A grad_y = A(0);
+      if (coef_y != A(0)) {
+        A value = e[y] * p_mul * coef_p - coef_y;
+        if (linear) value -= coef_u * (u_row != nullptr ? u_row[y] : A(1));
+        grad_y = value * (slope != nullptr ? slope[y] : a.scale);
+      }
+      gradient_pass(e, C, p_mul, coef_p, coef_u, linear, u_row, slope, a.scale, e);
+      if (coef_y != A(0)) e[y] = grad_y;
+      a.store_grad(e, a.grad_logits + a.grad_size * (outer * a.go + inner * a.gi), a.gc, C);
     }
-    coef_p += g_lse;
-    if (std::isnan(log_s)) coef_p = nan;  // the backward's fast exp would not propagate it
-    // The target class: p_y * coef_p - coef_y in one scalar step with the accurate exp, so
-    // p - 1 near p = 1 keeps the precision of p (computed before `out` may overwrite e).
-    A grad_y = A(0);
-    if (coef_y != A(0)) {
-      const A p_y = mode == Mode::kBackward ? std::exp((z[y] - m) - log_s) : e[y] * p_mul;
-      A value = p_y * coef_p - coef_y;
-      if (linear) value -= coef_u * (u_row != nullptr ? u_row[y] : A(1));
-      grad_y = value * (slope != nullptr ? slope[y] : a.scale);
-    }
-    if (mode == Mode::kBackward) {
-      gradient_pass<A, false>(z, C, p_mul, m, log_s, coef_p, coef_u, linear, u_row, slope,
-                              a.scale, e);
-    } else {
-      gradient_pass<A, true>(e, C, p_mul, m, log_s, coef_p, coef_u, linear, u_row, slope,
-                             a.scale, e);
-    }
-    if (coef_y != A(0)) e[y] = grad_y;
-    a.store_grad(e, a.grad_logits + a.grad_size * (outer * a.go + inner * a.gi), a.gc, C);
     if (a.prob && a.grad_target != nullptr) {
       // d loss / d t_c = g (1 - eps) w_c (log_s - (z_c - m)), into the u buffer (now unused).
       using V = Vectorized<A>;
@@ -361,18 +367,22 @@ CEArgs<A> common_args(const at::Tensor& logits, const at::Tensor& target,
   return a;
 }
 
+// Gradient outputs; grad_logits may be absent (only the target's gradient wanted).
 template <typename A>
-void set_grad_outputs(CEArgs<A>& a, const at::Tensor& logits, const at::Tensor& grad_logits,
+void set_grad_outputs(CEArgs<A>& a, const at::Tensor& logits,
+                      const std::optional<at::Tensor>& grad_logits,
                       const std::optional<at::Tensor>& grad_target) {
-  TORCH_CHECK(grad_logits.sizes() == logits.sizes() &&
-                  grad_logits.scalar_type() == logits.scalar_type(),
-              "fused_ce native: grad_logits must have the logits' shape and dtype");
-  a.grad_logits = static_cast<char*>(grad_logits.data_ptr());
-  a.grad_size = grad_logits.element_size();
-  a.go = grad_logits.stride(0);
-  a.gc = grad_logits.stride(1);
-  a.gi = grad_logits.stride(2);
-  a.store_grad = row_storer<A>(grad_logits.scalar_type());
+  if (grad_logits.has_value()) {
+    TORCH_CHECK(grad_logits->sizes() == logits.sizes() &&
+                    grad_logits->scalar_type() == logits.scalar_type(),
+                "fused_ce native: grad_logits must have the logits' shape and dtype");
+    a.grad_logits = static_cast<char*>(grad_logits->data_ptr());
+    a.grad_size = grad_logits->element_size();
+    a.go = grad_logits->stride(0);
+    a.gc = grad_logits->stride(1);
+    a.gi = grad_logits->stride(2);
+    a.store_grad = row_storer<A>(grad_logits->scalar_type());
+  }
   if (grad_target.has_value() && a.prob) {
     TORCH_CHECK(grad_target->sizes() == logits.sizes(),
                 "fused_ce native: grad_target must have the target's shape");
@@ -424,10 +434,11 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& target,
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == acc,
                 "fused_ce native: grad_scale must be a 0-d tensor of the accumulation dtype");
-    TORCH_CHECK(grad_logits.has_value(), "fused_ce native: grad_scale needs grad_logits");
+    TORCH_CHECK(grad_logits.has_value() || grad_target.has_value(),
+                "fused_ce native: grad_scale needs grad_logits or grad_target");
     a.grad_scale = *grad_scale->const_data_ptr<A>();
     a.z_loss = static_cast<A>(z_loss);
-    set_grad_outputs(a, logits, *grad_logits, grad_target);
+    set_grad_outputs(a, logits, grad_logits, grad_target);
     mode = Mode::kForwardGrad;
   }
   run(a, mode);
