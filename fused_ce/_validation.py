@@ -113,12 +113,17 @@ def check_ce_target(
     batch_shape: tuple[int, ...],
     prob_shape: tuple[int, ...],
     n_classes: int,
+    *,
+    all_valid_as_none: bool = False,
 ) -> CETarget:
     """The checks :func:`softmax_cross_entropy` and ``linear_cross_entropy`` share after the
     logits' own: ``label_smoothing``, the class ``weight`` and the ``target``, class indices of
     ``batch_shape`` (bounds asserted on the device, no host sync) or probabilities of
     ``prob_shape``. Returns them as the ops and the reduction take them (see
-    :class:`CETarget`)."""
+    :class:`CETarget`).
+
+    With ``all_valid_as_none``, class indices that :func:`all_in_range_on_host` finds valid
+    (none ignored) come back with ``valid=None``: the caller knows every row counts."""
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
     # Like torch, a negative (or NaN) smoothing acts as none.
@@ -155,6 +160,8 @@ def check_ce_target(
         raise RuntimeError(
             f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
         )
+    if all_valid_as_none and all_in_range_on_host(target, n_classes, ignore_index):
+        return CETarget(eps, input.dtype, None, False)
     # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
     valid = (target if target.dtype == torch.int64 else target.long()) != ignore_index
     in_range = (target >= 0) & (target < n_classes)
@@ -166,6 +173,26 @@ def check_ce_target(
         "classes, or ignore_index)",
     )
     return CETarget(eps, input.dtype, valid, False)
+
+
+def all_in_range_on_host(target: Tensor, n_classes: int, ignore_index: int) -> bool:
+    """Whether class indices ``target`` are all in ``[0, n_classes)`` with none equal to
+    ``ignore_index``, decided on the host where that costs no sync: a non-empty plain CPU tensor
+    outside ``torch.compile`` and functorch transforms, with ``ignore_index`` outside the class
+    range. One ``aminmax`` and a read of two numbers, against the eight small ops (and an
+    ``_assert_async``) of the device-side check; False (run that check) in every other case,
+    including a target with ignored or out-of-range entries."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or type(target) is not Tensor
+        or target.device.type != "cpu"
+        or target.numel() == 0
+        or 0 <= ignore_index < n_classes
+    ):
+        return False
+    low, high = torch.aminmax(target)
+    return 0 <= low.item() and high.item() < n_classes
 
 
 def _may_overlap(tensor: Tensor) -> bool:

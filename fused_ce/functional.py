@@ -10,6 +10,7 @@ CUDA), and the kernels never read memory through an unchecked target.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
@@ -19,6 +20,7 @@ from ._backend import resolve
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
 from ._validation import (
+    CETarget,
     check_bce_weights,
     check_ce_target,
     check_floating,
@@ -277,8 +279,20 @@ def softmax_cross_entropy(
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    # 'mean'/'sum': the gradient is made during the forward (one read of the logits, one write
+    # of their gradient). Not with return_stats, whose lse stays differentiable, nor with
+    # inplace_backward, whose in-place backward already writes the gradient once.
+    scalar_loss = reduction != "none" and not return_stats and not inplace_backward
     checked = check_ce_target(
-        target, input, weight, ignore_index, label_smoothing, batch_shape, input.shape, n_classes
+        target,
+        input,
+        weight,
+        ignore_index,
+        label_smoothing,
+        batch_shape,
+        input.shape,
+        n_classes,
+        all_valid_as_none=scalar_loss,
     )
     prob_target = checked.prob_target
     if inplace_backward:
@@ -294,12 +308,9 @@ def softmax_cross_entropy(
     logits_grad = grad_enabled and input.requires_grad
     target_grad = grad_enabled and prob_target and target.requires_grad
     n_rows = n_outer * n_inner
-    # 'mean'/'sum': the gradient is made during the forward (one read of the logits, one write
-    # of their gradient). Not with return_stats, whose lse stays differentiable, nor with
-    # inplace_backward, whose in-place backward already writes the gradient once.
     eager = not torch.compiler.is_compiling()
-    if reduction != "none" and not return_stats and not inplace_backward:
-        grad_scale = _grad_scale(reduction, checked.valid, target, weight, n_rows, input)
+    if scalar_loss:
+        grad_scale = _grad_scale(reduction, checked, target, weight, n_rows, input)
         loss, *_ = ce_scalar_call(
             logits,
             rows_target,
@@ -347,9 +358,14 @@ def softmax_cross_entropy(
     )
 
 
+def _as_fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 number (as ``tensor.to(torch.float32)`` rounds)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _grad_scale(
     reduction: str,
-    valid: Tensor | None,
+    checked: CETarget,
     target: Tensor,
     weight: Tensor | None,
     n_rows: int,
@@ -360,7 +376,16 @@ def _grad_scale(
     acc = accumulation_dtype(input.dtype)
     if reduction == "sum":
         return torch.ones((), dtype=acc, device=input.device)
-    divisor = _ce_divisor(reduction, valid, target, weight, n_rows, input.dtype)
+    if checked.valid is None and not checked.prob_target:
+        # Every class index counts (checked on the host, see all_in_range_on_host).
+        if weight is not None:
+            return torch.reciprocal(weight.to(acc)[target.long()].sum())
+        # The same bits as the reciprocal of the count in ``acc``: the fp32 count is rounded
+        # first, and 1 / count in double then rounded to fp32 is the correctly rounded fp32
+        # quotient (double has more than 2 * 24 + 2 bits).
+        count = float(n_rows) if acc == torch.float64 else _as_fp32(float(n_rows))
+        return torch.full((), 1.0 / count, dtype=acc, device=input.device)
+    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
     if isinstance(divisor, Tensor):
         return torch.reciprocal(divisor)
     return torch.full((), 1.0 / divisor if divisor else math.nan, dtype=acc, device=input.device)

@@ -502,3 +502,42 @@ def test_kernel_never_reads_through_a_bad_target(case):
     torch.testing.assert_close(lse.detach(), torch.logsumexp(logits.detach(), 1))
     (grad,) = torch.autograd.grad(loss.sum(), logits)
     assert torch.equal(grad[1:], torch.zeros_like(grad[1:]))
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_host_checked_targets_give_the_device_checked_bits(
+    backend, dtype, weighted, reduction, z_loss, monkeypatch
+):
+    """On the CPU in eager mode a scalar loss checks its class indices on the host (one
+    aminmax) and, when none is ignored, skips the valid mask and counts the rows on the host;
+    loss and gradient must be bit for bit those of the device-side check it replaces."""
+    if backend == "native" and not fused_ce.native.available():
+        pytest.skip("the native extension is not built")
+    from fused_ce import _validation
+
+    n, c = 1000, 11
+    logits = randn((n, c), 3, "cpu", dtype=dtype)
+    target = torch.arange(n) * 7 % c
+    weight = positive((c,), 4, "cpu", dtype) if weighted else None
+
+    def run():
+        leaf = logits.detach().requires_grad_()
+        loss = fused_ce.softmax_cross_entropy(
+            leaf, target, weight, reduction=reduction, z_loss=z_loss, backend=backend
+        )
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    assert _validation.all_in_range_on_host(target, c, -100)
+    assert not _validation.all_in_range_on_host(target, c, 3)  # ignore_index is a class
+    assert not _validation.all_in_range_on_host(torch.tensor([0, -100]), c, -100)
+    assert not _validation.all_in_range_on_host(torch.tensor([0, c]), c, -100)
+    host_loss, host_grad = run()
+    monkeypatch.setattr(_validation, "all_in_range_on_host", lambda *args: False)
+    device_loss, device_grad = run()
+    assert torch.equal(host_loss, device_loss)
+    assert torch.equal(host_grad, device_grad)
