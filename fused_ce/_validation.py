@@ -192,7 +192,7 @@ def all_in_range_on_host(target: Tensor, n_classes: int, ignore_index: int) -> b
     ):
         return False
     low, high = torch.aminmax(target)
-    return 0 <= low.item() and high.item() < n_classes
+    return low.item() >= 0 and high.item() < n_classes
 
 
 def _may_overlap(tensor: Tensor) -> bool:
