@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,9 +27,13 @@ def as_rows_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Ten
     """View a tensor broadcast to ``shape`` as (rows, cols): one row when ``flat``, else
     (prod(shape[:-1]), shape[-1]). Stride-0 (broadcast) dims stay stride 0; a layout that no
     view can express is copied. (The elementwise BCE kernels' operand layout.)"""
-    tensor = tensor.expand(shape)
     if flat:
-        return tensor.reshape(1, -1)
+        # One view op where two would do (expand, then reshape): on small inputs the host
+        # work, not the kernel, is the cost. A flat operand is dense of ``shape`` or one value.
+        if tensor.numel() == 1:
+            return tensor.as_strided((1, math.prod(shape)), (0, 0))
+        return tensor.view(1, tensor.numel())
+    tensor = tensor.expand(shape)
     if len(shape) == 0:
         return tensor.reshape(1, 1)
     try:
