@@ -1,7 +1,8 @@
 """Argument checks shared by the public entry points (``fused_ce.functional``,
 ``fused_ce.linear``, ``fused_ce.nn``): each raises torch's error type with a message that
 names the argument, and none syncs with the host (an out-of-range class index is caught by
-``torch._assert_async``)."""
+``torch._assert_async``; on the CPU, outside ``torch.compile``, the scalar losses read the
+indices' range directly, which waits for no device: see :func:`all_in_range_on_host`)."""
 
 from __future__ import annotations
 
