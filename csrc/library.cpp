@@ -1,7 +1,9 @@
 // The schemas of the native ops, defined once. They live in their own namespace,
-// fused_ce_native::, and are called from inside the Python custom ops fused_ce::*, which keep
-// the fakes, autograd and torch.compile support; these ops only fill the outputs they are given
-// (allocated by the caller, so no allocation policy lives in C++).
+// fused_ce_native::. The kernel ops (ce_forward, ce_backward, bce) only fill the outputs they
+// are given and are called from inside the Python custom ops fused_ce::*, which keep the fakes,
+// autograd and torch.compile support. The scalar-loss ops (ce_scalar, bce_scalar) are the
+// eager entry for 'mean'/'sum' on CPU tensors: their autograd is in C++ (scalar_losses.h), so a
+// forward + backward costs one dispatcher call and one C++ autograd node.
 //
 // One translation unit per CPU capability (setup.py compiles this file once per capability,
 // with its flags): the kernels are headers included here, so each build parses torch's
@@ -10,6 +12,7 @@
 
 #include "bce.h"
 #include "cross_entropy.h"
+#include "scalar_losses.h"
 
 TORCH_LIBRARY(fused_ce_native, m) {
   // Per-row (loss, lse, saved (3, n_rows), entropy, argmax) of (n_outer, C, n_inner) logits;
@@ -32,10 +35,27 @@ TORCH_LIBRARY(fused_ce_native, m) {
       "bce(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, Tensor? grad, "
       "Tensor(a!)? loss, Tensor(b!)? grad_input, Tensor(c!)? grad_target, "
       "Tensor(d!)? loss_sum) -> ()");
+  // The 'mean' (mean=True) or 'sum' of loss_n + z_loss * v_n * lse_n^2 over the rows of the
+  // public function's input (C), (N, C) or (N, C, d...) and target (class indices, checked
+  // here, or probabilities), 0-d in the accumulation dtype, with its gradients made in the same
+  // pass and handed out by the backward (eager, CPU only).
+  m.def(
+      "ce_scalar(Tensor input, Tensor target, Tensor? weight, bool mean, int ignore_index, "
+      "float label_smoothing, float logit_scale, float softcap, float z_loss) -> Tensor");
+  // The 'mean' or 'sum' of the elementwise sigmoid + BCE loss, likewise.
+  m.def(
+      "bce_scalar(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "bool mean) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {
   m.impl("ce_forward", &fused_ce_native::ce_forward);
   m.impl("ce_backward", &fused_ce_native::ce_backward);
   m.impl("bce", &fused_ce_native::bce);
+}
+
+// The autograd Functions are built inside these kernels (below the dispatcher's autograd keys).
+TORCH_LIBRARY_IMPL(fused_ce_native, CompositeImplicitAutograd, m) {
+  m.impl("ce_scalar", &fused_ce_native::ce_scalar);
+  m.impl("bce_scalar", &fused_ce_native::bce_scalar);
 }

@@ -23,6 +23,17 @@ class CEOptions(NamedTuple):
     softcap: float = 0.0  # 0: no cap
 
 
+def class_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Logits (or probabilities) ``(C)``, ``(N, C)`` or ``(N, C, d1..dK)`` as the
+    ``(n_outer, C, n_inner)`` view the CE kernels take (a copy only when the spatial dims cannot
+    be merged by a view). csrc/scalar_losses.h's ``class_rows`` is the same rule."""
+    if tensor.dim() == 1:
+        return tensor.view(1, -1, 1)
+    if tensor.dim() == 2:
+        return tensor.unsqueeze(-1)
+    return tensor.flatten(2)
+
+
 def as_rows_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Tensor:
     """View a tensor broadcast to ``shape`` as (rows, cols): one row when ``flat``, else
     (prod(shape[:-1]), shape[-1]). Stride-0 (broadcast) dims stay stride 0; a layout that no

@@ -116,6 +116,7 @@ def check_ce_target(
     n_classes: int,
     *,
     all_valid_as_none: bool = False,
+    indices_checked_by_op: bool = False,
 ) -> CETarget:
     """The checks :func:`softmax_cross_entropy` and ``linear_cross_entropy`` share after the
     logits' own: ``label_smoothing``, the class ``weight`` and the ``target``, class indices of
@@ -124,7 +125,9 @@ def check_ce_target(
     :class:`CETarget`).
 
     With ``all_valid_as_none``, class indices that :func:`all_in_range_on_host` finds valid
-    (none ignored) come back with ``valid=None``: the caller knows every row counts."""
+    (none ignored) come back with ``valid=None``: the caller knows every row counts. With
+    ``indices_checked_by_op``, the range of the class indices is left to the op the caller
+    runs (the native scalar op checks it on its one read of them), and ``valid`` is None."""
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
     # Like torch, a negative (or NaN) smoothing acts as none.
@@ -161,7 +164,9 @@ def check_ce_target(
         raise RuntimeError(
             f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
         )
-    if all_valid_as_none and all_in_range_on_host(target, n_classes, ignore_index):
+    if indices_checked_by_op or (
+        all_valid_as_none and all_in_range_on_host(target, n_classes, ignore_index)
+    ):
         return CETarget(eps, input.dtype, None, False)
     # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
     valid = (target if target.dtype == torch.int64 else target.long()) != ignore_index

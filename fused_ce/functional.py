@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve
-from ._common import accumulation_dtype
+from ._common import CEOptions, accumulation_dtype, class_rows
 from ._docs import share_ce_math
 from ._validation import (
     CETarget,
@@ -29,18 +29,9 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from .ops.bce import bce_forward_call, bce_scalar_call
-from .ops.cross_entropy import ce_forward_call, ce_scalar_call
-
-
-def _as_rows(tensor: Tensor, class_dim: int) -> Tensor:
-    """``(C)``, ``(N, C)`` or ``(N, C, d1..dK)`` as an ``(n_outer, C, n_inner)`` view (a copy
-    only when the spatial dims cannot be merged by a view)."""
-    if class_dim == 0:
-        return tensor.reshape(1, -1, 1)
-    if tensor.dim() == 2:
-        return tensor.unsqueeze(-1)
-    return tensor.flatten(2)
+from .ops._autograd import is_eager
+from .ops.bce import bce_forward_call, bce_scalar_loss, bce_scalar_native
+from .ops.cross_entropy import ce_forward_call, ce_scalar_loss, ce_scalar_native
 
 
 def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dtype) -> Tensor:
@@ -283,6 +274,10 @@ def softmax_cross_entropy(
     # of their gradient). Not with return_stats, whose lse stays differentiable, nor with
     # inplace_backward, whose in-place backward already writes the gradient once.
     scalar_loss = reduction != "none" and not return_stats and not inplace_backward
+    backend = resolve(backend, input)
+    # On the native backend in eager mode, one C++ op with C++ autograd checks the class
+    # indices, finds the divisor and makes the loss and its gradients.
+    native_scalar = scalar_loss and backend == "native" and is_eager()
     checked = check_ce_target(
         target,
         input,
@@ -293,27 +288,28 @@ def softmax_cross_entropy(
         input.shape,
         n_classes,
         all_valid_as_none=scalar_loss,
+        indices_checked_by_op=native_scalar,
     )
     prob_target = checked.prob_target
     if inplace_backward:
         check_inplace(input)
 
-    # (n_outer, C, n_inner) views: NCHW logits keep their strides, no transposed copy.
-    logits = _as_rows(input, class_dim)
-    n_outer, _, n_inner = logits.shape
-    rows_target = _as_rows(target, class_dim) if prob_target else target.reshape(n_outer, n_inner)
-
-    backend = resolve(backend, input)
-    grad_enabled = torch.is_grad_enabled()
-    logits_grad = grad_enabled and input.requires_grad
-    target_grad = grad_enabled and prob_target and target.requires_grad
-    n_rows = n_outer * n_inner
-    eager = not torch.compiler.is_compiling()
+    if native_scalar:
+        loss = ce_scalar_native(
+            input,
+            target,
+            weight,
+            reduction == "mean",
+            CEOptions(ignore_index, checked.label_smoothing, scale, cap),
+            float(z_loss),
+        )
+        return loss if loss.dtype == checked.out_dtype else loss.to(checked.out_dtype)
+    n_rows = math.prod(batch_shape)
     if scalar_loss:
         grad_scale = _grad_scale(reduction, checked, target, weight, n_rows, input)
-        loss, *_ = ce_scalar_call(
-            logits,
-            rows_target,
+        loss = ce_scalar_loss(
+            input,
+            target,
             weight,
             checked.valid if z_loss > 0.0 else None,
             grad_scale,
@@ -323,12 +319,12 @@ def softmax_cross_entropy(
             cap,
             float(z_loss),
             backend,
-            # Made during the forward in eager mode only: under torch.compile the backward op
-            # makes them (a compiled graph cannot hand out its forward's buffers as they are).
-            logits_grad and eager,
-            target_grad and eager,
         )
         return loss if loss.dtype == checked.out_dtype else loss.to(checked.out_dtype)
+    # (n_outer, C, n_inner) views: NCHW logits keep their strides, no transposed copy.
+    logits = class_rows(input)
+    n_outer, _, n_inner = logits.shape
+    rows_target = class_rows(target) if prob_target else target.reshape(n_outer, n_inner)
     loss, lse, _, entropy, argmax = ce_forward_call(
         logits,
         rows_target,
@@ -457,20 +453,20 @@ def sigmoid_binary_cross_entropy(
     # 'mean'/'sum': one launch makes the summed loss (per-program partial sums, no elementwise
     # loss in memory) and, in eager mode, the gradients, which the backward then only checks
     # against the upstream gradient (see fused_ce.ops._scalar).
-    grad_enabled = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    numel = input.numel()
-    acc = accumulation_dtype(input.dtype, target.dtype)
-    value = 1.0 if reduction == "sum" else (1.0 / numel if numel else math.nan)
-    loss, *_ = bce_scalar_call(
-        input,
-        target,
-        weight,
-        pos_weight,
-        torch.full((), value, dtype=acc, device=input.device),
-        backend,
-        grad_enabled and input.requires_grad,
-        grad_enabled and target.requires_grad,
-    )
+    if backend == "native" and is_eager():
+        loss = bce_scalar_native(input, target, weight, pos_weight, reduction == "mean")
+    else:
+        numel = input.numel()
+        acc = accumulation_dtype(input.dtype, target.dtype)
+        value = 1.0 if reduction == "sum" else (1.0 / numel if numel else math.nan)
+        loss = bce_scalar_loss(
+            input,
+            target,
+            weight,
+            pos_weight,
+            torch.full((), value, dtype=acc, device=input.device),
+            backend,
+        )
     return loss if loss.dtype == target.dtype else loss.to(target.dtype)
 
 

@@ -251,3 +251,65 @@ def test_each_capability_build_matches_torch(capability):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == capability
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scalar_ops_layouts_and_grad_modes(reduction):
+    """The C++ scalar ops (autograd in C++) on the public functions' own tensors: spatial dims
+    that no view merges (the gradient then comes back contiguous), ignored and uint8 class
+    indices, probability targets needing a gradient, broadcast BCE weights on a transposed
+    input; and the same losses with no gradient (no_grad, inference_mode), against float64
+    PyTorch."""
+    rtol, atol = TIGHT[torch.float32]
+    x = randn((2, 3, 4, 5), 1, "cpu").permute(0, 1, 3, 2)  # (2, 3, 5, 4): no merging view
+    target = torch.randint(0, 3, (2, 5, 4), generator=torch.Generator().manual_seed(2))
+    target[0, 0, 0] = -100
+    weight = positive((3,), 3, "cpu")
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction=reduction)
+    for labels in (target, torch.where(target < 0, 7, target).to(torch.uint8)):
+        ignore = -100 if labels.dtype == torch.int64 else 7
+        leaf = x.detach().requires_grad_()
+        loss = fused_ce.cross_entropy(leaf, labels, ignore_index=ignore, backend="native", **kwargs)
+        assert "CrossEntropyScalar" in loss.grad_fn.name()
+        (loss * 1.5).backward()
+        x64 = x.detach().double().requires_grad_()
+        ref = F.cross_entropy(
+            x64, labels.long(), ignore_index=ignore, **{**kwargs, "weight": weight.double()}
+        )
+        (ref * 1.5).backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+        torch.testing.assert_close(leaf.grad.double(), x64.grad, rtol=rtol, atol=atol)
+        for context in (torch.no_grad(), torch.inference_mode()):
+            with context:
+                again = fused_ce.cross_entropy(
+                    leaf, labels, ignore_index=ignore, backend="native", **kwargs
+                )
+            assert again.grad_fn is None
+            torch.testing.assert_close(again, loss.detach(), rtol=0, atol=0)
+
+    probs = torch.softmax(randn((5, 4), 4, "cpu"), -1).requires_grad_()
+    logits = randn((5, 4), 5, "cpu").requires_grad_()
+    loss = fused_ce.cross_entropy(logits, probs, reduction=reduction, backend="native")
+    grads = torch.autograd.grad(loss, [logits, probs])
+    l64, p64 = (t.detach().double().requires_grad_() for t in (logits, probs))
+    ref = F.cross_entropy(l64, p64, reduction=reduction)
+    for ours, theirs in zip(grads, torch.autograd.grad(ref, [l64, p64]), strict=True):
+        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
+
+    bce_input = randn((6, 5), 6, "cpu").t().requires_grad_()  # (5, 6), not contiguous
+    bce_target = torch.rand(5, 6, generator=torch.Generator().manual_seed(7))
+    bce_weights = dict(weight=positive((5, 1), 8, "cpu"), pos_weight=positive((6,), 9, "cpu"))
+    loss = fused_ce.binary_cross_entropy_with_logits(
+        bce_input, bce_target, reduction=reduction, backend="native", **bce_weights
+    )
+    assert "BinaryCrossEntropyScalar" in loss.grad_fn.name()
+    (grad,) = torch.autograd.grad(loss, bce_input)
+    i64 = bce_input.detach().double().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(
+        i64,
+        bce_target.double(),
+        reduction=reduction,
+        **{k: v.double() for k, v in bce_weights.items()},
+    )
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(ref, i64)[0], rtol=rtol, atol=atol)

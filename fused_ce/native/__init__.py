@@ -75,3 +75,16 @@ def ops():
     if name is None:
         raise RuntimeError(f"backend='native' is unavailable: {reason}")
     return torch.ops.fused_ce_native
+
+
+def op(name: str):
+    """The overload ``torch.ops.fused_ce_native.<name>.default``, looked up once (the
+    per-call path of the scalar losses calls it directly)."""
+    overload = _OPS.get(name)
+    if overload is None:
+        overload = getattr(ops(), name).default
+        _OPS[name] = overload
+    return overload
+
+
+_OPS: dict = {}

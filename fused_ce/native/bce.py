@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._common import as_rows_2d
+from . import op as _op
 from . import ops
 
 
@@ -36,3 +37,16 @@ def run(
         for t in (input, target, weight, pos_weight, grad)
     ]
     ops().bce(*operands, loss, grad_input, grad_target, loss_sum)
+
+
+def scalar_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    mean: bool,
+) -> torch.Tensor:
+    """The ``'mean'`` (``mean``) or ``'sum'`` of the elementwise loss, 0-d in the accumulation
+    dtype, through ``fused_ce_native::bce_scalar``, whose autograd is C++ too (as
+    ``fused_ce.native.cross_entropy.scalar_loss``)."""
+    return _op("bce_scalar")(input, target, weight, pos_weight, mean)

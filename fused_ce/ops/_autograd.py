@@ -93,6 +93,17 @@ def eager_function(
     )
 
 
+_is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def is_eager() -> bool:
+    """Neither ``torch.compile`` tracing nor a functorch transform (vmap, grad) is active: the
+    eager fast paths (this module's ``autograd.Function``s, the native C++ scalar ops) may run
+    instead of the registered custom ops."""
+    return not (_is_compiling() or _transforms_active())
+
+
 def dispatch(op, function: type[torch.autograd.Function]) -> Callable:
     """``op`` (the registered custom op) while ``torch.compile`` traces or a functorch
     transform (vmap, grad) is active, ``function``'s apply (the eager fast path, same bodies)
@@ -101,11 +112,9 @@ def dispatch(op, function: type[torch.autograd.Function]) -> Callable:
     The apply is entered below ``Function.apply``'s Python wrapper, which only binds arguments
     for a ``setup_context`` (not used here) and unwraps functorch wrappers (none here)."""
     apply = super(torch.autograd.function._SingleLevelFunction, function).apply
-    is_compiling = torch.compiler.is_compiling
-    transforms_active = torch._C._are_functorch_transforms_active
 
     def call(*args):
-        if is_compiling() or transforms_active():
+        if _is_compiling() or _transforms_active():
             return op(*args)
         return apply(*args)
 

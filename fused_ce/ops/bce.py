@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
+from ._autograd import (
+    dispatch,
+    double_backward_message,
+    eager_function,
+    forbid_double_backward,
+    is_eager,
+)
 from ._impl import implementation
 from ._scalar import is_unit_on_cpu, keeping_versions, scalar_backward, scalar_setup_context
 
@@ -253,3 +259,39 @@ bce_scalar_call = dispatch(
         returned=1,
     ),
 )
+
+
+def bce_scalar_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """``bce_scalar``'s loss, with the gradients made during the forward in eager mode only
+    (under ``torch.compile`` the backward op makes them)."""
+    grad_enabled = is_eager() and torch.is_grad_enabled()
+    loss, *_ = bce_scalar_call(
+        input,
+        target,
+        weight,
+        pos_weight,
+        grad_scale,
+        backend,
+        grad_enabled and input.requires_grad,
+        grad_enabled and target.requires_grad,
+    )
+    return loss
+
+
+def bce_scalar_native(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    mean: bool,
+) -> torch.Tensor:
+    """The same loss (``'mean'`` when ``mean``, else ``'sum'``) on the native backend in eager
+    mode: one call of the C++ op whose autograd is C++ (``fused_ce_native::bce_scalar``)."""
+    return implementation("bce", "native").scalar_loss(input, target, weight, pos_weight, mean)

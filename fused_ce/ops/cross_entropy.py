@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from .._common import CEOptions, accumulation_dtype
+from .._common import CEOptions, accumulation_dtype, class_rows
 from ..torch_impl import cross_entropy as torch_impl
 from ._autograd import (
     dispatch,
     double_backward_message,
     eager_function,
     forbid_double_backward,
+    is_eager,
 )
 from ._impl import implementation
 from ._scalar import is_unit_on_cpu, keeping_versions, scalar_backward, scalar_setup_context
@@ -510,3 +511,62 @@ ce_scalar_call = dispatch(
         returned=1,
     ),
 )
+
+
+def ce_scalar_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
+    z_loss: float,
+    backend: str,
+) -> torch.Tensor:
+    """``ce_scalar``'s loss of the public function's ``input`` and ``target`` (class indices of
+    the batch shape, or probabilities of ``input``'s shape), on their ``(n_outer, C, n_inner)``
+    views, with the gradients made during the forward in eager mode only (under
+    ``torch.compile`` the backward op makes them: a compiled graph cannot hand out its
+    forward's buffers as they are)."""
+    logits = class_rows(input)
+    prob_target = target.is_floating_point()
+    if prob_target:
+        rows_target = class_rows(target)
+    else:
+        rows_target = target.reshape(logits.shape[0], logits.shape[2])
+    grad_enabled = is_eager() and torch.is_grad_enabled()
+    loss, *_ = ce_scalar_call(
+        logits,
+        rows_target,
+        weight,
+        valid,
+        grad_scale,
+        ignore_index,
+        label_smoothing,
+        logit_scale,
+        softcap,
+        z_loss,
+        backend,
+        grad_enabled and input.requires_grad,
+        grad_enabled and prob_target and target.requires_grad,
+    )
+    return loss
+
+
+def ce_scalar_native(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: bool,
+    options: CEOptions,
+    z_loss: float,
+) -> torch.Tensor:
+    """The same loss on the native backend in eager mode: one call of the C++ op whose
+    autograd is C++ (``fused_ce_native::ce_scalar``, csrc/scalar_losses.h), which also checks
+    the class indices and finds ``'mean'``'s divisor (``mean``; else a sum)."""
+    return implementation("cross_entropy", "native").scalar_loss(
+        input, target, weight, mean, options, z_loss
+    )
