@@ -312,4 +312,6 @@ def test_scalar_ops_layouts_and_grad_modes(reduction):
         **{k: v.double() for k, v in bce_weights.items()},
     )
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(grad.double(), torch.autograd.grad(ref, i64)[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        grad.double(), torch.autograd.grad(ref, i64)[0], rtol=rtol, atol=atol
+    )
