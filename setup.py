@@ -4,7 +4,8 @@
 (``fused_ce/native/_C_default``, ``_C_avx2``, ``_C_avx512`` on x86-64): each is the same source
 built with that capability's flags, so ``at::vec::Vectorized`` has that width; at run time
 ``fused_ce.native`` loads the best one the CPU supports (never ``-march=native``, which would
-make a wheel die with SIGILL on an older CPU). The build needs torch at build time: install
+make a wheel die with SIGILL on an older CPU). ``_C_autograd``, the C++ autograd of the
+scalar-loss ops, has no vector code and is built once. The build needs torch at build time: install
 with ``pip install --no-build-isolation`` (build isolation would fetch a second torch). Without
 torch or a C++ compiler, or with ``FUSED_CE_NO_NATIVE=1``, the package installs without them
 and the torch backend serves (``fused-ce check`` says which backend runs).
@@ -86,6 +87,16 @@ def _native_build() -> dict:
         )
         for name in names
     ]
+    # The C++ autograd of the scalar-loss ops: no vector code, so built once, not per
+    # capability; it calls whichever capability's kernels are loaded through their ops.
+    extensions.append(
+        CppExtension(
+            "fused_ce.native._C_autograd",
+            ["csrc/autograd.cpp"],
+            extra_compile_args=["-O2", "-g0", "-std=c++20"],
+            optional=True,
+        )
+    )
     return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildNative}}
 
 

@@ -2,7 +2,7 @@
 // fused_ce_native::. The kernel ops (ce_forward, ce_backward, bce) only fill the outputs they
 // are given and are called from inside the Python custom ops fused_ce::*, which keep the fakes,
 // autograd and torch.compile support. The scalar-loss ops (ce_scalar, bce_scalar) are the
-// eager entry for 'mean'/'sum' on CPU tensors: their autograd is in C++ (scalar_losses.h), so a
+// eager entry for 'mean'/'sum' on CPU tensors: their autograd is in C++ (autograd.cpp, its own library), so a
 // forward + backward costs one dispatcher call and one C++ autograd node.
 //
 // One translation unit per CPU capability (setup.py compiles this file once per capability,
@@ -12,7 +12,6 @@
 
 #include "bce.h"
 #include "cross_entropy.h"
-#include "scalar_losses.h"
 
 TORCH_LIBRARY(fused_ce_native, m) {
   // Per-row (loss, lse, saved (3, n_rows), entropy, argmax) of (n_outer, C, n_inner) logits;
@@ -52,10 +51,4 @@ TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {
   m.impl("ce_forward", &fused_ce_native::ce_forward);
   m.impl("ce_backward", &fused_ce_native::ce_backward);
   m.impl("bce", &fused_ce_native::bce);
-}
-
-// The autograd Functions are built inside these kernels (below the dispatcher's autograd keys).
-TORCH_LIBRARY_IMPL(fused_ce_native, CompositeImplicitAutograd, m) {
-  m.impl("ce_scalar", &fused_ce_native::ce_scalar);
-  m.impl("bce_scalar", &fused_ce_native::bce_scalar);
 }

@@ -26,7 +26,7 @@ class CEOptions(NamedTuple):
 def class_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Logits (or probabilities) ``(C)``, ``(N, C)`` or ``(N, C, d1..dK)`` as the
     ``(n_outer, C, n_inner)`` view the CE kernels take (a copy only when the spatial dims cannot
-    be merged by a view). csrc/scalar_losses.h's ``class_rows`` is the same rule."""
+    be merged by a view). csrc/autograd.cpp's ``class_rows`` is the same rule."""
     if tensor.dim() == 1:
         return tensor.view(1, -1, 1)
     if tensor.dim() == 2:

@@ -3,7 +3,9 @@ C++ compiler are there at install time (see docs/native.md).
 
 The kernels are compiled once per CPU capability (``_C_default``, ``_C_avx2``, ``_C_avx512``);
 the best one this CPU runs (``torch.backends.cpu.get_cpu_capability()``) is loaded on first
-use, which registers the ``torch.ops.fused_ce_native`` ops. The backend is unavailable, and
+use, which registers the ``torch.ops.fused_ce_native`` ops, then ``_C_autograd``, built once:
+the C++ autograd of the scalar-loss ops (``ce_scalar``, ``bce_scalar``), which calls the
+loaded kernels through their ops. The backend is unavailable, and
 ``backend="native"`` raises saying why, when no library was built, when loading one fails
 (e.g. it was built against another torch), or when ``FUSED_CE_DISABLE_NATIVE=1``.
 """
@@ -42,10 +44,16 @@ def _load() -> tuple[str | None, str]:
         path = _library_path(name)
         if path is None:
             continue
+        # The kernels first (they define the ops' schemas), then the capability-independent
+        # C++ autograd of the scalar-loss ops.
+        autograd = _library_path("autograd")
+        if autograd is None:
+            return None, "its autograd library (_C_autograd) is not built"
         try:
             torch.ops.load_library(str(path))
+            torch.ops.load_library(str(autograd))
         except OSError as error:
-            return None, f"loading {path.name} failed ({error})"
+            return None, f"loading the native libraries failed ({error})"
         return name, ""
     return None, (
         "the C++ extension is not built (reinstall with a C++ compiler and "

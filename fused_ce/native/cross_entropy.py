@@ -89,7 +89,7 @@ def scalar_loss(
     """The ``'mean'`` (``mean``) or ``'sum'`` of ``loss_n + z_loss * v_n * lse_n^2``, 0-d in
     the accumulation dtype, of the public function's ``input`` and ``target`` (not the
     ``(n_outer, C, n_inner)`` views: the C++ op makes them, so autograd records no view node),
-    through ``fused_ce_native::ce_scalar``, whose autograd is C++ too (csrc/scalar_losses.h):
+    through ``fused_ce_native::ce_scalar``, whose autograd is C++ too (csrc/autograd.cpp):
     it checks the class indices, finds the divisor, and makes the gradients of the inputs that
     require grad in the same pass, for its backward to hand out. Eager CPU calls only;
     ``torch.compile`` and functorch go through ``fused_ce::ce_scalar``."""

@@ -565,7 +565,7 @@ def ce_scalar_native(
     z_loss: float,
 ) -> torch.Tensor:
     """The same loss on the native backend in eager mode: one call of the C++ op whose
-    autograd is C++ (``fused_ce_native::ce_scalar``, csrc/scalar_losses.h), which also checks
+    autograd is C++ (``fused_ce_native::ce_scalar``, csrc/autograd.cpp), which also checks
     the class indices and finds ``'mean'``'s divisor (``mean``; else a sum)."""
     return implementation("cross_entropy", "native").scalar_loss(
         input, target, weight, mean, options, z_loss

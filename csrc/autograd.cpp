@@ -2,26 +2,83 @@
 // autograd lives here, in C++, so a forward + backward from Python is one dispatcher call, one
 // C++ autograd node and the kernels (no Python autograd.Function, no Python backward).
 //
+// Built once into its own library (_C_autograd), not once per CPU capability: it holds no
+// vector code, and calls the kernels of whichever capability library is loaded through their
+// ops (fused_ce_native::ce_forward, ce_backward, bce), dispatched straight to the CPU kernel.
+//
 // Same math and same bits as the Python scalar path (fused_ce/ops/_scalar.py, which serves
 // torch.compile and the other backends): the forward makes the loss and, for the inputs that
 // need it, the gradient for an upstream gradient of 1 in the same sweep over the operands; the
 // first backward hands those buffers out (rewritten in place from the operands when the
 // upstream gradient is not 1: one rounding, as torch's own backward), and any later backward
 // of a retained graph writes new buffers, so a gradient once handed out never changes.
-#pragma once
-
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <string>
 
-#include "bce.h"
-#include "cross_entropy.h"
-
 namespace fused_ce_native {
 namespace {
+
+// --- the kernels, through their ops (schemas in library.cpp) ---------------------------------
+
+using OptionalTensor = std::optional<at::Tensor>;
+const c10::DispatchKeySet kCPU(c10::DispatchKey::CPU);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> kernel(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+void ce_forward(const at::Tensor& logits, const at::Tensor& target, const OptionalTensor& weight,
+                int64_t ignore_index, double eps, double scale, double cap,
+                const at::Tensor& loss, const at::Tensor& lse, const at::Tensor& saved,
+                const at::Tensor& entropy, const at::Tensor& argmax,
+                const OptionalTensor& grad_scale, double z_loss,
+                const OptionalTensor& grad_logits, const OptionalTensor& grad_target) {
+  static const auto op = kernel<void(
+      const at::Tensor&, const at::Tensor&, const OptionalTensor&, int64_t, double, double,
+      double, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const OptionalTensor&, double, const OptionalTensor&,
+      const OptionalTensor&)>("fused_ce_native::ce_forward");
+  op.redispatch(kCPU, logits, target, weight, ignore_index, eps, scale, cap, loss, lse, saved,
+                entropy, argmax, grad_scale, z_loss, grad_logits, grad_target);
+}
+
+void ce_backward(const at::Tensor& grad_loss, const OptionalTensor& grad_lse,
+                 const at::Tensor& logits, const at::Tensor& target,
+                 const OptionalTensor& weight, const at::Tensor& saved, int64_t ignore_index,
+                 double eps, double scale, double cap, const at::Tensor& grad_logits,
+                 const OptionalTensor& grad_target) {
+  static const auto op = kernel<void(
+      const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+      const OptionalTensor&, const at::Tensor&, int64_t, double, double, double,
+      const at::Tensor&, const OptionalTensor&)>("fused_ce_native::ce_backward");
+  op.redispatch(kCPU, grad_loss, grad_lse, logits, target, weight, saved, ignore_index, eps,
+                scale, cap, grad_logits, grad_target);
+}
+
+void bce(const at::Tensor& input, const at::Tensor& target, const OptionalTensor& weight,
+         const OptionalTensor& pos_weight, const OptionalTensor& grad, const OptionalTensor& loss,
+         const OptionalTensor& grad_input, const OptionalTensor& grad_target,
+         const OptionalTensor& loss_sum) {
+  static const auto op = kernel<void(
+      const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+      const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+      const OptionalTensor&, const OptionalTensor&)>("fused_ce_native::bce");
+  op.redispatch(kCPU, input, target, weight, pos_weight, grad, loss, grad_input, grad_target,
+                loss_sum);
+}
+
+at::ScalarType accumulation(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
+                                                                              : at::kFloat;
+}
+
+// --- autograd ---------------------------------------------------------------------------------
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -429,10 +486,7 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
   // 'sum', in the accumulation dtype.
   const int64_t numel = input.numel();
   const double scale = !mean ? 1.0 : (numel ? 1.0 / static_cast<double>(numel) : std::numeric_limits<double>::quiet_NaN());
-  const at::ScalarType acc = (input.scalar_type() == at::kDouble ||
-                              target.scalar_type() == at::kDouble)
-      ? at::kDouble
-      : at::kFloat;
+  const at::ScalarType acc = accumulation(input, target);
   const at::Tensor grad_scale = at::full({}, scale, input.options().dtype(acc));
   const bool grad_mode = at::GradMode::is_enabled();
   return BinaryCrossEntropyScalar::apply(input, target, weight, pos_weight, grad_scale,
@@ -442,3 +496,9 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
 
 }  // namespace
 }  // namespace fused_ce_native
+
+// The autograd Functions are built inside these kernels (below the dispatcher's autograd keys).
+TORCH_LIBRARY_IMPL(fused_ce_native, CompositeImplicitAutograd, m) {
+  m.impl("ce_scalar", &fused_ce_native::ce_scalar);
+  m.impl("bce_scalar", &fused_ce_native::bce_scalar);
+}
