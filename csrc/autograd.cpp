@@ -132,6 +132,17 @@ std::string double_backward_message(const char* loss, const char* torch_name) {
          torch_name + " for higher-order gradients.";
 }
 
+// grad_scale * total (both 0-d, one dtype) as a new 0-d tensor: the product rounded once, the
+// bits of their mul op without its dispatch.
+at::Tensor scaled(const at::Tensor& total, const at::Tensor& grad_scale) {
+  at::Tensor out = at::empty({}, total.options());
+  AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "fused_ce_scaled", [&] {
+    *out.mutable_data_ptr<scalar_t>() =
+        *total.const_data_ptr<scalar_t>() * *grad_scale.const_data_ptr<scalar_t>();
+  });
+  return out;
+}
+
 // --- softmax + cross-entropy ----------------------------------------------------------------
 
 struct CEOptionsNative {
@@ -201,6 +212,8 @@ struct CrossEntropyScalar : public torch::autograd::Function<CrossEntropyScalar>
     TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu() &&
                     grad_scale.device().is_cpu(),
                 "fused_ce native: ce_scalar takes CPU tensors");
+    // The views and buffers made here are internal: no autograd or view tracking for them.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const bool prob_target = target.is_floating_point();  // else class indices
     const at::Tensor logits = class_rows(input);
     const at::Tensor rows_target = prob_target
@@ -242,7 +255,7 @@ struct CrossEntropyScalar : public torch::autograd::Function<CrossEntropyScalar>
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["z_loss"] = z_loss;
     ctx->set_materialize_grads(false);
-    return per_row.sum() * grad_scale;
+    return scaled(per_row.sum(), grad_scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -250,6 +263,8 @@ struct CrossEntropyScalar : public torch::autograd::Function<CrossEntropyScalar>
     variable_list grads(12);
     const at::Tensor& upstream = grad_outputs[0];
     if (!upstream.defined()) return grads;
+    // Internal ops below autograd, up to handing the gradients out.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
     const variable_list stored = ctx->get_saved_variables();
     const at::Tensor& input = stored[0];
     const at::Tensor& target = stored[1];
@@ -291,6 +306,7 @@ struct CrossEntropyScalar : public torch::autograd::Function<CrossEntropyScalar>
       if (want_target) grad_target = gradient_like(target);
       rewrite(into_input, want_target ? std::optional(grad_target) : std::nullopt);
     }
+    below_autograd.reset();
     variable_list handed = guard_double_backward(
         {grad_input, grad_target}, input.requires_grad() ? input : target,
         double_backward_message("softmax_cross_entropy", "torch.nn.functional.cross_entropy"));
@@ -417,6 +433,8 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
     TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu() &&
                     grad_scale.device().is_cpu(),
                 "fused_ce native: bce_scalar takes CPU tensors");
+    // The views and buffers made here are internal: no autograd or view tracking for them.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::optional<at::Tensor> grad_input, grad_target;
     if (input_grad) grad_input = at::empty(input.sizes(), input.options());
     if (target_grad) grad_target = at::empty(target.sizes(), target.options());
@@ -428,13 +446,15 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
     ctx->saved_data["grad_target"] = grad_target;
     ctx->saved_data["handed_out"] = false;
     ctx->set_materialize_grads(false);
-    return loss_sum * grad_scale;
+    return scaled(loss_sum, grad_scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grads(7);
     const at::Tensor& upstream = grad_outputs[0];
     if (!upstream.defined()) return grads;
+    // Internal ops below autograd, up to handing the gradients out.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
     const variable_list stored = ctx->get_saved_variables();
     auto optional = [](const at::Tensor& t) {
       return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -467,6 +487,7 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
       bce_run(input, target, weight, pos_weight, grad_scale * upstream, optional(grad_input),
               optional(grad_target), std::nullopt);
     }
+    below_autograd.reset();
     variable_list handed = guard_double_backward(
         {grad_input, grad_target}, input.requires_grad() ? input : target,
         double_backward_message("sigmoid_binary_cross_entropy",
