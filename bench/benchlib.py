@@ -37,6 +37,7 @@ from torch import Tensor
 
 import fused_ce
 from fused_ce._backend import native_available
+from fused_ce._memory import peak_bytes
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -510,32 +511,14 @@ def _sync() -> None:
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> tuple[int, str]:
-    """Peak memory ``fn`` allocates above what was live when it started, and how it was read.
-
-    CUDA: the caching allocator's peak (``max_memory_allocated``). CPU: the running sum of the
-    allocation and free events that ``torch.profiler`` records with ``profile_memory=True``
-    (tensors only; Python objects and the allocator's own slack are not counted).
-    """
-    if CUDA:
-        _sync()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        _sync()
-        return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
+    """Peak memory ``fn`` allocates above what was live when it started
+    (``fused_ce._memory.peak_bytes``), and how it was read."""
+    method = (
+        "torch.cuda.max_memory_allocated"
+        if CUDA
+        else "torch.profiler profile_memory (tensor allocations)"
     )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, "torch.profiler profile_memory (tensor allocations)"
+    return peak_bytes(fn, "cuda" if CUDA else "cpu"), method
 
 
 def run_case(benchmark, case: Case, provider_name: str, ceilings: Ceilings) -> None:
