@@ -45,8 +45,10 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    # One device query per call (each builds a torch.device object): this runs on every loss.
+    device_type = tensor.device.type
     if backend == "native":
-        if tensor.device.type != "cpu":
+        if device_type != "cpu":
             raise RuntimeError(
                 f"backend='native' runs on CPU tensors, got a tensor on {tensor.device}"
             )
@@ -54,9 +56,10 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
             raise RuntimeError(f"backend='native' is unavailable: {native.unavailable_reason()}")
         return "native"
     if backend == "auto":
-        if triton_runs_on(tensor.device):
+        # triton_runs_on, inlined.
+        if HAS_TRITON and (device_type == "cuda" or (INTERPRET and device_type == "cpu")):
             return "triton"
-        return "native" if tensor.device.type == "cpu" and native_available() else "torch"
+        return "native" if device_type == "cpu" and native_available() else "torch"
     if not HAS_TRITON:
         raise RuntimeError(
             "backend='triton' needs the triton package, which is not installed "
