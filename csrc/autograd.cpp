@@ -19,6 +19,7 @@
 
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace fused_ce_native {
 namespace {
@@ -316,6 +317,77 @@ struct CrossEntropyScalar : public torch::autograd::Function<CrossEntropyScalar>
   }
 };
 
+// reduction='none' (no z-loss, no stats, no in-place backward): the per-row loss of the batch
+// shape in the accumulation dtype; the backward recomputes the gradient from the saved row
+// statistics for the upstream per-row gradient.
+struct CrossEntropyUnreduced : public torch::autograd::Function<CrossEntropyUnreduced> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& target, const OptionalTensor& weight,
+                            int64_t ignore_index, double label_smoothing, double logit_scale,
+                            double softcap) {
+    TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
+                "fused_ce native: ce_unreduced takes CPU tensors");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const bool prob_target = target.is_floating_point();
+    const at::Tensor logits = class_rows(input);
+    const at::Tensor rows_target = prob_target
+        ? class_rows(target)
+        : target.reshape({logits.size(0), logits.size(2)});
+    const at::ScalarType acc = accumulation(input, target);
+    const int64_t n_rows = logits.size(0) * logits.size(2);
+    const auto row_options = input.options().dtype(acc);
+    // The loss in the batch shape: the input's without the class dim.
+    std::vector<int64_t> batch_shape(input.sizes().begin(), input.sizes().end());
+    batch_shape.erase(batch_shape.begin() + (input.dim() > 1 ? 1 : 0));
+    const at::Tensor loss = at::empty(batch_shape, row_options);
+    const at::Tensor saved = at::empty({3, n_rows}, row_options);
+    ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+               loss.view({n_rows}), at::empty({n_rows}, row_options), saved,
+               at::empty({0}, row_options), at::empty({0}, row_options.dtype(at::kLong)),
+               std::nullopt, 0.0, std::nullopt, std::nullopt);
+    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), saved});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["logit_scale"] = logit_scale;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["z_loss"] = 0.0;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(7);  // input, target, then five that have none
+    const at::Tensor& upstream = grad_outputs[0];
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
+    const variable_list stored = ctx->get_saved_variables();
+    const at::Tensor& input = stored[0];
+    const at::Tensor& target = stored[1];
+    const OptionalTensor weight = stored[2].defined() ? OptionalTensor(stored[2]) : std::nullopt;
+    const at::Tensor& saved = stored[3];
+    const bool want_input = ctx->needs_input_grad(0);
+    const bool want_target = target.is_floating_point() && ctx->needs_input_grad(1);
+    if (!want_input && !want_target) return grads;
+    const CEOptionsNative o = ce_options(ctx);
+    const at::Tensor logits = class_rows(input);
+    const at::Tensor rows_target = target.is_floating_point()
+        ? class_rows(target)
+        : target.reshape({logits.size(0), logits.size(2)});
+    const at::Tensor grad_input = gradient_like(input);
+    const at::Tensor grad_target = want_target ? gradient_like(target) : at::Tensor();
+    ce_backward(upstream.reshape({-1}).to(saved.scalar_type()), std::nullopt, logits,
+                rows_target, weight, saved, o.ignore_index, o.label_smoothing, o.logit_scale,
+                o.softcap, class_rows(grad_input),
+                want_target ? OptionalTensor(class_rows(grad_target)) : std::nullopt);
+    below_autograd.reset();
+    variable_list handed = guard_double_backward(
+        {want_input ? grad_input : at::Tensor(), grad_target},
+        input.requires_grad() ? input : target,
+        double_backward_message("softmax_cross_entropy", "torch.nn.functional.cross_entropy"));
+    grads[0] = handed[0];
+    grads[1] = handed[1];
+    return grads;
+  }
+};
+
 // The number of class indices equal to ignore_index, after checking that every other one is in
 // [0, n_classes) (the kernels read the logits and the weight at it): one read on the host, where
 // the Python path needs an aminmax and two reads, or eight small ops on a device.
@@ -372,6 +444,21 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
   return at::full({}, 1.0f / static_cast<float>(count), options);
 }
 
+at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
+                        const OptionalTensor& weight, int64_t ignore_index,
+                        double label_smoothing, double logit_scale, double softcap) {
+  if (!target.is_floating_point()) {
+    const int64_t n_classes = input.size(input.dim() > 1 ? 1 : 0);
+    if (target.scalar_type() == at::kByte) {
+      count_ignored<uint8_t>(target, n_classes, ignore_index);
+    } else {
+      count_ignored<int64_t>(target, n_classes, ignore_index);
+    }
+  }
+  return CrossEntropyUnreduced::apply(input, target, weight, ignore_index, label_smoothing,
+                                      logit_scale, softcap);
+}
+
 at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, bool mean, int64_t ignore_index,
                      double label_smoothing, double logit_scale, double softcap, double z_loss) {
@@ -403,24 +490,24 @@ at::Tensor rows_2d(const at::Tensor& t, at::IntArrayRef shape, bool flat) {
   return expanded.reshape({-1, shape.back()});
 }
 
-void bce_run(const at::Tensor& input, const at::Tensor& target,
-             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-             const at::Tensor& grad, const std::optional<at::Tensor>& grad_input,
-             const std::optional<at::Tensor>& grad_target,
-             const std::optional<at::Tensor>& loss_sum) {
+// One kernel call on operands of any layout: any of the elementwise loss, its sum, and the
+// gradients for the upstream `grad` (0-d, or broadcastable to the input).
+void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTensor& weight,
+             const OptionalTensor& pos_weight, const OptionalTensor& grad,
+             const OptionalTensor& loss, const OptionalTensor& grad_input,
+             const OptionalTensor& grad_target, const OptionalTensor& loss_sum) {
   const at::IntArrayRef shape = input.sizes();
-  auto dense_or_one = [&](const at::Tensor& t) {
-    return t.numel() == 1 || (t.sizes() == shape && t.is_contiguous());
+  auto dense_or_one = [&](const OptionalTensor& t) {
+    return !t.has_value() || t->numel() == 1 || (t->sizes() == shape && t->is_contiguous());
   };
   const bool flat = dense_or_one(input) && dense_or_one(target) && dense_or_one(grad) &&
-                    (!weight.has_value() || dense_or_one(*weight)) &&
-                    (!pos_weight.has_value() || dense_or_one(*pos_weight));
-  auto rows = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+                    dense_or_one(weight) && dense_or_one(pos_weight);
+  auto rows = [&](const OptionalTensor& t) -> OptionalTensor {
     if (!t.has_value()) return std::nullopt;
     return rows_2d(*t, shape, flat);
   };
   bce(rows_2d(input, shape, flat), rows_2d(target, shape, flat), rows(weight), rows(pos_weight),
-      rows_2d(grad, shape, flat), std::nullopt, grad_input, grad_target, loss_sum);
+      rows(grad), loss, grad_input, grad_target, loss_sum);
 }
 
 struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEntropyScalar> {
@@ -439,7 +526,8 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
     if (input_grad) grad_input = at::empty(input.sizes(), input.options());
     if (target_grad) grad_target = at::empty(target.sizes(), target.options());
     const at::Tensor loss_sum = at::empty({}, input.options().dtype(grad_scale.scalar_type()));
-    bce_run(input, target, weight, pos_weight, grad_scale, grad_input, grad_target, loss_sum);
+    bce_run(input, target, weight, pos_weight, grad_scale, std::nullopt, grad_input,
+            grad_target, loss_sum);
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()),
                             pos_weight.value_or(at::Tensor()), grad_scale});
     ctx->saved_data["grad_input"] = grad_input;
@@ -477,15 +565,15 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
       if (want_input) grad_input = *made_input;
       if (want_target) grad_target = *made_target;
       if ((want_input || want_target) && !is_unit(upstream)) {
-        bce_run(input, target, weight, pos_weight, grad_scale * upstream,
+        bce_run(input, target, weight, pos_weight, grad_scale * upstream, std::nullopt,
                 want_input ? made_input : std::nullopt, want_target ? made_target : std::nullopt,
                 std::nullopt);
       }
     } else if (want_input || want_target) {
       if (want_input) grad_input = at::empty(input.sizes(), input.options());
       if (want_target) grad_target = at::empty(target.sizes(), target.options());
-      bce_run(input, target, weight, pos_weight, grad_scale * upstream, optional(grad_input),
-              optional(grad_target), std::nullopt);
+      bce_run(input, target, weight, pos_weight, grad_scale * upstream, std::nullopt,
+              optional(grad_input), optional(grad_target), std::nullopt);
     }
     below_autograd.reset();
     variable_list handed = guard_double_backward(
@@ -497,6 +585,58 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
     return grads;
   }
 };
+
+// reduction='none': the elementwise loss (input's shape, target's dtype); the backward reads
+// the operands again for the upstream gradient.
+struct BinaryCrossEntropyUnreduced
+    : public torch::autograd::Function<BinaryCrossEntropyUnreduced> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& target, const OptionalTensor& weight,
+                            const OptionalTensor& pos_weight) {
+    TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
+                "fused_ce native: bce_unreduced takes CPU tensors");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor loss = at::empty(input.sizes(), target.options());
+    bce_run(input, target, weight, pos_weight, std::nullopt, loss, std::nullopt, std::nullopt,
+            std::nullopt);
+    ctx->save_for_backward(
+        {input, target, weight.value_or(at::Tensor()), pos_weight.value_or(at::Tensor())});
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(4);
+    const at::Tensor& upstream = grad_outputs[0];
+    const bool want_input = ctx->needs_input_grad(0);
+    const bool want_target = ctx->needs_input_grad(1);
+    if (!want_input && !want_target) return grads;
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
+    const variable_list stored = ctx->get_saved_variables();
+    auto optional = [](const at::Tensor& t) {
+      return t.defined() ? OptionalTensor(t) : std::nullopt;
+    };
+    const at::Tensor& input = stored[0];
+    const at::Tensor& target = stored[1];
+    at::Tensor grad_input, grad_target;
+    if (want_input) grad_input = at::empty(input.sizes(), input.options());
+    if (want_target) grad_target = at::empty(target.sizes(), target.options());
+    bce_run(input, target, optional(stored[2]), optional(stored[3]), upstream, std::nullopt,
+            optional(grad_input), optional(grad_target), std::nullopt);
+    below_autograd.reset();
+    variable_list handed = guard_double_backward(
+        {grad_input, grad_target}, input.requires_grad() ? input : target,
+        double_backward_message("sigmoid_binary_cross_entropy",
+                                "torch.nn.functional.binary_cross_entropy_with_logits"));
+    grads[0] = handed[0];
+    grads[1] = handed[1];
+    return grads;
+  }
+};
+
+at::Tensor bce_unreduced(const at::Tensor& input, const at::Tensor& target,
+                         const OptionalTensor& weight, const OptionalTensor& pos_weight) {
+  return BinaryCrossEntropyUnreduced::apply(input, target, weight, pos_weight);
+}
 
 at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
                       const std::optional<at::Tensor>& weight,
@@ -521,5 +661,7 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
 // The autograd Functions are built inside these kernels (below the dispatcher's autograd keys).
 TORCH_LIBRARY_IMPL(fused_ce_native, CompositeImplicitAutograd, m) {
   m.impl("ce_scalar", &fused_ce_native::ce_scalar);
+  m.impl("ce_unreduced", &fused_ce_native::ce_unreduced);
   m.impl("bce_scalar", &fused_ce_native::bce_scalar);
+  m.impl("bce_unreduced", &fused_ce_native::bce_unreduced);
 }

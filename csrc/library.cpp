@@ -1,9 +1,9 @@
 // The schemas of the native ops, defined once. They live in their own namespace,
 // fused_ce_native::. The kernel ops (ce_forward, ce_backward, bce) only fill the outputs they
 // are given and are called from inside the Python custom ops fused_ce::*, which keep the fakes,
-// autograd and torch.compile support. The scalar-loss ops (ce_scalar, bce_scalar) are the
-// eager entry for 'mean'/'sum' on CPU tensors: their autograd is in C++ (autograd.cpp, its own library), so a
-// forward + backward costs one dispatcher call and one C++ autograd node.
+// autograd and torch.compile support. The loss ops (ce_scalar, ce_unreduced, bce_scalar,
+// bce_unreduced) are the eager entry on CPU tensors: their autograd is in C++ (autograd.cpp,
+// its own library), so a forward + backward costs one dispatcher call and one C++ node.
 //
 // One translation unit per CPU capability (setup.py compiles this file once per capability,
 // with its flags): the kernels are headers included here, so each build parses torch's
@@ -41,10 +41,17 @@ TORCH_LIBRARY(fused_ce_native, m) {
   m.def(
       "ce_scalar(Tensor input, Tensor target, Tensor? weight, bool mean, int ignore_index, "
       "float label_smoothing, float logit_scale, float softcap, float z_loss) -> Tensor");
+  // reduction='none' of the same (no z-loss): the per-row loss of the batch shape.
+  m.def(
+      "ce_unreduced(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float logit_scale, float softcap) -> Tensor");
   // The 'mean' or 'sum' of the elementwise sigmoid + BCE loss, likewise.
   m.def(
       "bce_scalar(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "bool mean) -> Tensor");
+  // reduction='none': the elementwise loss.
+  m.def(
+      "bce_unreduced(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {

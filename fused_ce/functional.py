@@ -30,8 +30,13 @@ from ._validation import (
     check_target,
 )
 from .ops._autograd import is_eager
-from .ops.bce import bce_forward_call, bce_scalar_loss, bce_scalar_native
-from .ops.cross_entropy import ce_forward_call, ce_scalar_loss, ce_scalar_native
+from .ops.bce import bce_forward_call, bce_scalar_loss, bce_scalar_native, bce_unreduced_native
+from .ops.cross_entropy import (
+    ce_forward_call,
+    ce_scalar_loss,
+    ce_scalar_native,
+    ce_unreduced_native,
+)
 
 
 def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dtype) -> Tensor:
@@ -276,8 +281,15 @@ def softmax_cross_entropy(
     scalar_loss = reduction != "none" and not return_stats and not inplace_backward
     backend = resolve(backend, input)
     # On the native backend in eager mode, one C++ op with C++ autograd checks the class
-    # indices, finds the divisor and makes the loss and its gradients.
-    native_scalar = scalar_loss and backend == "native" and is_eager()
+    # indices, finds the divisor and makes the loss (and for 'mean'/'sum' its gradients).
+    # return_stats, inplace_backward and a per-row z-loss keep the custom ops.
+    native_op = (
+        backend == "native"
+        and not return_stats
+        and not inplace_backward
+        and (scalar_loss or z_loss == 0.0)
+        and is_eager()
+    )
     checked = check_ce_target(
         target,
         input,
@@ -288,21 +300,20 @@ def softmax_cross_entropy(
         input.shape,
         n_classes,
         all_valid_as_none=scalar_loss,
-        indices_checked_by_op=native_scalar,
+        indices_checked_by_op=native_op,
     )
     prob_target = checked.prob_target
     if inplace_backward:
         check_inplace(input)
 
-    if native_scalar:
-        loss = ce_scalar_native(
-            input,
-            target,
-            weight,
-            reduction == "mean",
-            CEOptions(ignore_index, checked.label_smoothing, scale, cap),
-            float(z_loss),
-        )
+    if native_op:
+        options = CEOptions(ignore_index, checked.label_smoothing, scale, cap)
+        if scalar_loss:
+            loss = ce_scalar_native(
+                input, target, weight, reduction == "mean", options, float(z_loss)
+            )
+        else:
+            loss = ce_unreduced_native(input, target, weight, options)
         return loss if loss.dtype == checked.out_dtype else loss.to(checked.out_dtype)
     n_rows = math.prod(batch_shape)
     if scalar_loss:
@@ -448,12 +459,15 @@ def sigmoid_binary_cross_entropy(
     check_floating("target", target)
     check_bce_weights(weight, pos_weight, input, input.shape, "input's shape")
     backend = resolve(backend, input)
+    native_op = backend == "native" and is_eager()
     if reduction == "none":
+        if native_op:
+            return bce_unreduced_native(input, target, weight, pos_weight)
         return bce_forward_call(input, target, weight, pos_weight, backend)
     # 'mean'/'sum': one launch makes the summed loss (per-program partial sums, no elementwise
     # loss in memory) and, in eager mode, the gradients, which the backward then only checks
     # against the upstream gradient (see fused_ce.ops._scalar).
-    if backend == "native" and is_eager():
+    if native_op:
         loss = bce_scalar_native(input, target, weight, pos_weight, reduction == "mean")
     else:
         numel = input.numel()

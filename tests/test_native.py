@@ -253,9 +253,9 @@ def test_each_capability_build_matches_torch(capability):
     assert done.stdout.strip() == capability
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_scalar_ops_layouts_and_grad_modes(reduction):
-    """The C++ scalar ops (autograd in C++) on the public functions' own tensors: spatial dims
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_eager_ops_layouts_and_grad_modes(reduction):
+    """The C++ loss ops (autograd in C++) on the public functions' own tensors: spatial dims
     that no view merges (the gradient then comes back contiguous), ignored and uint8 class
     indices, probability targets needing a gradient, broadcast BCE weights on a transposed
     input; and the same losses with no gradient (no_grad, inference_mode), against float64
@@ -270,13 +270,14 @@ def test_scalar_ops_layouts_and_grad_modes(reduction):
         ignore = -100 if labels.dtype == torch.int64 else 7
         leaf = x.detach().requires_grad_()
         loss = fused_ce.cross_entropy(leaf, labels, ignore_index=ignore, backend="native", **kwargs)
-        assert "CrossEntropyScalar" in loss.grad_fn.name()
-        (loss * 1.5).backward()
+        op = "CrossEntropyUnreduced" if reduction == "none" else "CrossEntropyScalar"
+        assert f"{op}>" in loss.grad_fn.name()
+        (loss * 1.5).sum().backward()
         x64 = x.detach().double().requires_grad_()
         ref = F.cross_entropy(
             x64, labels.long(), ignore_index=ignore, **{**kwargs, "weight": weight.double()}
         )
-        (ref * 1.5).backward()
+        (ref * 1.5).sum().backward()
         torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
         torch.testing.assert_close(leaf.grad.double(), x64.grad, rtol=rtol, atol=atol)
         for context in (torch.no_grad(), torch.inference_mode()):
@@ -290,10 +291,10 @@ def test_scalar_ops_layouts_and_grad_modes(reduction):
     probs = torch.softmax(randn((5, 4), 4, "cpu"), -1).requires_grad_()
     logits = randn((5, 4), 5, "cpu").requires_grad_()
     loss = fused_ce.cross_entropy(logits, probs, reduction=reduction, backend="native")
-    grads = torch.autograd.grad(loss, [logits, probs])
+    grads = torch.autograd.grad(loss.sum(), [logits, probs])
     l64, p64 = (t.detach().double().requires_grad_() for t in (logits, probs))
     ref = F.cross_entropy(l64, p64, reduction=reduction)
-    for ours, theirs in zip(grads, torch.autograd.grad(ref, [l64, p64]), strict=True):
+    for ours, theirs in zip(grads, torch.autograd.grad(ref.sum(), [l64, p64]), strict=True):
         torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
 
     bce_input = randn((6, 5), 6, "cpu").t().requires_grad_()  # (5, 6), not contiguous
@@ -302,8 +303,10 @@ def test_scalar_ops_layouts_and_grad_modes(reduction):
     loss = fused_ce.binary_cross_entropy_with_logits(
         bce_input, bce_target, reduction=reduction, backend="native", **bce_weights
     )
-    assert "BinaryCrossEntropyScalar" in loss.grad_fn.name()
-    (grad,) = torch.autograd.grad(loss, bce_input)
+    op = "BinaryCrossEntropyUnreduced" if reduction == "none" else "BinaryCrossEntropyScalar"
+    assert f"{op}>" in loss.grad_fn.name()
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(10))
+    (grad,) = torch.autograd.grad(loss, bce_input, upstream)
     i64 = bce_input.detach().double().requires_grad_()
     ref = F.binary_cross_entropy_with_logits(
         i64,
@@ -313,5 +316,5 @@ def test_scalar_ops_layouts_and_grad_modes(reduction):
     )
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(
-        grad.double(), torch.autograd.grad(ref, i64)[0], rtol=rtol, atol=atol
+        grad.double(), torch.autograd.grad(ref, i64, upstream.double())[0], rtol=rtol, atol=atol
     )

@@ -50,3 +50,14 @@ def scalar_loss(
     dtype, through ``fused_ce_native::bce_scalar``, whose autograd is C++ too (as
     ``fused_ce.native.cross_entropy.scalar_loss``)."""
     return _op("bce_scalar")(input, target, weight, pos_weight, mean)
+
+
+def unreduced_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """The elementwise loss (``reduction='none'``), input's shape in target's dtype, through
+    ``fused_ce_native::bce_unreduced`` (C++ autograd). Eager CPU calls only."""
+    return _op("bce_unreduced")(input, target, weight, pos_weight)

@@ -94,3 +94,15 @@ def scalar_loss(
     require grad in the same pass, for its backward to hand out. Eager CPU calls only;
     ``torch.compile`` and functorch go through ``fused_ce::ce_scalar``."""
     return _op("ce_scalar")(input, target, weight, mean, *options, z_loss)
+
+
+def unreduced_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    options: CEOptions,
+) -> torch.Tensor:
+    """The per-row loss (``reduction='none'``, no z-loss) of the batch shape, in the
+    accumulation dtype, through ``fused_ce_native::ce_unreduced`` (C++ autograd: the backward
+    recomputes the gradient from the saved row statistics). Eager CPU calls only."""
+    return _op("ce_unreduced")(input, target, weight, *options)

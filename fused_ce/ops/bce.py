@@ -295,3 +295,14 @@ def bce_scalar_native(
     """The same loss (``'mean'`` when ``mean``, else ``'sum'``) on the native backend in eager
     mode: one call of the C++ op whose autograd is C++ (``fused_ce_native::bce_scalar``)."""
     return implementation("bce", "native").scalar_loss(input, target, weight, pos_weight, mean)
+
+
+def bce_unreduced_native(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """``reduction='none'`` on the native backend in eager mode: the elementwise loss from one
+    call of the C++ op whose autograd is C++ (``fused_ce_native::bce_unreduced``)."""
+    return implementation("bce", "native").unreduced_loss(input, target, weight, pos_weight)

@@ -570,3 +570,16 @@ def ce_scalar_native(
     return implementation("cross_entropy", "native").scalar_loss(
         input, target, weight, mean, options, z_loss
     )
+
+
+def ce_unreduced_native(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    options: CEOptions,
+) -> torch.Tensor:
+    """``reduction='none'`` (no z-loss, no stats, no in-place backward) on the native backend in
+    eager mode: the per-row loss of the batch shape, in the accumulation dtype, from one call
+    of the C++ op whose autograd is C++ (``fused_ce_native::ce_unreduced``), which also checks
+    the class indices."""
+    return implementation("cross_entropy", "native").unreduced_loss(input, target, weight, options)
