@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._common import accumulation_dtype, as_rows_2d
@@ -52,19 +54,29 @@ def run(
         as_rows_2d(t, shape, flat) if t is not None else None
         for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
     )
-    n_rows, n_cols = x2.shape
-    block_c = min(next_power_of_2(n_cols), _MAX_BLOCK_C)
-    block_r = max(1, min(next_power_of_2(n_rows), MAX_TILE // 4 // block_c))
-    n_col_blocks = cdiv(n_cols, block_c)
-    n_programs = cdiv(n_rows, block_r) * n_col_blocks
     dtype = accumulation_dtype(input.dtype, target.dtype)
+    grid, constants = _constants(
+        x2.shape,
+        x2.stride(),
+        t2.stride(),
+        w2.stride() if w2 is not None else None,
+        pw2.stride() if pw2 is not None else None,
+        g2.stride() if g2 is not None else None,
+        dtype,
+        loss is not None,
+        loss_sum is not None,
+        grad_input is not None,
+        grad_target is not None,
+        upstream is not None,
+    )
     partials = (
-        torch.empty(n_programs, dtype=dtype, device=input.device) if loss_sum is not None else None
+        torch.empty(grid[0], dtype=dtype, device=input.device) if loss_sum is not None else None
     )
     # Absent operands and outputs: any pointer of a fitting dtype; the constexpr flags keep
     # them from being read or written.
     placeholder = next(t for t in (loss, grad_input, grad_target, partials) if t is not None)
-    bce_kernel[(n_programs,)](
+    # .run(grid=...), not [grid](...): see launch/cross_entropy.py.
+    bce_kernel.run(
         input_ptr=x2,
         target_ptr=t2,
         weight_ptr=w2 if w2 is not None else x2,
@@ -75,32 +87,64 @@ def run(
         grad_input_ptr=grad_input if grad_input is not None else placeholder,
         grad_target_ptr=grad_target if grad_target is not None else placeholder,
         loss_partials_ptr=partials if partials is not None else placeholder,
-        n_rows=n_rows,
-        n_cols=n_cols,
-        n_col_blocks=n_col_blocks,
-        input_row_stride=x2.stride(0),
-        input_col_stride=x2.stride(1),
-        target_row_stride=t2.stride(0),
-        target_col_stride=t2.stride(1),
-        weight_row_stride=w2.stride(0) if w2 is not None else 0,
-        weight_col_stride=w2.stride(1) if w2 is not None else 0,
-        pos_weight_row_stride=pw2.stride(0) if pw2 is not None else 0,
-        pos_weight_col_stride=pw2.stride(1) if pw2 is not None else 0,
-        # A 0-d gradient: strides 0, so every element reads the one value.
-        grad_row_stride=g2.stride(0) if g2 is not None else 0,
-        grad_col_stride=g2.stride(1) if g2 is not None else 0,
-        HAS_WEIGHT=weight is not None,
-        HAS_POS_WEIGHT=pos_weight is not None,
-        COMPUTE_LOSS=loss is not None,
-        SUM_LOSS=loss_sum is not None,
-        COMPUTE_GRAD_INPUT=grad_input is not None,
-        COMPUTE_GRAD_TARGET=grad_target is not None,
-        SKIP_UNIT_UPSTREAM=upstream is not None,
-        ACC_DTYPE=tl_dtype(dtype),
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=4 if block_r * block_c <= 1024 else 8,
+        grid=grid,
+        warmup=False,
+        **constants,
     )
     if partials is not None:
         # Deterministic: a fixed-order sum of the per-program partials (one small launch).
         torch.sum(partials, dim=0, out=loss_sum)
+
+
+# The launch's arguments other than its tensors, once per set of shapes, strides and flags
+# (see launch/cross_entropy.py).
+@functools.lru_cache(maxsize=256)
+def _constants(
+    shape: torch.Size,
+    input_strides: tuple[int, int],
+    target_strides: tuple[int, int],
+    weight_strides: tuple[int, int] | None,
+    pos_weight_strides: tuple[int, int] | None,
+    grad_strides: tuple[int, int] | None,
+    dtype: torch.dtype,
+    compute_loss: bool,
+    sum_loss: bool,
+    grad_input: bool,
+    grad_target: bool,
+    skip_unit_upstream: bool,
+) -> tuple[tuple[int], dict]:
+    """``(grid, arguments)`` of :func:`run`'s launch on ``(rows, cols)`` operands (strides
+    None: absent; a 0-d gradient: strides 0, so every element reads the one value)."""
+    n_rows, n_cols = shape
+    block_c = min(next_power_of_2(n_cols), _MAX_BLOCK_C)
+    block_r = max(1, min(next_power_of_2(n_rows), MAX_TILE // 4 // block_c))
+    n_col_blocks = cdiv(n_cols, block_c)
+    weight_row, weight_col = weight_strides or (0, 0)
+    pos_weight_row, pos_weight_col = pos_weight_strides or (0, 0)
+    grad_row, grad_col = grad_strides or (0, 0)
+    return (cdiv(n_rows, block_r) * n_col_blocks,), {
+        "n_rows": n_rows,
+        "n_cols": n_cols,
+        "n_col_blocks": n_col_blocks,
+        "input_row_stride": input_strides[0],
+        "input_col_stride": input_strides[1],
+        "target_row_stride": target_strides[0],
+        "target_col_stride": target_strides[1],
+        "weight_row_stride": weight_row,
+        "weight_col_stride": weight_col,
+        "pos_weight_row_stride": pos_weight_row,
+        "pos_weight_col_stride": pos_weight_col,
+        "grad_row_stride": grad_row,
+        "grad_col_stride": grad_col,
+        "HAS_WEIGHT": weight_strides is not None,
+        "HAS_POS_WEIGHT": pos_weight_strides is not None,
+        "COMPUTE_LOSS": compute_loss,
+        "SUM_LOSS": sum_loss,
+        "COMPUTE_GRAD_INPUT": grad_input,
+        "COMPUTE_GRAD_TARGET": grad_target,
+        "SKIP_UNIT_UPSTREAM": skip_unit_upstream,
+        "ACC_DTYPE": tl_dtype(dtype),
+        "BLOCK_R": block_r,
+        "BLOCK_C": block_c,
+        "num_warps": 4 if block_r * block_c <= 1024 else 8,
+    }

@@ -45,18 +45,19 @@ def option_args(options: CEOptions) -> dict:
 
 
 def _strides(logits, target, grad_logits, grad_target) -> dict[str, int]:
-    """The ``*_outer/class/inner_stride`` arguments of the ``(n_outer, C, n_inner)`` operands;
-    class-index targets are ``(n_outer, n_inner)`` (class stride 0)."""
-    logits_outer, logits_class, logits_inner = logits.stride()
-    grad_outer, grad_class, grad_inner = grad_logits.stride()
-    if target.dim() == 3:
-        target_outer, target_class, target_inner = target.stride()
+    """The ``*_outer/class/inner_stride`` arguments of the ``(n_outer, C, n_inner)`` operands,
+    from their ``stride()`` tuples; class-index targets are ``(n_outer, n_inner)`` (class
+    stride 0)."""
+    logits_outer, logits_class, logits_inner = logits
+    grad_outer, grad_class, grad_inner = grad_logits
+    if len(target) == 3:
+        target_outer, target_class, target_inner = target
     else:
-        (target_outer, target_inner), target_class = target.stride(), 0
-    if grad_target.dim() == 3:
-        grad_target_outer, grad_target_class, grad_target_inner = grad_target.stride()
+        (target_outer, target_inner), target_class = target, 0
+    if len(grad_target) == 3:
+        grad_target_outer, grad_target_class, grad_target_inner = grad_target
     else:
-        (grad_target_outer, grad_target_inner), grad_target_class = grad_target.stride(), 0
+        (grad_target_outer, grad_target_inner), grad_target_class = grad_target, 0
     return {
         "logits_outer_stride": logits_outer,
         "logits_class_stride": logits_class,
@@ -94,19 +95,33 @@ def forward(
     the scalar-loss path, whose backward has nothing left to do for an upstream gradient of
     1."""
     n_outer, n_classes, n_inner = logits.shape
-    n_rows = n_outer * n_inner
     dtype = accumulation_dtype(logits.dtype, target.dtype)
-    outputs = forward_outputs(n_rows, dtype, logits.device, with_stats)
+    outputs = forward_outputs(n_outer * n_inner, dtype, logits.device, with_stats)
     loss, lse, saved, entropy, argmax = outputs
-    if n_rows == 0:
-        return outputs
     if grad_scale is None:
         grad_logits = grad_target = None
-    block_r, block_c, num_warps = tile(n_rows, n_classes)
     # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
-    ce_forward_kernel[(cdiv(n_rows, block_r),)](
+    grid, constants = _forward_constants(
+        logits.shape,
+        logits.stride(),
+        target.stride(),
+        gl.stride(),
+        gt.stride(),
+        dtype,
+        options,
+        z_loss,
+        weight is not None,
+        with_stats,
+        grad_logits is not None,
+        grad_target is not None,
+    )
+    if grid is None:
+        return outputs
+    # .run(grid=...), not [grid](...): the same entry without the proxy lambda, which costs
+    # another copy of the keyword arguments (3 us a launch on the host).
+    ce_forward_kernel.run(
         logits_ptr=logits,
         target_ptr=target,
         class_weight_ptr=weight if weight is not None else logits,
@@ -120,24 +135,58 @@ def forward(
         grad_scale_ptr=grad_scale if grad_scale is not None else loss,
         grad_logits_ptr=gl,
         grad_target_ptr=gt,
-        n_rows=n_rows,
-        n_classes=n_classes,
-        n_inner=n_inner,
-        saved_stride=saved.stride(0),
-        **_strides(logits, target, gl, gt),
-        **option_args(options),
-        **_z_loss_args(z_loss),
-        HAS_WEIGHT=weight is not None,
-        PROB_TARGET=target.dim() == 3,
-        WITH_STATS=with_stats,
-        LOGITS_GRAD=grad_logits is not None,
-        TARGET_GRAD=grad_target is not None,
-        ACC_DTYPE=tl_dtype(dtype),
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
+        grid=grid,
+        warmup=False,
+        **constants,
     )
     return outputs
+
+
+# A launch's arguments other than its tensors depend only on the operands' shapes, strides
+# and dtypes and on the options: computed once per such set and reused (callers unpack the
+# dict, never change it). A training run sees a handful of sets.
+_LAUNCH_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
+def _forward_constants(
+    shape: torch.Size,
+    logits_strides: tuple[int, ...],
+    target_strides: tuple[int, ...],
+    grad_strides: tuple[int, ...],
+    grad_target_strides: tuple[int, ...],
+    dtype: torch.dtype,
+    options: CEOptions,
+    z_loss: float,
+    has_weight: bool,
+    with_stats: bool,
+    logits_grad: bool,
+    target_grad: bool,
+) -> tuple[tuple[int] | None, dict]:
+    """``(grid, arguments)`` of :func:`forward`'s launch; grid None when there is no row."""
+    n_outer, n_classes, n_inner = shape
+    n_rows = n_outer * n_inner
+    if n_rows == 0:
+        return None, {}
+    block_r, block_c, num_warps = tile(n_rows, n_classes)
+    return (cdiv(n_rows, block_r),), {
+        "n_rows": n_rows,
+        "n_classes": n_classes,
+        "n_inner": n_inner,
+        "saved_stride": n_rows,  # forward_outputs' saved: contiguous (3, n_rows)
+        **_strides(logits_strides, target_strides, grad_strides, grad_target_strides),
+        **option_args(options),
+        **_z_loss_args(z_loss),
+        "HAS_WEIGHT": has_weight,
+        "PROB_TARGET": len(target_strides) == 3,
+        "WITH_STATS": with_stats,
+        "LOGITS_GRAD": logits_grad,
+        "TARGET_GRAD": target_grad,
+        "ACC_DTYPE": tl_dtype(dtype),
+        "BLOCK_R": block_r,
+        "BLOCK_C": block_c,
+        "num_warps": num_warps,
+    }
 
 
 @functools.lru_cache(maxsize=16)
@@ -170,21 +219,30 @@ def backward(
     gradient for ``grad_loss`` (the forward wrote it), and the kernel, reading ``upstream`` on
     the device, leaves them untouched when it is 1 and rewrites them for ``grad_loss *
     upstream`` otherwise."""
-    n_outer, n_classes, n_inner = logits.shape
-    n_rows = n_outer * n_inner
-    if n_rows == 0 or n_classes == 0:
-        return
-    block_r, block_c, num_warps = tile(n_rows, n_classes)
-    row_programs = cdiv(n_rows, block_r)
-    # Split long rows over several programs when there are too few rows to fill the device.
-    col_blocks = cdiv(n_classes, block_c)
-    splits = max(1, min(col_blocks, parallel_slots(logits) // row_programs))
-    cols_per_program = cdiv(col_blocks, splits) * block_c
-    splits = cdiv(n_classes, cols_per_program)
     # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
-    ce_backward_kernel[(row_programs, splits)](
+    grid, constants = _backward_constants(
+        logits.shape,
+        logits.stride(),
+        target.stride(),
+        gl.stride(),
+        gt.stride(),
+        saved.stride(0),
+        saved.dtype,
+        grad_loss.stride(0) if grad_loss.dim() else 0,
+        grad_lse.stride(0) if grad_lse is not None else None,
+        options,
+        z_loss,
+        weight is not None,
+        upstream is not None,
+        grad_logits is not None,
+        grad_target is not None,
+        parallel_slots(logits),
+    )
+    if grid is None:
+        return
+    ce_backward_kernel.run(
         logits_ptr=logits,
         target_ptr=target,
         class_weight_ptr=weight if weight is not None else logits,
@@ -194,24 +252,63 @@ def backward(
         upstream_ptr=upstream if upstream is not None else saved,
         grad_logits_ptr=gl,
         grad_target_ptr=gt,
-        n_rows=n_rows,
-        n_classes=n_classes,
-        n_inner=n_inner,
-        cols_per_program=cols_per_program,
-        saved_stride=saved.stride(0),
-        grad_loss_stride=grad_loss.stride(0) if grad_loss.dim() else 0,
-        grad_lse_stride=grad_lse.stride(0) if grad_lse is not None else 0,
-        **_strides(logits, target, gl, gt),
+        grid=grid,
+        warmup=False,
+        **constants,
+    )
+
+
+@functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
+def _backward_constants(
+    shape: torch.Size,
+    logits_strides: tuple[int, ...],
+    target_strides: tuple[int, ...],
+    grad_strides: tuple[int, ...],
+    grad_target_strides: tuple[int, ...],
+    saved_stride: int,
+    dtype: torch.dtype,
+    grad_loss_stride: int,
+    grad_lse_stride: int | None,
+    options: CEOptions,
+    z_loss: float,
+    has_weight: bool,
+    skip_unit_upstream: bool,
+    logits_grad: bool,
+    target_grad: bool,
+    slots: int,
+) -> tuple[tuple[int, int] | None, dict]:
+    """``(grid, arguments)`` of :func:`backward`'s launch (``grad_lse_stride`` None: no
+    ``grad_lse``); grid None when there is nothing to write."""
+    n_outer, n_classes, n_inner = shape
+    n_rows = n_outer * n_inner
+    if n_rows == 0 or n_classes == 0:
+        return None, {}
+    block_r, block_c, num_warps = tile(n_rows, n_classes)
+    row_programs = cdiv(n_rows, block_r)
+    # Split long rows over several programs when there are too few rows to fill the device.
+    col_blocks = cdiv(n_classes, block_c)
+    splits = max(1, min(col_blocks, slots // row_programs))
+    cols_per_program = cdiv(col_blocks, splits) * block_c
+    splits = cdiv(n_classes, cols_per_program)
+    return (row_programs, splits), {
+        "n_rows": n_rows,
+        "n_classes": n_classes,
+        "n_inner": n_inner,
+        "cols_per_program": cols_per_program,
+        "saved_stride": saved_stride,
+        "grad_loss_stride": grad_loss_stride,
+        "grad_lse_stride": grad_lse_stride if grad_lse_stride is not None else 0,
+        **_strides(logits_strides, target_strides, grad_strides, grad_target_strides),
         **option_args(options),
         **_z_loss_args(z_loss),
-        HAS_WEIGHT=weight is not None,
-        PROB_TARGET=target.dim() == 3,
-        HAS_GRAD_LSE=grad_lse is not None,
-        SKIP_UNIT_UPSTREAM=upstream is not None,
-        LOGITS_GRAD=grad_logits is not None,
-        TARGET_GRAD=grad_target is not None,
-        ACC_DTYPE=tl_dtype(saved.dtype),
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+        "HAS_WEIGHT": has_weight,
+        "PROB_TARGET": len(target_strides) == 3,
+        "HAS_GRAD_LSE": grad_lse_stride is not None,
+        "SKIP_UNIT_UPSTREAM": skip_unit_upstream,
+        "LOGITS_GRAD": logits_grad,
+        "TARGET_GRAD": target_grad,
+        "ACC_DTYPE": tl_dtype(dtype),
+        "BLOCK_R": block_r,
+        "BLOCK_C": block_c,
+        "num_warps": num_warps,
+    }
