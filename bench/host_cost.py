@@ -36,12 +36,16 @@ def _cases() -> dict:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 11, generator=gen).requires_grad_()
     classes = torch.randint(0, 11, (64,), generator=gen)
+    # One ignored row: the class-index check then runs on the device (its torch ops), as it
+    # always does for CUDA tensors; without one, a CPU target is checked on the host.
+    classes_ignored = classes.clone()
+    classes_ignored[0] = -100
     probs = torch.rand(64, 11, generator=gen)
     hidden = torch.randn(64, 32, generator=gen).requires_grad_()
     head = torch.randn(11, 32, generator=gen).requires_grad_()
 
-    def ce(f):
-        return lambda: f(logits, classes).backward()
+    def ce(f, target=classes):
+        return lambda: f(logits, target).backward()
 
     def bce(f):
         return lambda: f(logits, probs).backward()
@@ -50,6 +54,10 @@ def _cases() -> dict:
         "CE fwd+bwd (mean)": (
             ce(lambda x, t: fused_ce.cross_entropy(x, t, backend="triton")),
             ce(F.cross_entropy),
+        ),
+        "CE fwd+bwd (mean), GPU check": (
+            ce(lambda x, t: fused_ce.cross_entropy(x, t, backend="triton"), classes_ignored),
+            ce(F.cross_entropy, classes_ignored),
         ),
         "CE fwd+bwd (none, .sum())": (
             ce(lambda x, t: fused_ce.cross_entropy(x, t, reduction="none", backend="triton").sum()),

@@ -170,11 +170,19 @@ def check_ce_target(
         return CETarget(eps, input.dtype, None, False)
     # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
     valid = (target if target.dtype == torch.int64 else target.long()) != ignore_index
-    in_range = (target >= 0) & (target < n_classes)
+    # Six small ops (on a GPU, six launches), not nine: clamping to [0, C) changes exactly the
+    # indices outside it, and a uint8 index is never negative. No class at all: every row
+    # must be ignored.
+    if target.dtype == torch.uint8:
+        in_range = target < n_classes
+    elif n_classes == 0:
+        in_range = torch.zeros_like(valid)
+    else:
+        in_range = target.clamp(0, n_classes - 1) == target
     # A constant message: under torch.compile with dynamic shapes, n_classes and
     # ignore_index may be SymInts, and formatting them breaks the graph.
     torch._assert_async(
-        (in_range | ~valid).all(),
+        (valid <= in_range).all(),  # every non-ignored index in range
         "target: a class index is out of bounds (expected values in [0, C), C the number of "
         "classes, or ignore_index)",
     )

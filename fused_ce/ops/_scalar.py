@@ -81,18 +81,25 @@ def scalar_backward(
     ``in_place`` they hold those for 1 already and may be kept as they are when ``upstream`` is
     1); ``backward_op(upstream, *operands, *options, backend, *wanted)`` is the registered
     op returning new buffers, used under ``torch.compile``."""
-    n_grads = len(ctx.wanted)
+    made = ctx.wanted
+    n_grads = len(made)
+    no_option_grads = (None,) * (ctx.n_inputs - n_grads)
     if grad_loss is None:
-        return (None,) * ctx.n_inputs
+        return (None,) * n_grads + no_option_grads
+    # Unpacking checks the version counters: operands changed since the forward raise here.
     saved = ctx.saved_tensors
-    gradients, operands = saved[:n_grads], saved[n_grads:]
+    operands = saved[n_grads:]
     wanted = ctx.needs_input_grad[:n_grads]
     if not getattr(ctx, "eager", False):
         results = backward_op(grad_loss, *operands, *ctx.options, ctx.backend, *wanted)
-    elif not ctx.handed_out and all(m or not w for m, w in zip(ctx.wanted, wanted, strict=True)):
+    elif not ctx.handed_out and (
+        wanted == made or all(m or not w for m, w in zip(made, wanted, strict=True))
+    ):
+        # The first backward: hand out the forward's buffers (rewritten unless upstream is 1).
         ctx.handed_out = True
-        results = tuple(g if w else None for g, w in zip(gradients, wanted, strict=True))
+        results = tuple(g if w else None for g, w in zip(saved[:n_grads], wanted, strict=True))
         rewrite(ctx.backend, grad_loss, operands, ctx.options, results, True)
+        return results + no_option_grads
     else:
         # The operands start with the tensors these are the gradients of.
         results = tuple(
@@ -100,6 +107,4 @@ def scalar_backward(
             for operand, w in zip(operands[:n_grads], wanted, strict=True)
         )
         rewrite(ctx.backend, grad_loss, operands, ctx.options, results, False)
-    return tuple(r if w else None for r, w in zip(results, wanted, strict=True)) + (None,) * (
-        ctx.n_inputs - n_grads
-    )
+    return tuple(r if w else None for r, w in zip(results, wanted, strict=True)) + no_option_grads
