@@ -44,6 +44,8 @@ def as_rows_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Ten
         if tensor.numel() == 1:
             return tensor.as_strided((1, math.prod(shape)), (0, 0))
         return tensor.view(1, tensor.numel())
+    if len(shape) == 2 and tensor.shape == shape:
+        return tensor  # (rows, cols) already: no view op at all
     tensor = tensor.expand(shape)
     if len(shape) == 0:
         return tensor.reshape(1, 1)

@@ -38,7 +38,7 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from .functional import CrossEntropyStats, _ce_divisor, _finish, _reduce
+from .functional import CrossEntropyStats, _ce_divisor, _finish, _grad_scale, _reduce
 from .ops.linear import (
     linear_bce_forward_call,
     linear_bce_scalar_call,
@@ -215,6 +215,10 @@ def linear_cross_entropy(
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     batch_shape = input.shape[:-1]
+    wants = _grad_flags(
+        input, linear_weight, linear_bias, target if target.is_floating_point() else None
+    )
+    one_sweep = reduction != "none" and path != "fused" and z_loss == 0.0 and not return_stats
     checked = check_ce_target(
         target,
         input,
@@ -224,6 +228,7 @@ def linear_cross_entropy(
         batch_shape,
         (*batch_shape, n_classes),
         n_classes,
+        all_valid_as_none=one_sweep and any(wants),
     )
     prob_target = checked.prob_target
     eps = checked.label_smoothing
@@ -241,10 +246,11 @@ def linear_cross_entropy(
     acc = accumulation_dtype(input.dtype, target.dtype)
     divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
 
-    wants = _grad_flags(input, linear_weight, linear_bias, target if prob_target else None)
-    one_sweep = reduction != "none" and not fused and z_loss == 0.0 and not return_stats
     if one_sweep and any(wants):
-        if reduction == "sum":
+        if checked.valid is None and not prob_target:
+            # Every class index counts (checked on the host): no divisor ops.
+            reduce_scale = _grad_scale(reduction, checked, target, weight, n_rows, input)
+        elif reduction == "sum":
             reduce_scale = torch.ones((), dtype=acc, device=input.device)
         elif isinstance(divisor, Tensor):
             reduce_scale = 1.0 / divisor

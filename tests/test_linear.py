@@ -313,6 +313,39 @@ def test_ce_scalar_loss_backward_twice_and_scaled(backend_device):
     torch.testing.assert_close(second, first * 1024, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", [case[0] for case in backend_cases() if case[1] == "cpu"])
+def test_ce_host_checked_targets_give_the_device_checked_bits(
+    backend, weighted, reduction, monkeypatch
+):
+    """On the CPU in eager mode the chunked scalar loss checks its class indices on the host
+    (no valid mask, the row count on the host) when none is ignored: loss and gradients must
+    be bit for bit those of the device-side check."""
+    from fused_ce import _validation
+
+    device = "cpu"
+
+    x, w, b = make_head(device)
+    target = class_target(LEAD, device)
+    weight = positive((N_CLASSES,), 4, device) if weighted else None
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        loss = ours_ce(
+            *leaves[:2], target, leaves[2], weight=weight, reduction=reduction, backend=backend
+        )
+        loss.backward()
+        return loss.detach(), *(leaf.grad for leaf in leaves)
+
+    assert _validation.all_in_range_on_host(target, N_CLASSES, -100)
+    host = run()
+    monkeypatch.setattr(_validation, "all_in_range_on_host", lambda *args: False)
+    device_checked = run()
+    for ours, theirs in zip(host, device_checked, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def test_ce_double_backward_raises(backend_path):
     backend, device, path = backend_path
     x, w, b = make_head(device)

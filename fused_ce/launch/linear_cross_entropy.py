@@ -116,7 +116,10 @@ def forward(
         return outputs
     tiles = _tiles(n_classes, n_features)
     del tiles["BLOCK_DO"]
-    lce_forward_kernel[(cdiv(n_rows, tiles["BLOCK_N"]),)](
+    # .run(grid=...), not [grid](...): see launch/cross_entropy.py.
+    lce_forward_kernel.run(
+        grid=(cdiv(n_rows, tiles["BLOCK_N"]),),
+        warmup=False,
         loss_ptr=loss,
         lse_ptr=lse,
         saved_ptr=saved,
@@ -172,7 +175,9 @@ def backward(
             cdiv(n_rows, tiles["BLOCK_N"]),
             feature_blocks if grad_input is not None else 1,
         )
-        lce_backward_input_kernel[grid](
+        lce_backward_input_kernel.run(
+            grid=grid,
+            warmup=False,
             grad_input_ptr=gi,
             grad_target_ptr=gt,
             grad_input_row_stride=gi.stride(0),
@@ -188,7 +193,9 @@ def backward(
             cdiv(n_classes, tiles["BLOCK_V"]),
             feature_blocks if grad_weight is not None else 1,
         )
-        lce_backward_weight_kernel[grid](
+        lce_backward_weight_kernel.run(
+            grid=grid,
+            warmup=False,
             grad_weight_ptr=gw,
             grad_bias_ptr=gb,
             grad_weight_row_stride=gw.stride(0),
