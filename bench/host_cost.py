@@ -7,9 +7,14 @@ Run on a CPU machine::
 
 Each Triton launch is replaced by a function that only counts it (``fused_ce.launch.counting``),
 so what is timed is everything fused_ce does on the host around its kernels: validation,
-allocation, the autograd node, the launchers' argument preparation. Torch eager runs its
-whole call (its kernels on these tiny tensors take a few microseconds); the compiled row puts
-``torch.compile`` of fused_ce beside ``torch.compile(F.cross_entropy)``, each graph reused.
+allocation, the autograd node, the launchers' argument preparation and the call itself with
+its keyword arguments. Left out, and to be added for a GPU: Triton's own ``JITFunction.run``
+per launch (specialization key over every argument, cache lookup, the C launcher) and the
+device launch of each small torch op. The "GPU check" row has one ignored class index, which
+sends a CPU target through the device-side bounds check a CUDA target always takes. Torch
+eager runs its whole call (its kernels on these tiny tensors take a few microseconds); the
+compiled row puts ``torch.compile`` of fused_ce beside ``torch.compile(F.cross_entropy)``,
+each graph reused.
 One thread; the best of ``--rounds`` rounds of ``--calls`` calls, as wall time and as this
 thread's CPU time (the latter moves less when other processes share the cores). Not a test:
 it prints a table.

@@ -170,9 +170,9 @@ def check_ce_target(
         return CETarget(eps, input.dtype, None, False)
     # Compared as int64, as torch does: a uint8 target would wrap ignore_index (-100 to 156).
     valid = (target if target.dtype == torch.int64 else target.long()) != ignore_index
-    # Six small ops (on a GPU, six launches), not nine: clamping to [0, C) changes exactly the
-    # indices outside it, and a uint8 index is never negative. No class at all: every row
-    # must be ignored.
+    # Six small ops (on a GPU, six launches), not eight (nine for uint8): clamping to [0, C)
+    # changes exactly the indices outside it, and a uint8 index is never negative. No class
+    # at all: every row must be ignored.
     if target.dtype == torch.uint8:
         in_range = target < n_classes
     elif n_classes == 0:
@@ -193,9 +193,9 @@ def all_in_range_on_host(target: Tensor, n_classes: int, ignore_index: int) -> b
     """Whether class indices ``target`` are all in ``[0, n_classes)`` with none equal to
     ``ignore_index``, decided on the host where that costs no sync: a non-empty plain CPU tensor
     outside ``torch.compile`` and functorch transforms, with ``ignore_index`` outside the class
-    range. One ``aminmax`` and a read of two numbers, against the eight small ops (and an
-    ``_assert_async``) of the device-side check; False (run that check) in every other case,
-    including a target with ignored or out-of-range entries."""
+    range. One ``aminmax`` and a read of two numbers, against the six small ops (an
+    ``_assert_async`` among them) of the device-side check; False (run that check) in every
+    other case, including a target with ignored or out-of-range entries."""
     if (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()

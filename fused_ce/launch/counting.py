@@ -18,8 +18,11 @@ def count_launches(execute: bool = True) -> Iterator[collections.Counter]:
     bench/host_cost.py measures it.
 
     Patches the ``run`` method of the kernels' class (Triton's ``JITFunction``, or its
-    interpreter twin under ``TRITON_INTERPRET=1``), the entry every ``kernel[grid](...)``
-    goes through; not thread-safe.
+    interpreter twin under ``TRITON_INTERPRET=1``), the entry every launch goes through
+    (``kernel[grid](...)`` calls it, the launchers call it directly); not thread-safe. On a
+    GPU that method is where Triton's own per-launch work happens (the binder's
+    specialization key over every argument, the kernel cache lookup, the C launcher), so a
+    stubbed figure leaves it out: see docs/perf-notes.md.
     """
     kernel_class = type(bce_kernel)
     original = kernel_class.run
