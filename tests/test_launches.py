@@ -128,6 +128,24 @@ def test_launches_linear_cross_entropy(path):
     )
 
 
+@pytest.mark.skipif(not TRITON_CASES, reason="no Triton backend here (CUDA or the interpreter)")
+def test_cached_launch_arguments_follow_the_kernel_signature():
+    """The launchers pass their cached arguments positionally: they are ordered by the kernel's
+    parameter names, and a name set that does not match the kernel's parameters raises."""
+    from fused_ce.kernels.bce import bce_kernel
+    from fused_ce.launch import bce
+    from fused_ce.launch._common import launch_arguments
+
+    names = list(bce_kernel.arg_names[len(bce._POINTERS) :])
+    named = {name: index for index, name in enumerate(names)}
+    shuffled = dict(reversed(named.items()))
+    assert launch_arguments(bce_kernel, bce._POINTERS, shuffled) == tuple(range(len(names)))
+    with pytest.raises(RuntimeError, match="bce_kernel.*do not match"):
+        launch_arguments(bce_kernel, bce._POINTERS, {**named, "extra": 0})
+    with pytest.raises(RuntimeError, match="do not match"):
+        launch_arguments(bce_kernel, bce._POINTERS[::-1], named)
+
+
 # --- the eager fast path against torch.compile -------------------------------------------------
 
 

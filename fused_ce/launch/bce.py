@@ -8,7 +8,7 @@ import torch
 
 from .._common import accumulation_dtype, as_rows_2d
 from ..kernels.bce import bce_kernel
-from ._common import MAX_TILE, cdiv, next_power_of_2, tl_dtype
+from ._common import MAX_TILE, Launch, cdiv, launch_arguments, next_power_of_2, tl_dtype
 
 _MAX_BLOCK_C = 1024
 
@@ -55,7 +55,7 @@ def run(
         for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
     )
     dtype = accumulation_dtype(input.dtype, target.dtype)
-    grid, constants = _constants(
+    launch = _launch(
         x2.shape,
         x2.stride(),
         t2.stride(),
@@ -70,36 +70,54 @@ def run(
         upstream is not None,
     )
     partials = (
-        torch.empty(grid[0], dtype=dtype, device=input.device) if loss_sum is not None else None
+        torch.empty(launch.grid[0], dtype=dtype, device=input.device)
+        if loss_sum is not None
+        else None
     )
     # Absent operands and outputs: any pointer of a fitting dtype; the constexpr flags keep
     # them from being read or written.
     placeholder = next(t for t in (loss, grad_input, grad_target, partials) if t is not None)
-    # .run(grid=...), not [grid](...): see launch/cross_entropy.py.
+    # .run(grid=...) with the pointers in _POINTERS' order, then the cached rest: see
+    # launch/cross_entropy.py.
     bce_kernel.run(
-        input_ptr=x2,
-        target_ptr=t2,
-        weight_ptr=w2 if w2 is not None else x2,
-        pos_weight_ptr=pw2 if pw2 is not None else x2,
-        grad_ptr=grad if uniform_grad else (g2 if g2 is not None else x2),
-        upstream_ptr=upstream if upstream is not None else x2,
-        loss_ptr=loss if loss is not None else placeholder,
-        grad_input_ptr=grad_input if grad_input is not None else placeholder,
-        grad_target_ptr=grad_target if grad_target is not None else placeholder,
-        loss_partials_ptr=partials if partials is not None else placeholder,
-        grid=grid,
+        x2,
+        t2,
+        w2 if w2 is not None else x2,  # weight_ptr
+        pw2 if pw2 is not None else x2,  # pos_weight_ptr
+        grad if uniform_grad else (g2 if g2 is not None else x2),  # grad_ptr
+        upstream if upstream is not None else x2,  # upstream_ptr
+        loss if loss is not None else placeholder,  # loss_ptr
+        grad_input if grad_input is not None else placeholder,  # grad_input_ptr
+        grad_target if grad_target is not None else placeholder,  # grad_target_ptr
+        partials if partials is not None else placeholder,  # loss_partials_ptr
+        *launch.arguments,
+        grid=launch.grid,
         warmup=False,
-        **constants,
+        num_warps=launch.num_warps,
     )
     if partials is not None:
         # Deterministic: a fixed-order sum of the per-program partials (one small launch).
         torch.sum(partials, dim=0, out=loss_sum)
 
 
+_POINTERS = (
+    "input_ptr",
+    "target_ptr",
+    "weight_ptr",
+    "pos_weight_ptr",
+    "grad_ptr",
+    "upstream_ptr",
+    "loss_ptr",
+    "grad_input_ptr",
+    "grad_target_ptr",
+    "loss_partials_ptr",
+)
+
+
 # The launch's arguments other than its tensors, once per set of shapes, strides and flags
 # (see launch/cross_entropy.py).
 @functools.lru_cache(maxsize=256)
-def _constants(
+def _launch(
     shape: torch.Size,
     input_strides: tuple[int, int],
     target_strides: tuple[int, int],
@@ -112,9 +130,9 @@ def _constants(
     grad_input: bool,
     grad_target: bool,
     skip_unit_upstream: bool,
-) -> tuple[tuple[int], dict]:
-    """``(grid, arguments)`` of :func:`run`'s launch on ``(rows, cols)`` operands (strides
-    None: absent; a 0-d gradient: strides 0, so every element reads the one value)."""
+) -> Launch:
+    """The cached part of :func:`run`'s launch on ``(rows, cols)`` operands (strides None:
+    absent; a 0-d gradient: strides 0, so every element reads the one value)."""
     n_rows, n_cols = shape
     block_c = min(next_power_of_2(n_cols), _MAX_BLOCK_C)
     block_r = max(1, min(next_power_of_2(n_rows), MAX_TILE // 4 // block_c))
@@ -122,7 +140,7 @@ def _constants(
     weight_row, weight_col = weight_strides or (0, 0)
     pos_weight_row, pos_weight_col = pos_weight_strides or (0, 0)
     grad_row, grad_col = grad_strides or (0, 0)
-    return (cdiv(n_rows, block_r) * n_col_blocks,), {
+    named = {
         "n_rows": n_rows,
         "n_cols": n_cols,
         "n_col_blocks": n_col_blocks,
@@ -146,5 +164,9 @@ def _constants(
         "ACC_DTYPE": tl_dtype(dtype),
         "BLOCK_R": block_r,
         "BLOCK_C": block_c,
-        "num_warps": 4 if block_r * block_c <= 1024 else 8,
     }
+    return Launch(
+        (cdiv(n_rows, block_r) * n_col_blocks,),
+        4 if block_r * block_c <= 1024 else 8,
+        launch_arguments(bce_kernel, _POINTERS, named),
+    )

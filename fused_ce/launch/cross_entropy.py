@@ -11,7 +11,7 @@ from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ..torch_impl.cross_entropy import forward_outputs
-from ._common import cdiv, tile, tl_dtype
+from ._common import Launch, cdiv, launch_arguments, tile, tl_dtype
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
@@ -103,7 +103,7 @@ def forward(
     # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
-    grid, constants = _forward_constants(
+    launch = _forward_launch(
         logits.shape,
         logits.stride(),
         target.stride(),
@@ -117,39 +117,65 @@ def forward(
         grad_logits is not None,
         grad_target is not None,
     )
-    if grid is None:
+    if launch.grid is None:
         return outputs
-    # .run(grid=...), not [grid](...): the same entry without the proxy lambda, which costs
-    # another copy of the keyword arguments (3 us a launch on the host).
+    # .run(grid=...), not [grid](...): the same entry without the proxy lambda, which copies
+    # the arguments once more. The pointers in _FORWARD_POINTERS' order, then the cached rest.
     ce_forward_kernel.run(
-        logits_ptr=logits,
-        target_ptr=target,
-        class_weight_ptr=weight if weight is not None else logits,
-        loss_ptr=loss,
-        lse_ptr=lse,
-        saved_ptr=saved,
+        logits,
+        target,
+        weight if weight is not None else logits,  # class_weight_ptr
+        loss,
+        lse,
+        saved,
         # Absent operands and outputs: any buffer of their dtype; the constexpr flags keep them
         # unread and unwritten.
-        entropy_ptr=entropy if with_stats else loss,
-        argmax_ptr=argmax if with_stats else saved,
-        grad_scale_ptr=grad_scale if grad_scale is not None else loss,
-        grad_logits_ptr=gl,
-        grad_target_ptr=gt,
-        grid=grid,
+        entropy if with_stats else loss,  # entropy_ptr
+        argmax if with_stats else saved,  # argmax_ptr
+        grad_scale if grad_scale is not None else loss,  # grad_scale_ptr
+        gl,  # grad_logits_ptr
+        gt,  # grad_target_ptr
+        *launch.arguments,
+        grid=launch.grid,
         warmup=False,
-        **constants,
+        num_warps=launch.num_warps,
     )
     return outputs
 
 
 # A launch's arguments other than its tensors depend only on the operands' shapes, strides
-# and dtypes and on the options: computed once per such set and reused (callers unpack the
-# dict, never change it). A training run sees a handful of sets.
+# and dtypes and on the options: computed once per such set and reused. A training run sees
+# a handful of sets.
 _LAUNCH_CACHE_SIZE = 256
+
+_FORWARD_POINTERS = (
+    "logits_ptr",
+    "target_ptr",
+    "class_weight_ptr",
+    "loss_ptr",
+    "lse_ptr",
+    "saved_ptr",
+    "entropy_ptr",
+    "argmax_ptr",
+    "grad_scale_ptr",
+    "grad_logits_ptr",
+    "grad_target_ptr",
+)
+_BACKWARD_POINTERS = (
+    "logits_ptr",
+    "target_ptr",
+    "class_weight_ptr",
+    "saved_ptr",
+    "grad_loss_ptr",
+    "grad_lse_ptr",
+    "upstream_ptr",
+    "grad_logits_ptr",
+    "grad_target_ptr",
+)
 
 
 @functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
-def _forward_constants(
+def _forward_launch(
     shape: torch.Size,
     logits_strides: tuple[int, ...],
     target_strides: tuple[int, ...],
@@ -162,14 +188,14 @@ def _forward_constants(
     with_stats: bool,
     logits_grad: bool,
     target_grad: bool,
-) -> tuple[tuple[int] | None, dict]:
-    """``(grid, arguments)`` of :func:`forward`'s launch; grid None when there is no row."""
+) -> Launch:
+    """The cached part of :func:`forward`'s launch; no grid when there is no row."""
     n_outer, n_classes, n_inner = shape
     n_rows = n_outer * n_inner
     if n_rows == 0:
-        return None, {}
+        return Launch(None, 0, ())
     block_r, block_c, num_warps = tile(n_rows, n_classes)
-    return (cdiv(n_rows, block_r),), {
+    named = {
         "n_rows": n_rows,
         "n_classes": n_classes,
         "n_inner": n_inner,
@@ -185,8 +211,12 @@ def _forward_constants(
         "ACC_DTYPE": tl_dtype(dtype),
         "BLOCK_R": block_r,
         "BLOCK_C": block_c,
-        "num_warps": num_warps,
     }
+    return Launch(
+        (cdiv(n_rows, block_r),),
+        num_warps,
+        launch_arguments(ce_forward_kernel, _FORWARD_POINTERS, named),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -222,7 +252,7 @@ def backward(
     # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
-    grid, constants = _backward_constants(
+    launch = _backward_launch(
         logits.shape,
         logits.stride(),
         target.stride(),
@@ -240,26 +270,28 @@ def backward(
         grad_target is not None,
         parallel_slots(logits),
     )
-    if grid is None:
+    if launch.grid is None:
         return
+    # The pointers in _BACKWARD_POINTERS' order, then the cached rest (see forward).
     ce_backward_kernel.run(
-        logits_ptr=logits,
-        target_ptr=target,
-        class_weight_ptr=weight if weight is not None else logits,
-        saved_ptr=saved,
-        grad_loss_ptr=grad_loss,
-        grad_lse_ptr=grad_lse if grad_lse is not None else saved,
-        upstream_ptr=upstream if upstream is not None else saved,
-        grad_logits_ptr=gl,
-        grad_target_ptr=gt,
-        grid=grid,
+        logits,
+        target,
+        weight if weight is not None else logits,  # class_weight_ptr
+        saved,
+        grad_loss,
+        grad_lse if grad_lse is not None else saved,  # grad_lse_ptr
+        upstream if upstream is not None else saved,  # upstream_ptr
+        gl,  # grad_logits_ptr
+        gt,  # grad_target_ptr
+        *launch.arguments,
+        grid=launch.grid,
         warmup=False,
-        **constants,
+        num_warps=launch.num_warps,
     )
 
 
 @functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
-def _backward_constants(
+def _backward_launch(
     shape: torch.Size,
     logits_strides: tuple[int, ...],
     target_strides: tuple[int, ...],
@@ -276,13 +308,13 @@ def _backward_constants(
     logits_grad: bool,
     target_grad: bool,
     slots: int,
-) -> tuple[tuple[int, int] | None, dict]:
-    """``(grid, arguments)`` of :func:`backward`'s launch (``grad_lse_stride`` None: no
-    ``grad_lse``); grid None when there is nothing to write."""
+) -> Launch:
+    """The cached part of :func:`backward`'s launch (``grad_lse_stride`` None: no
+    ``grad_lse``); no grid when there is nothing to write."""
     n_outer, n_classes, n_inner = shape
     n_rows = n_outer * n_inner
     if n_rows == 0 or n_classes == 0:
-        return None, {}
+        return Launch(None, 0, ())
     block_r, block_c, num_warps = tile(n_rows, n_classes)
     row_programs = cdiv(n_rows, block_r)
     # Split long rows over several programs when there are too few rows to fill the device.
@@ -290,7 +322,7 @@ def _backward_constants(
     splits = max(1, min(col_blocks, slots // row_programs))
     cols_per_program = cdiv(col_blocks, splits) * block_c
     splits = cdiv(n_classes, cols_per_program)
-    return (row_programs, splits), {
+    named = {
         "n_rows": n_rows,
         "n_classes": n_classes,
         "n_inner": n_inner,
@@ -310,5 +342,9 @@ def _backward_constants(
         "ACC_DTYPE": tl_dtype(dtype),
         "BLOCK_R": block_r,
         "BLOCK_C": block_c,
-        "num_warps": num_warps,
     }
+    return Launch(
+        (row_programs, splits),
+        num_warps,
+        launch_arguments(ce_backward_kernel, _BACKWARD_POINTERS, named),
+    )
