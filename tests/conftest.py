@@ -2,6 +2,7 @@
 interpreter. TRITON_INTERPRET is read when kernels are decorated (at import), so it is set
 here, before anything imports fused_ce or triton."""
 
+import functools
 import os
 
 import torch
@@ -34,3 +35,13 @@ def backend_cases() -> list[tuple[str, str]]:
 @pytest.fixture(params=backend_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
 def backend_device(request):
     return request.param
+
+
+def fresh_launch_caches(monkeypatch, module) -> None:
+    """Give ``module``'s cached launch arguments (``functools.lru_cache`` functions named
+    ``*_launch``) an empty cache for the rest of the test, so that patched tile sizes take
+    effect, and so that what they cache leaves with the patch."""
+    for name in dir(module):
+        cached = getattr(module, name)
+        if name.endswith("_launch") and hasattr(cached, "cache_clear"):
+            monkeypatch.setattr(module, name, functools.lru_cache(cached.__wrapped__))

@@ -17,6 +17,7 @@ from _reference import (
     randn,
     upstream_for,
 )
+from conftest import fresh_launch_caches
 
 import fused_ce
 
@@ -155,6 +156,7 @@ def test_small_tiles(backend_device, shape, weights, monkeypatch):
 
         monkeypatch.setattr(launch_bce, "_MAX_BLOCK_C", 4)
         monkeypatch.setattr(launch_bce, "MAX_TILE", 32)
+        fresh_launch_caches(monkeypatch, launch_bce)
     check_bce(
         backend_device,
         randn(shape, 0, device, scale=3.0),

@@ -17,7 +17,7 @@ from _reference import (
     positive,
     randn,
 )
-from conftest import backend_cases
+from conftest import backend_cases, fresh_launch_caches
 
 import fused_ce
 from fused_ce.ops.cross_entropy import ce_forward
@@ -216,6 +216,7 @@ def use_small_tiles(backend: str, monkeypatch) -> None:
         monkeypatch.setattr(launch_common, "MAX_TILE", 8)
         monkeypatch.setattr(launch_ce, "tile", lambda rows, cols: original_tile(rows, cols, 4))
         monkeypatch.setattr(launch_ce, "parallel_slots", lambda tensor: 64)
+        fresh_launch_caches(monkeypatch, launch_ce)
     else:
         import fused_ce.torch_impl.cross_entropy as torch_ce
 
