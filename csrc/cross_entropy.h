@@ -52,6 +52,12 @@ struct CEArgs {
   char* grad_target;
   int64_t grad_target_size, gto, gtc, gti;
   StoreRow<A> store_grad_target;
+  // The same conversions for a block of rows across vector lanes (the small-C layout).
+  LoadBlock<A> load_logits_block, load_target_block;
+  StoreBlock<A> store_grad_block, store_grad_target_block;
+  // Logits / grad_logits stored in A with unit class stride: the row path reads and writes
+  // them in place instead of through the per-thread buffers.
+  bool logits_in_acc, grad_in_acc;
 };
 
 enum class Mode { kForward, kForwardGrad, kBackward };
@@ -185,16 +191,36 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
   const int64_t C = a.n_classes;
   const bool grad = mode != Mode::kForward;
   const bool linear = a.prob || a.eps > A(0);
-  A* z = scratch<A>(0, C);
-  A* e = scratch<A>(1, C);
+  // fp32 logits (fp64 with fp64 accumulation) with unit class stride and nothing to apply
+  // are read where they are; the target gradient of probability targets needs z after the
+  // logits' own gradient may have overwritten them (inplace_backward), so it keeps a copy.
+  const bool z_in_place = a.logits_in_acc && a.lc == 1 && a.scale == A(1) && a.cap <= A(0) &&
+                          !(a.prob && a.grad_target != nullptr);
+  // The gradient is built in its output row (the exp pass writes e there, the gradient pass
+  // rewrites it) when that row is in A with unit stride: no pass through a buffer and no
+  // conversion pass. When it aliases the logits (inplace_backward) each element is read before
+  // it is written, and z_y is taken before the exp pass.
+  const bool e_in_place = grad && a.grad_logits != nullptr && a.grad_in_acc && a.gc == 1;
+  A* z_buffer = z_in_place ? nullptr : scratch<A>(0, C);
+  A* e_buffer = e_in_place ? nullptr : scratch<A>(1, C);
   A* u = scratch<A>(2, C);
   A* slope = (grad && a.cap > A(0)) ? scratch<A>(3, C) : nullptr;
   const A nan = std::numeric_limits<A>::quiet_NaN();
   for (int64_t row = begin; row < end; ++row) {
     const int64_t outer = row / a.n_inner, inner = row % a.n_inner;
-    a.load_logits(
-        a.logits + a.logits_size * (outer * a.lo + inner * a.li), a.lc, C, z);
-    final_logits(z, slope, C, a.scale, a.cap);
+    const char* logits_row = a.logits + a.logits_size * (outer * a.lo + inner * a.li);
+    const A* z;
+    if (z_in_place) {
+      z = reinterpret_cast<const A*>(logits_row);
+    } else {
+      a.load_logits(logits_row, a.lc, C, z_buffer);
+      final_logits(z_buffer, slope, C, a.scale, a.cap);
+      z = z_buffer;
+    }
+    char* grad_row = a.grad_logits != nullptr
+        ? a.grad_logits + a.grad_size * (outer * a.go + inner * a.gi)
+        : nullptr;
+    A* e = e_in_place ? reinterpret_cast<A*>(grad_row) : e_buffer;
 
     int64_t y = 0;
     bool valid = true;
@@ -230,6 +256,7 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       const A max_value = row_max(z, C);
       if (a.stats) a.argmax[row] = row_argmax(z, C);
       const A ref = std::isfinite(max_value) ? max_value : A(0);
+      const A z_y = valid && !a.prob ? z[y] : A(0);
       RowSums sums = exp_pass(z, C, ref, grad ? e : nullptr, a.stats, linear, u_row);
       // A NaN or +inf logit makes the row NaN, as in torch (the fast exp clamps instead).
       A sum_exp = (std::isnan(max_value) || max_value == std::numeric_limits<A>::infinity())
@@ -243,7 +270,7 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       if (a.prob) {
         loss = smooth;
       } else if (valid) {
-        A nll = log_s + (ref - z[y]);
+        A nll = log_s + (ref - z_y);
         if (a.weight != nullptr) nll *= a.weight[y];
         loss = a.eps > A(0) ? (A(1) - a.eps) * nll + (a.eps / A(C)) * smooth : nll;
       } else {
@@ -290,7 +317,7 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       }
       gradient_pass(e, C, p_mul, coef_p, coef_u, linear, u_row, slope, a.scale, e);
       if (coef_y != A(0)) e[y] = grad_y;
-      a.store_grad(e, a.grad_logits + a.grad_size * (outer * a.go + inner * a.gi), a.gc, C);
+      if (!e_in_place) a.store_grad(e, grad_row, a.gc, C);
     }
     if (a.prob && a.grad_target != nullptr) {
       // d loss / d t_c = g (1 - eps) w_c (log_s - (z_c - m)), into the u buffer (now unused).
@@ -303,6 +330,194 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       });
       a.store_grad_target(
           u, a.grad_target + a.grad_target_size * (outer * a.gto + inner * a.gti), a.gtc, C);
+    }
+  }
+}
+
+// The small-C layout: rows across the lanes of a vector (W = Vectorized<A>::size() rows a
+// block), classes along the loop, so a row of a few classes no longer costs four partial
+// vectors and four horizontal reductions. The same math as ce_rows, lane by lane: every
+// per-row scalar of ce_rows is a vector here, every branch a blend; the target class's
+// gradient is formed in the same order ((p coef_p - coef_y) - coef_u u) * slope. Per block:
+// gather the logits (and probability targets) into [C][W] buffers, then max, exp and sums,
+// per-row outputs, gradient, scatter.
+template <typename A>
+void ce_blocks(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t C = a.n_classes;
+  const bool grad = mode != Mode::kForward;
+  const bool linear = a.prob || a.eps > A(0);
+  A* z = scratch<A>(0, C * W);
+  A* e = scratch<A>(1, C * W);
+  A* u = a.prob ? scratch<A>(2, C * W) : nullptr;
+  A* slope = (grad && a.cap > A(0)) ? scratch<A>(3, C * W) : nullptr;
+  const V zero(A(0)), one(A(1)), nan(std::numeric_limits<A>::quiet_NaN());
+  const V inf(std::numeric_limits<A>::infinity());
+  int64_t logits_at[W], target_at[W], grad_at[W], grad_target_at[W];
+  A lane[W];
+  for (int64_t first = begin; first < end; first += W) {
+    const int64_t count = std::min<int64_t>(W, end - first);
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t outer = (first + l) / a.n_inner, inner = (first + l) % a.n_inner;
+      logits_at[l] = outer * a.lo + inner * a.li;
+      target_at[l] = outer * a.to + inner * a.ti;
+      grad_at[l] = outer * a.go + inner * a.gi;
+      grad_target_at[l] = outer * a.gto + inner * a.gti;
+    }
+    a.load_logits_block(a.logits, logits_at, count, W, a.lc, C, z);
+    final_logits(z, slope, C * W, a.scale, a.cap);
+
+    // Targets: y as a lane value (-1 where ignored or out of range), or u = ((1 - eps) t +
+    // eps / C) w for probability targets.
+    V y_lane(A(-1)), valid(zero), w_y(one);
+    if (a.prob) {
+      a.load_target_block(a.target, target_at, count, W, a.tc, C, u);
+      const V keep(A(1) - a.eps), spread(C > 0 ? a.eps / A(C) : A(0));
+      for (int64_t c = 0; c < C; ++c) {
+        V t = V::loadu(u + c * W) * keep + spread;
+        if (a.weight != nullptr) t = t * V(a.weight[c]);
+        t.store(u + c * W);
+      }
+      valid = zero == zero;  // every lane
+    } else {
+      A valid_lane[W] = {}, y_value[W], w_value[W];
+      for (int64_t l = 0; l < W; ++l) {
+        y_value[l] = A(-1);
+        w_value[l] = A(1);
+      }
+      for (int64_t l = 0; l < count; ++l) {
+        const char* t = a.target + a.target_size * target_at[l];
+        const int64_t index = a.target_uint8
+            ? static_cast<int64_t>(*reinterpret_cast<const uint8_t*>(t))
+            : *reinterpret_cast<const int64_t*>(t);
+        if (index != a.ignore_index && index >= 0 && index < C) {
+          y_value[l] = A(index);
+          valid_lane[l] = A(1);
+          if (a.weight != nullptr) w_value[l] = a.weight[index];
+        }
+      }
+      y_lane = V::loadu(y_value);
+      valid = V::loadu(valid_lane) == one;
+      w_y = V::loadu(w_value);
+    }
+    // u_c as a vector: the probability targets' row, the weight, or ones.
+    auto u_at = [&](int64_t c) {
+      return a.prob ? V::loadu(u + c * W) : (a.weight != nullptr ? V(a.weight[c]) : one);
+    };
+
+    V m, log_s, lin_sum, g, g_lse;
+    V z_y = zero;
+    if (mode == Mode::kBackward) {
+      for (int64_t l = 0; l < W; ++l) {
+        lane[l] = l < count ? a.grad_loss[(first + l) * a.grad_loss_stride] : A(0);
+      }
+      g = V::loadu(lane);
+      for (int64_t l = 0; l < W; ++l) {
+        lane[l] = (a.grad_lse != nullptr && l < count)
+            ? a.grad_lse[(first + l) * a.grad_lse_stride]
+            : A(0);
+      }
+      g_lse = V::loadu(lane);
+      m = V::loadu(a.saved + first, count);
+      log_s = V::loadu(a.saved + a.saved_stride + first, count);
+      lin_sum = V::loadu(a.saved + 2 * a.saved_stride + first, count);
+    } else {
+      V max_value(-std::numeric_limits<A>::infinity());
+      V best_index = zero;
+      for (int64_t c = 0; c < C; ++c) {
+        const V zc = V::loadu(z + c * W);
+        if (a.stats) {
+          // torch.argmax: the first maximum, a NaN counting as the maximum.
+          const V take = (zc > max_value) | (zc.isnan() & (max_value == max_value));
+          best_index = V::blendv(best_index, V(A(c)), take);
+        }
+        max_value = at::vec::maximum(max_value, zc);
+      }
+      const V finite = (max_value - max_value) == zero;
+      const V ref = V::blendv(zero, max_value, finite);
+      V sum_exp = zero, exp_dot = zero, lin_dot = zero;
+      lin_sum = zero;
+      for (int64_t c = 0; c < C; ++c) {
+        const V zc = V::loadu(z + c * W);
+        const V d = zc - ref;
+        const V ec = exp_nonpositive(d);
+        if (grad) ec.store(e + c * W);
+        sum_exp += ec;
+        if (a.stats) exp_dot += V::blendv(zero, ec * d, ec > zero);
+        if (linear) {
+          const V uc = u_at(c);
+          lin_sum += uc;
+          lin_dot += uc * d;
+        }
+        if (!a.prob) z_y = V::blendv(z_y, zc, y_lane == V(A(c)));
+      }
+      // A NaN or +inf logit makes the row NaN, as in torch (the fast exp clamps instead).
+      sum_exp = V::blendv(sum_exp, nan, max_value.isnan() | (max_value == inf));
+      m = ref;
+      log_s = sum_exp.log();
+      if (!linear) lin_sum = zero;
+      const V smooth = lin_sum * log_s - lin_dot;
+      V loss;
+      if (a.prob) {
+        loss = smooth;
+      } else {
+        V nll = log_s + (ref - z_y);
+        if (a.weight != nullptr) nll = nll * w_y;
+        if (a.eps > A(0)) nll = V(A(1) - a.eps) * nll + V(a.eps / A(C)) * smooth;
+        loss = V::blendv(zero, nll, valid);
+      }
+      const V lse = ref + log_s;
+      loss.store(a.loss + first, count);
+      lse.store(a.lse + first, count);
+      ref.store(a.saved + first, count);
+      log_s.store(a.saved + a.saved_stride + first, count);
+      lin_sum.store(a.saved + 2 * a.saved_stride + first, count);
+      if (a.stats) {
+        (log_s - exp_dot / sum_exp).store(a.entropy + first, count);
+        best_index.store(lane);
+        for (int64_t l = 0; l < count; ++l) a.argmax[first + l] = static_cast<int64_t>(lane[l]);
+      }
+      if (!grad) continue;
+      g = V(a.grad_scale);
+      // In the order of the backward's torch_impl.z_loss_grad_lse, for the same bits.
+      g_lse = a.z_loss != A(0)
+          ? V::blendv(zero, V((A(2) * a.z_loss) * a.grad_scale) * lse, valid)
+          : zero;
+    }
+    // p = e * exp(-log_s) on both paths, as in ce_rows.
+    const V p_mul = (zero - log_s).exp();
+
+    if (a.grad_logits != nullptr) {
+      V coef_p, coef_u, coef_y = zero;
+      if (a.prob) {
+        coef_p = g * lin_sum;
+        coef_u = g;
+      } else {
+        coef_y = V::blendv(zero, V(A(1) - a.eps) * g * w_y, valid);
+        coef_u = a.eps > A(0) ? V::blendv(zero, V(a.eps / A(C)) * g, valid) : zero;
+        coef_p = coef_y + coef_u * lin_sum;
+      }
+      coef_p = V::blendv(coef_p + g_lse, nan, log_s.isnan());
+      for (int64_t c = 0; c < C; ++c) {
+        const V ec = mode == Mode::kBackward ? exp_nonpositive(V::loadu(z + c * W) - m)
+                                             : V::loadu(e + c * W);
+        V value = ec * p_mul * coef_p;
+        if (!a.prob) value = value - V::blendv(zero, coef_y, y_lane == V(A(c)));
+        if (linear) value = value - coef_u * u_at(c);
+        value = value * (slope != nullptr ? V::loadu(slope + c * W) : V(a.scale));
+        value.store(e + c * W);
+      }
+      a.store_grad_block(e, a.grad_logits, grad_at, count, W, a.gc, C);
+    }
+    if (a.prob && a.grad_target != nullptr) {
+      const V coef_t = g * V(A(1) - a.eps);
+      for (int64_t c = 0; c < C; ++c) {
+        V value = coef_t * (log_s - (V::loadu(z + c * W) - m));
+        if (a.weight != nullptr) value = value * V(a.weight[c]);
+        value.store(u + c * W);
+      }
+      a.store_grad_target_block(u, a.grad_target, grad_target_at, count, W, a.gtc, C);
     }
   }
 }
@@ -334,6 +549,8 @@ CEArgs<A> common_args(const at::Tensor& logits, const at::Tensor& target,
   a.lc = logits.stride(1);
   a.li = logits.stride(2);
   a.load_logits = row_loader<A>(logits.scalar_type());
+  a.load_logits_block = block_loader<A>(logits.scalar_type());
+  a.logits_in_acc = logits.scalar_type() == c10::CppTypeToScalarType<A>::value;
   a.prob = target.is_floating_point();
   a.target = static_cast<const char*>(target.const_data_ptr());
   a.target_size = target.element_size();
@@ -344,6 +561,7 @@ CEArgs<A> common_args(const at::Tensor& logits, const at::Tensor& target,
     a.tc = target.stride(1);
     a.ti = target.stride(2);
     a.load_target = row_loader<A>(target.scalar_type());
+    a.load_target_block = block_loader<A>(target.scalar_type());
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
                 "fused_ce native: class-index targets must be int64 or uint8");
@@ -382,6 +600,9 @@ void set_grad_outputs(CEArgs<A>& a, const at::Tensor& logits,
     a.gc = grad_logits->stride(1);
     a.gi = grad_logits->stride(2);
     a.store_grad = row_storer<A>(grad_logits->scalar_type());
+    a.store_grad_block = block_storer<A>(grad_logits->scalar_type());
+    a.grad_in_acc = grad_logits->scalar_type() == c10::CppTypeToScalarType<A>::value;
+    prefer_huge_pages(*grad_logits);
   }
   if (grad_target.has_value() && a.prob) {
     TORCH_CHECK(grad_target->sizes() == logits.sizes(),
@@ -392,12 +613,27 @@ void set_grad_outputs(CEArgs<A>& a, const at::Tensor& logits,
     a.gtc = grad_target->stride(1);
     a.gti = grad_target->stride(2);
     a.store_grad_target = row_storer<A>(grad_target->scalar_type());
+    a.store_grad_target_block = block_storer<A>(grad_target->scalar_type());
+    prefer_huge_pages(*grad_target);
   }
 }
+
+// Rows of at most this many classes run in the small-C layout (ce_blocks). Both directions
+// choose by C alone, so the backward recomputes exactly what the forward's gradient made.
+constexpr int64_t kBlockMaxClasses = 64;
 
 template <typename A>
 void run(const CEArgs<A>& a, Mode mode) {
   if (a.n_rows == 0) return;
+  if (a.n_classes <= kBlockMaxClasses) {
+    // Grains of whole blocks, so a split across threads leaves at most one partial block.
+    constexpr int64_t W = Vectorized<A>::size();
+    const int64_t grain = (row_grain(a.n_classes) + W - 1) / W * W;
+    at::parallel_for(0, a.n_rows, grain, [&](int64_t begin, int64_t end) {
+      ce_blocks<A>(a, mode, begin, end);
+    });
+    return;
+  }
   at::parallel_for(0, a.n_rows, row_grain(a.n_classes), [&](int64_t begin, int64_t end) {
     ce_rows<A>(a, mode, begin, end);
   });
