@@ -39,6 +39,22 @@ inline int64_t row_grain(int64_t row_elements) {
 template <typename T, typename A>
 void load_row(const void* base, int64_t stride, int64_t n, A* out) {
   const T* in = static_cast<const T*>(base);
+  if constexpr (at::vec::is_reduced_floating_point_v<T> && std::is_same_v<A, float>) {
+    // fp16/bf16 rows with unit stride: ATen's vector conversion, two float vectors at a time
+    // (the scalar loop below does not vectorize for them: 3.5 % of a bf16 call's profile,
+    // half of the kernel's own 7 %).
+    if (stride == 1) {
+      constexpr int64_t W = Vectorized<float>::size();
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        auto [low, high] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(in + i));
+        low.store(out + i);
+        high.store(out + i + W);
+      }
+      for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+      return;
+    }
+  }
   if (stride == 1) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(static_cast<float>(in[i]));
   } else {
@@ -49,6 +65,19 @@ void load_row(const void* base, int64_t stride, int64_t n, A* out) {
 template <typename T, typename A>
 void store_row(const A* in, void* base, int64_t stride, int64_t n) {
   T* out = static_cast<T*>(base);
+  if constexpr (at::vec::is_reduced_floating_point_v<T> && std::is_same_v<A, float>) {
+    if (stride == 1) {  // as in load_row; the same rounding as the scalar conversion
+      constexpr int64_t W = Vectorized<float>::size();
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        at::vec::convert_from_float<T>(Vectorized<float>::loadu(in + i),
+                                       Vectorized<float>::loadu(in + i + W))
+            .store(out + i);
+      }
+      for (; i < n; ++i) out[i] = static_cast<T>(in[i]);
+      return;
+    }
+  }
   if (stride == 1) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
   } else {

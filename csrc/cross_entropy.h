@@ -22,6 +22,10 @@
 namespace fused_ce_native {
 namespace {
 
+// Converts one row into the buffer and returns its max (see load_row_max).
+template <typename A>
+using LoadRowMax = A (*)(const void*, int64_t, int64_t, A*);
+
 template <typename A>
 struct CEArgs {
   int64_t n_rows, n_classes, n_inner;
@@ -29,6 +33,7 @@ struct CEArgs {
   const char* logits;
   int64_t logits_size, lo, lc, li;
   LoadRow<A> load_logits;
+  LoadRowMax<A> load_logits_max;
   // target: class indices (int64 or uint8, (outer, inner) strides) or probabilities
   const char* target;
   int64_t target_size, to, tc, ti;
@@ -49,6 +54,7 @@ struct CEArgs {
   char* grad_logits;
   int64_t grad_size, go, gc, gi;
   StoreRow<A> store_grad;
+  at::ScalarType grad_dtype;
   char* grad_target;
   int64_t grad_target_size, gto, gtc, gti;
   StoreRow<A> store_grad_target;
@@ -171,19 +177,100 @@ void exp_row(const A* z, int64_t n, A m, A* e) {
   });
 }
 
-// dz = (e * p_mul * coef_p - coef_u * u) * slope into `out` (which may alias `e`), with
-// p_mul = exp(-log_s) so that p = e / s. `u` null with `linear`: ones. `slope` null: the
-// scalar `scale`.
-template <typename A>
+// dz = (e * p_mul * coef_p - coef_u * u) * slope into `out` (which may alias `e` when T is A),
+// with p_mul = exp(-log_s) so that p = e / s. `u` null with `linear`: ones. `slope` null: the
+// scalar `scale`. An fp16/bf16 `out` (A float) is written straight from the vectors, two float
+// vectors rounded into one reduced one: no float row to convert afterwards.
+template <typename A, typename T>
 void gradient_pass(const A* e, int64_t n, A p_mul, A coef_p, A coef_u, bool linear, const A* u,
-                   const A* slope, A scale, A* out) {
+                   const A* slope, A scale, T* out) {
   using V = Vectorized<A>;
-  for_vectors<A>(n, [&](int64_t i, int64_t k) {
+  auto value = [&](int64_t i, int64_t k) {
     V grad = V::loadu(e + i, k) * V(p_mul) * V(coef_p);
     if (linear) grad = grad - V(coef_u) * (u != nullptr ? V::loadu(u + i, k) : V(A(1)));
-    grad = grad * (slope != nullptr ? V::loadu(slope + i, k) : V(scale));
-    grad.store(out + i, k);
-  });
+    return grad * (slope != nullptr ? V::loadu(slope + i, k) : V(scale));
+  };
+  if constexpr (std::is_same_v<T, A>) {
+    for_vectors<A>(n, [&](int64_t i, int64_t k) { value(i, k).store(out + i, k); });
+  } else {
+    constexpr int64_t W = V::size();
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      at::vec::convert_from_float<T>(value(i, W), value(i + W, W)).store(out + i);
+    }
+    A tail[2 * W];
+    for (int64_t j = i; j < n; j += W) value(j, std::min(W, n - j)).store(tail + (j - i), std::min(W, n - j));
+    for (int64_t j = i; j < n; ++j) out[j] = static_cast<T>(tail[j - i]);
+  }
+}
+
+// load_row and row_max in one pass: the pass that reads the logits from memory also finds the
+// max, so the compute overlaps the memory stalls (fp16/bf16 rows with unit stride; other rows
+// convert, then take the max from the buffer).
+template <typename T, typename A>
+A load_row_max(const void* base, int64_t stride, int64_t n, A* out) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T> && std::is_same_v<A, float>) {
+    if (stride == 1) {
+      using V = Vectorized<float>;
+      constexpr int64_t W = V::size();
+      const T* in = static_cast<const T*>(base);
+      V best(-std::numeric_limits<float>::infinity());
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        auto [low, high] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(in + i));
+        low.store(out + i);
+        high.store(out + i + W);
+        best = at::vec::maximum(best, at::vec::maximum(low, high));
+      }
+      for (int64_t j = i; j < n; ++j) out[j] = static_cast<float>(in[j]);
+      const float tail = i < n ? row_max(out + i, n - i) : -std::numeric_limits<float>::infinity();
+      const float head_max = at::vec::vec_reduce_all<float>(
+          [](V& a, V& b) { return at::vec::maximum(a, b); }, best);
+      return std::isnan(head_max) || std::isnan(tail) ? std::numeric_limits<float>::quiet_NaN()
+                                                      : std::max(head_max, tail);
+    }
+  }
+  load_row<T, A>(base, stride, n, out);
+  return row_max(out, n);
+}
+
+template <typename A>
+LoadRowMax<A> row_max_loader(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return &load_row_max<float, A>;
+    case at::kDouble: return &load_row_max<double, A>;
+    case at::kHalf: return &load_row_max<c10::Half, A>;
+    case at::kBFloat16: return &load_row_max<c10::BFloat16, A>;
+    default: TORCH_CHECK(false, "fused_ce native: unsupported floating dtype ", dtype);
+  }
+}
+
+// The gradient row written from e: in A (in place or into the buffer, then converted by
+// store_grad) or, for a unit-stride fp16/bf16 output with A float, rounded straight from the
+// vectors. The target class's entry grad_y is written last, over the pass's value.
+template <typename A>
+void write_gradient(const CEArgs<A>& a, A* e, bool e_in_place, char* grad_row, int64_t C,
+                    A p_mul, A coef_p, A coef_u, bool linear, const A* u, const A* slope,
+                    int64_t y, bool write_y, A grad_y) {
+  if constexpr (std::is_same_v<A, float>) {
+    if (!e_in_place && a.gc == 1 &&
+        (a.grad_dtype == at::kBFloat16 || a.grad_dtype == at::kHalf)) {
+      auto direct = [&](auto* out) {
+        using T = std::remove_pointer_t<decltype(out)>;
+        gradient_pass(e, C, p_mul, coef_p, coef_u, linear, u, slope, a.scale, out);
+        if (write_y) out[y] = static_cast<T>(grad_y);
+      };
+      if (a.grad_dtype == at::kBFloat16) {
+        direct(reinterpret_cast<c10::BFloat16*>(grad_row));
+      } else {
+        direct(reinterpret_cast<c10::Half*>(grad_row));
+      }
+      return;
+    }
+  }
+  gradient_pass(e, C, p_mul, coef_p, coef_u, linear, u, slope, a.scale, e);
+  if (write_y) e[y] = grad_y;
+  if (!e_in_place) a.store_grad(e, grad_row, a.gc, C);
 }
 
 template <typename A>
@@ -194,7 +281,8 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
   // fp32 logits (fp64 with fp64 accumulation) with unit class stride and nothing to apply
   // are read where they are; the target gradient of probability targets needs z after the
   // logits' own gradient may have overwritten them (inplace_backward), so it keeps a copy.
-  const bool z_in_place = a.logits_in_acc && a.lc == 1 && a.scale == A(1) && a.cap <= A(0) &&
+  const bool plain_logits = a.scale == A(1) && a.cap <= A(0);
+  const bool z_in_place = a.logits_in_acc && a.lc == 1 && plain_logits &&
                           !(a.prob && a.grad_target != nullptr);
   // The gradient is built in its output row (the exp pass writes e there, the gradient pass
   // rewrites it) when that row is in A with unit stride: no pass through a buffer and no
@@ -210,11 +298,18 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
     const int64_t outer = row / a.n_inner, inner = row % a.n_inner;
     const char* logits_row = a.logits + a.logits_size * (outer * a.lo + inner * a.li);
     const A* z;
+    A max_value = A(0);  // the forward's row max, found by the pass that reads the row
     if (z_in_place) {
       z = reinterpret_cast<const A*>(logits_row);
+      if (mode != Mode::kBackward) max_value = row_max(z, C);
     } else {
-      a.load_logits(logits_row, a.lc, C, z_buffer);
-      final_logits(z_buffer, slope, C, a.scale, a.cap);
+      if (plain_logits && mode != Mode::kBackward) {
+        max_value = a.load_logits_max(logits_row, a.lc, C, z_buffer);
+      } else {
+        a.load_logits(logits_row, a.lc, C, z_buffer);
+        final_logits(z_buffer, slope, C, a.scale, a.cap);
+        if (mode != Mode::kBackward) max_value = row_max(z_buffer, C);
+      }
       z = z_buffer;
     }
     char* grad_row = a.grad_logits != nullptr
@@ -253,7 +348,6 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       g = a.grad_loss[row * a.grad_loss_stride];
       g_lse = a.grad_lse != nullptr ? a.grad_lse[row * a.grad_lse_stride] : A(0);
     } else {
-      const A max_value = row_max(z, C);
       if (a.stats) a.argmax[row] = row_argmax(z, C);
       const A ref = std::isfinite(max_value) ? max_value : A(0);
       const A z_y = valid && !a.prob ? z[y] : A(0);
@@ -315,9 +409,8 @@ void ce_rows(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
         if (linear) value -= coef_u * (u_row != nullptr ? u_row[y] : A(1));
         grad_y = value * (slope != nullptr ? slope[y] : a.scale);
       }
-      gradient_pass(e, C, p_mul, coef_p, coef_u, linear, u_row, slope, a.scale, e);
-      if (coef_y != A(0)) e[y] = grad_y;
-      if (!e_in_place) a.store_grad(e, grad_row, a.gc, C);
+      write_gradient(a, e, e_in_place, grad_row, C, p_mul, coef_p, coef_u, linear, u_row, slope,
+                     y, coef_y != A(0), grad_y);
     }
     if (a.prob && a.grad_target != nullptr) {
       // d loss / d t_c = g (1 - eps) w_c (log_s - (z_c - m)), into the u buffer (now unused).
@@ -550,6 +643,7 @@ CEArgs<A> common_args(const at::Tensor& logits, const at::Tensor& target,
   a.li = logits.stride(2);
   a.load_logits = row_loader<A>(logits.scalar_type());
   a.load_logits_block = block_loader<A>(logits.scalar_type());
+  a.load_logits_max = row_max_loader<A>(logits.scalar_type());
   a.logits_in_acc = logits.scalar_type() == c10::CppTypeToScalarType<A>::value;
   a.prob = target.is_floating_point();
   a.target = static_cast<const char*>(target.const_data_ptr());
@@ -601,6 +695,7 @@ void set_grad_outputs(CEArgs<A>& a, const at::Tensor& logits,
     a.gi = grad_logits->stride(2);
     a.store_grad = row_storer<A>(grad_logits->scalar_type());
     a.store_grad_block = block_storer<A>(grad_logits->scalar_type());
+    a.grad_dtype = grad_logits->scalar_type();
     a.grad_in_acc = grad_logits->scalar_type() == c10::CppTypeToScalarType<A>::value;
     prefer_huge_pages(*grad_logits);
   }
