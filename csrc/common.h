@@ -124,14 +124,42 @@ StoreRow<A> row_storer(at::ScalarType dtype) {
 // the loop. load_block gathers out[c * width + lane] = x[offsets[lane] + c * stride] (offsets
 // in elements) for lanes below `count` and zero-fills the other lanes, so every vector op of a
 // partial block runs on finite values; store_block scatters the first `count` lanes back.
+// `lane_step` is the distance between consecutive lanes' rows when it is the same for all
+// (0 otherwise): then a row-contiguous fp32 block of at least `width` classes is moved by
+// ATen's in-register transposes (transpose_mxn; measured at 1024 rows, 1 thread: 48 -> 29 ns
+// a row at C 16, 89 -> 74 at C 64, but 25 -> 30 at C 11, whose partial tiles cost more than
+// the scalar loop), and rows one element apart (NCHW: the inner dimension) are one vector per
+// class (16 x 11 x 64: 32 -> 18 ns a row).
 template <typename T, typename A>
-void load_block(const void* base, const int64_t* offsets, int64_t count, int64_t width,
-                int64_t stride, int64_t n, A* out) {
+void load_block(const void* base, const int64_t* offsets, int64_t count, int64_t lane_step,
+                int64_t width, int64_t stride, int64_t n, A* out) {
   const T* in = static_cast<const T*>(base);
+  if constexpr (std::is_same_v<T, A>) {
+    if (lane_step == 1) {
+      for (int64_t c = 0; c < n; ++c) {
+        Vectorized<A>::loadu(in + offsets[0] + c * stride, count).store(out + c * width);
+      }
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    if (lane_step != 0 && stride == 1 && n >= width) {
+      at::vec::transpose_mxn<float>(in + offsets[0], lane_step, out, width,
+                                    static_cast<int>(count), static_cast<int>(n));
+      for (int64_t c = 0; c < n; ++c) {
+        for (int64_t lane = count; lane < width; ++lane) out[c * width + lane] = 0.0f;
+      }
+      return;
+    }
+  }
   for (int64_t lane = 0; lane < count; ++lane) {
     const T* row = in + offsets[lane];
     for (int64_t c = 0; c < n; ++c) {
-      out[c * width + lane] = static_cast<A>(static_cast<float>(row[c * stride]));
+      if constexpr (std::is_same_v<T, double>) {
+        out[c * width + lane] = row[c * stride];  // no float detour for fp64
+      } else {
+        out[c * width + lane] = static_cast<A>(static_cast<float>(row[c * stride]));
+      }
     }
   }
   for (int64_t c = 0; c < n; ++c) {
@@ -139,22 +167,25 @@ void load_block(const void* base, const int64_t* offsets, int64_t count, int64_t
   }
 }
 
-template <>
-inline void load_block<double, double>(const void* base, const int64_t* offsets, int64_t count,
-                                       int64_t width, int64_t stride, int64_t n, double* out) {
-  const double* in = static_cast<const double*>(base);
-  for (int64_t lane = 0; lane < count; ++lane) {
-    for (int64_t c = 0; c < n; ++c) out[c * width + lane] = in[offsets[lane] + c * stride];
-  }
-  for (int64_t c = 0; c < n; ++c) {
-    for (int64_t lane = count; lane < width; ++lane) out[c * width + lane] = 0.0;
-  }
-}
-
 template <typename T, typename A>
-void store_block(const A* in, void* base, const int64_t* offsets, int64_t count, int64_t width,
-                 int64_t stride, int64_t n) {
+void store_block(const A* in, void* base, const int64_t* offsets, int64_t count,
+                 int64_t lane_step, int64_t width, int64_t stride, int64_t n) {
   T* out = static_cast<T*>(base);
+  if constexpr (std::is_same_v<T, A>) {
+    if (lane_step == 1) {
+      for (int64_t c = 0; c < n; ++c) {
+        Vectorized<A>::loadu(in + c * width).store(out + offsets[0] + c * stride, count);
+      }
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    if (lane_step != 0 && stride == 1 && n >= width) {
+      at::vec::transpose_mxn<float>(in, width, out + offsets[0], lane_step,
+                                    static_cast<int>(n), static_cast<int>(count));
+      return;
+    }
+  }
   for (int64_t lane = 0; lane < count; ++lane) {
     T* row = out + offsets[lane];
     for (int64_t c = 0; c < n; ++c) row[c * stride] = static_cast<T>(in[c * width + lane]);
@@ -162,9 +193,11 @@ void store_block(const A* in, void* base, const int64_t* offsets, int64_t count,
 }
 
 template <typename A>
-using LoadBlock = void (*)(const void*, const int64_t*, int64_t, int64_t, int64_t, int64_t, A*);
+using LoadBlock =
+    void (*)(const void*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, A*);
 template <typename A>
-using StoreBlock = void (*)(const A*, void*, const int64_t*, int64_t, int64_t, int64_t, int64_t);
+using StoreBlock =
+    void (*)(const A*, void*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 template <typename A>
 LoadBlock<A> block_loader(at::ScalarType dtype) {

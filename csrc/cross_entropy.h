@@ -458,14 +458,20 @@ void ce_blocks(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
       grad_at[l] = outer * a.go + inner * a.gi;
       grad_target_at[l] = outer * a.gto + inner * a.gti;
     }
-    a.load_logits_block(a.logits, logits_at, count, W, a.lc, C, z);
+    // Rows evenly spaced in memory (all of them when n_inner is 1, else within one outer
+    // index) let the block moves use the fast transposes of load_block / store_block.
+    const bool one_outer = a.n_inner == 1 || first / a.n_inner == (first + count - 1) / a.n_inner;
+    auto lane_step = [&](int64_t outer_stride, int64_t inner_stride) -> int64_t {
+      return a.n_inner == 1 ? outer_stride : (one_outer ? inner_stride : 0);
+    };
+    a.load_logits_block(a.logits, logits_at, count, lane_step(a.lo, a.li), W, a.lc, C, z);
     final_logits(z, slope, C * W, a.scale, a.cap);
 
     // Targets: y as a lane value (-1 where ignored or out of range), or u = ((1 - eps) t +
     // eps / C) w for probability targets.
     V y_lane(A(-1)), valid(zero), w_y(one);
     if (a.prob) {
-      a.load_target_block(a.target, target_at, count, W, a.tc, C, u);
+      a.load_target_block(a.target, target_at, count, lane_step(a.to, a.ti), W, a.tc, C, u);
       const V keep(A(1) - a.eps), spread(C > 0 ? a.eps / A(C) : A(0));
       for (int64_t c = 0; c < C; ++c) {
         V t = V::loadu(u + c * W) * keep + spread;
@@ -601,7 +607,7 @@ void ce_blocks(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
         value = value * (slope != nullptr ? V::loadu(slope + c * W) : V(a.scale));
         value.store(e + c * W);
       }
-      a.store_grad_block(e, a.grad_logits, grad_at, count, W, a.gc, C);
+      a.store_grad_block(e, a.grad_logits, grad_at, count, lane_step(a.go, a.gi), W, a.gc, C);
     }
     if (a.prob && a.grad_target != nullptr) {
       const V coef_t = g * V(A(1) - a.eps);
@@ -610,7 +616,8 @@ void ce_blocks(const CEArgs<A>& a, Mode mode, int64_t begin, int64_t end) {
         if (a.weight != nullptr) value = value * V(a.weight[c]);
         value.store(u + c * W);
       }
-      a.store_grad_target_block(u, a.grad_target, grad_target_at, count, W, a.gtc, C);
+      a.store_grad_target_block(u, a.grad_target, grad_target_at, count,
+                                lane_step(a.gto, a.gti), W, a.gtc, C);
     }
   }
 }

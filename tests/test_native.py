@@ -336,10 +336,11 @@ _LAYOUT_CASES = [
 
 
 def _layout_inputs(case: str, layout: str, n_classes: int):
-    n, n_inner = 37, {"rows": 1, "inner": 3, "nchw": 3}[layout]
+    # "nchw-wide": blocks of rows that lie within one outer index are one element apart.
+    n, n_inner = 37, {"rows": 1, "inner": 3, "nchw": 3, "nchw-wide": 20}[layout]
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     dtype = next((d for name, d in dtypes.items() if name in case), torch.float32)
-    if layout == "nchw":  # class stride n_inner... as NCHW: classes strided, inner contiguous
+    if layout.startswith("nchw"):  # NCHW: classes strided, the inner dimension contiguous
         logits = randn((n, n_classes, n_inner), 1, "cpu", dtype, scale=3.0)
     else:  # (n, C, n_inner) with the classes contiguous: a permuted (n, n_inner, C) tensor
         logits = randn((n, n_inner, n_classes), 1, "cpu", dtype, scale=3.0).transpose(1, 2)
@@ -377,7 +378,7 @@ def _guarded_like(t: torch.Tensor, guard: int = 64) -> tuple[torch.Tensor, torch
 
 
 @pytest.mark.skipif(not native.available(), reason="needs the native extension")
-@pytest.mark.parametrize("layout", ["rows", "inner", "nchw"])
+@pytest.mark.parametrize("layout", ["rows", "inner", "nchw", "nchw-wide"])
 @pytest.mark.parametrize("case", _LAYOUT_CASES)
 @pytest.mark.parametrize("n_classes", _LAYOUT_CLASSES)
 def test_ce_kernels_in_both_row_layouts(n_classes, case, layout):
