@@ -6,15 +6,19 @@
 // log_s = log s, u the "linear weights" (w for label smoothing, w * ((1 - eps) t + eps / C)
 // for probability targets), U = sum u:
 //
-//   loss  = a (log_s - d_y) + b (U log_s - sum_c u_c d_c)     (a, b: see ce_loss below)
+//   loss  = a (log_s - d_y) + b (U log_s - sum_c u_c d_c)     (a, b: see ce_rows)
 //   dz_c  = p_c coef_p - coef_u u_c - coef_y [c == y],         p = e / s
 //   dx_c  = dz_c * logit_scale * (1 - tanh^2)                   (the softcap's slope)
 //
-// Passes over one row (forward): convert+scale/cap into a per-thread buffer (reads the logits
-// from memory once), max, then one pass of exp and sums. With a gradient in the forward (the
-// scalar-loss path) one more pass over the buffers writes dz: the whole forward + backward
-// costs one exp per element, one read of the logits and one write of the gradient.
-// The backward from saved statistics: convert, one exp per element, write.
+// Two layouts, chosen by C alone (run()): ce_rows, one row at a time with the classes across
+// vector lanes, and for C <= 64 ce_blocks, a block of rows across the lanes with the classes
+// along the loop. Passes over one row in ce_rows (forward): read the row from memory finding its
+// max (fp32 rows in place, others converted + scaled/capped into a per-thread buffer), then one
+// pass of exp and sums. With a gradient in the forward (the scalar-loss path) one more pass
+// writes dz (an fp32 gradient is built in its own output row, a reduced one rounded straight
+// into it): the whole forward + backward costs one exp per element, one read of the logits and
+// one write of the gradient. The backward from saved statistics: read, one exp per element,
+// write.
 #pragma once
 
 #include "common.h"
@@ -199,7 +203,10 @@ void gradient_pass(const A* e, int64_t n, A p_mul, A coef_p, A coef_u, bool line
       at::vec::convert_from_float<T>(value(i, W), value(i + W, W)).store(out + i);
     }
     A tail[2 * W];
-    for (int64_t j = i; j < n; j += W) value(j, std::min(W, n - j)).store(tail + (j - i), std::min(W, n - j));
+    for (int64_t j = i; j < n; j += W) {
+      const int64_t k = std::min(W, n - j);
+      value(j, k).store(tail + (j - i), k);
+    }
     for (int64_t j = i; j < n; ++j) out[j] = static_cast<T>(tail[j - i]);
   }
 }
