@@ -479,3 +479,36 @@ def test_ce_kernels_in_both_row_layouts(n_classes, case, layout):
     for buffer in (grad_buffer, target_buffer):
         if buffer is not None:
             assert (buffer[:64] == 7).all() and (buffer[-64:] == 7).all()
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("n_classes", [11, 200])
+def test_ce_kernels_give_the_same_bits_on_any_thread_count(n_classes):
+    """Rows split across at::parallel_for's threads (for C <= 64 in whole blocks, one partial
+    block where a split falls) give the one-thread results bit for bit."""
+    from fused_ce.native import cross_entropy as native_ce
+
+    n = 7001  # several grains at C = 11 (about 3000 rows each), not a multiple of 16
+    logits = randn((n, n_classes, 1), 1, "cpu", scale=3.0)
+    target = torch.randint(0, n_classes, (n, 1), generator=torch.Generator().manual_seed(2))
+    options = CEOptions(label_smoothing=0.1)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            grad = torch.empty_like(logits)
+            outputs = native_ce.forward(
+                logits,
+                target,
+                None,
+                options,
+                with_stats=True,
+                grad_scale=torch.tensor(1.0 / n),
+                grad_logits=grad,
+            )
+            results.append((*outputs, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        torch.testing.assert_close(two, one, rtol=0, atol=0)
