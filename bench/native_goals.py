@@ -1,6 +1,6 @@
 """The native backend's goals (issue 11), side by side in one process on this CPU.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick | --small]
+    OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick | --small | --ce]
     THP_MEM_ALLOC_ENABLE=1 OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py
 
 Each row times forward + backward per call (best of rounds) for: fused_ce through its public
@@ -147,9 +147,11 @@ def report(title: str, cases: dict, rounds: int, calls: int, threads: int) -> No
     times = {}
     for name, fn in cases.items():
         times[name] = best_of(fn, rounds, calls, clock)
-    base = times.get("torch eager")
+    eager, compiled = times.get("torch eager"), times.get("torch.compile")
     for name, seconds in times.items():
-        ratio = f"{seconds / base:5.2f} x eager" if base else ""
+        ratio = f"{seconds / eager:5.2f} x eager" if eager else ""
+        if compiled:
+            ratio += f"  {seconds / compiled:5.2f} x compile"
         print(f"  {name:24s} {seconds * 1e3:10.3f} ms  {ratio}")
 
 
@@ -158,6 +160,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the linear CE case")
     parser.add_argument(
         "--small", action="store_true", help="only the small 1-thread shapes (the host cost)"
+    )
+    parser.add_argument(
+        "--ce", action="store_true", help="only the softmax + CE rows (large and small shapes)"
     )
     args = parser.parse_args()
     cores = torch.get_num_threads()
@@ -173,11 +178,13 @@ def main() -> None:
     if not args.small:
         for dtype in (torch.float32, torch.bfloat16):
             report(f"CE fwd+bwd 4096 x 32768 {dtype}", ce_case(4096, 32768, dtype), 3, 1, cores)
-        report("BCE fwd+bwd 4096 x 1024 fp32", bce_case(4096, 1024), 5, 5, cores)
+        if not args.ce:
+            report("BCE fwd+bwd 4096 x 1024 fp32", bce_case(4096, 1024), 5, 5, cores)
     for n in (1024, 64):
         report(f"CE fwd+bwd {n} x 11 fp32", ce_case(n, 11, torch.float32), 5, 200, 1)
-        report(f"BCE fwd+bwd {n} x 1 fp32", bce_case(n, 1), 5, 200, 1)
-    if not args.quick and not args.small:
+        if not args.ce:
+            report(f"BCE fwd+bwd {n} x 1 fp32", bce_case(n, 1), 5, 200, 1)
+    if not (args.quick or args.small or args.ce):
         linear = linear_case(8192, 512, 32768)
         report("linear CE fwd+bwd 8192 x 512 x 32768 fp32", linear, 2, 1, cores)
     print(f"\nload average at end {os.getloadavg()}")

@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import TIGHT, positive, randn
+from _reference import TIGHT, positive, randn, upstream_for
 
 import fused_ce
 from fused_ce import native
@@ -318,3 +318,197 @@ def test_eager_ops_layouts_and_grad_modes(reduction):
     torch.testing.assert_close(
         grad.double(), torch.autograd.grad(ref, i64, upstream.double())[0], rtol=rtol, atol=atol
     )
+
+
+# Both row layouts of ce_forward / ce_backward: C <= 64 runs rows across vector lanes (16 or 8
+# rows a block, so 37 rows end in a partial block), larger C one row at a time.
+_LAYOUT_CLASSES = [11, 64, 65, 200]
+_LAYOUT_CASES = [
+    "plain",
+    "weight-smoothing-ignore",
+    "softcap-scale",
+    "prob-weight-smoothing",
+    "stats-special-rows",
+    "uint8-ignore-bf16",
+    "fp64-weight-smoothing",
+    "fp16-softcap",
+]
+
+
+def _layout_inputs(case: str, layout: str, n_classes: int):
+    # "nchw-wide": blocks of rows that lie within one outer index are one element apart.
+    n, n_inner = 37, {"rows": 1, "inner": 3, "nchw": 3, "nchw-wide": 20}[layout]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+    dtype = next((d for name, d in dtypes.items() if name in case), torch.float32)
+    if layout.startswith("nchw"):  # NCHW: classes strided, the inner dimension contiguous
+        logits = randn((n, n_classes, n_inner), 1, "cpu", dtype, scale=3.0)
+    else:  # (n, C, n_inner) with the classes contiguous: a permuted (n, n_inner, C) tensor
+        logits = randn((n, n_inner, n_classes), 1, "cpu", dtype, scale=3.0).transpose(1, 2)
+    if case.startswith("stats"):
+        logits[0, :, 0] = float("nan")  # a NaN row: NaN loss, argmax at the first NaN
+        logits[1, 3, 0] = float("inf")
+        logits[2, :, 0] = 0.0  # ties: the first index
+        logits[3, 5, 0] = 1e4  # confident: p_y close to 1
+    options = CEOptions(
+        ignore_index=5 if "ignore" in case else -100,
+        label_smoothing=0.2 if "smoothing" in case else 0.0,
+        logit_scale=0.7 if "scale" in case else 1.0,
+        softcap=4.0 if "softcap" in case else 0.0,
+    )
+    weight = positive((n_classes,), 2, "cpu", logits.dtype) if "weight" in case else None
+    if case.startswith("prob"):
+        target = torch.softmax(randn((n, n_classes, n_inner), 3, "cpu", logits.dtype), 1)
+    else:
+        target = torch.randint(
+            0, n_classes, (n, n_inner), generator=torch.Generator().manual_seed(4)
+        )
+        target[3, 0] = 5
+        target[0::7, -1] = 5  # ignored rows where ignore_index is 5
+        if "uint8" in case:
+            target = target.to(torch.uint8)
+    return logits, target, weight, options
+
+
+def _guarded_like(t: torch.Tensor, guard: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialised tensor like ``t`` (same strides) inside a buffer whose ``guard``
+    elements on both sides hold a sentinel: a kernel writing out of bounds changes them."""
+    size = sum(s * (d - 1) for s, d in zip(t.stride(), t.shape, strict=True)) + 1
+    buffer = torch.full((size + 2 * guard,), 7.0, dtype=t.dtype)
+    return buffer, buffer[guard:].as_strided(t.shape, t.stride())
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("layout", ["rows", "inner", "nchw", "nchw-wide"])
+@pytest.mark.parametrize("case", _LAYOUT_CASES)
+@pytest.mark.parametrize("n_classes", _LAYOUT_CLASSES)
+def test_ce_kernels_in_both_row_layouts(n_classes, case, layout):
+    """ce_forward (per-row outputs, stats, the gradient of a scalar loss with z-loss) and
+    ce_backward (per-row grad_loss and grad_lse) against float64 autograd through torch's
+    cross_entropy, for every option, in both kernel layouts, with 37 rows (partial blocks),
+    inner dimensions and class-strided logits; nothing is written outside the outputs, and the
+    forward's gradient equals the backward's for the same uniform upstream gradient."""
+    from fused_ce.native import cross_entropy as native_ce
+
+    logits, target, weight, options = _layout_inputs(case, layout, n_classes)
+    prob = target.is_floating_point()
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x64 = logits.detach().double().requires_grad_(True)
+    t64 = target.detach().double().requires_grad_(True) if prob else target.long()
+    z = _final_logits(x64, options.logit_scale, options.softcap)
+    losses = F.cross_entropy(
+        z,
+        t64,
+        weight.double() if weight is not None else None,
+        reduction="none",
+        ignore_index=options.ignore_index,
+        label_smoothing=options.label_smoothing,
+    ).reshape(-1)
+    lse = torch.logsumexp(z, 1).reshape(-1)
+    rows = z.movedim(1, -1).reshape(-1, n_classes)
+    valid = torch.ones_like(lse) if prob else (target.reshape(-1) != options.ignore_index).double()
+    wrt = [x64, t64] if prob else [x64]
+    n_rows = lse.numel()
+
+    loss, lse_out, saved, entropy, argmax = native_ce.forward(
+        logits, target, weight, options, with_stats=True
+    )
+    rtol, atol = TIGHT[acc]
+    reduced = logits.dtype in (torch.bfloat16, torch.float16)
+    if reduced:  # the inputs are rounded, the math and per-row outputs fp32
+        rtol, atol = 1e-5, 1e-5
+    close = dict(rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(loss.double(), losses.detach(), **close)
+    # A +inf logit makes the whole row NaN (torch's cross_entropy's loss), lse included.
+    nan_rows = rows.detach().isnan().any(1) | (rows.detach() == float("inf")).any(1)
+    torch.testing.assert_close(
+        lse_out.double(), lse.detach().masked_fill(nan_rows, float("nan")), **close
+    )
+    probs = torch.softmax(rows.detach(), 1)
+    expected_entropy = -(probs * torch.log_softmax(rows.detach(), 1)).nan_to_num(0.0).sum(1)
+    expected_entropy[nan_rows] = float("nan")
+    torch.testing.assert_close(entropy.double(), expected_entropy, **close)
+    torch.testing.assert_close(argmax, rows.detach().argmax(1), rtol=0, atol=0)
+    finite = ~nan_rows  # the gradients below are compared where the row is finite
+
+    # The forward's gradient of scale * sum_n (loss_n + z_loss v_n lse_n^2).
+    z_loss, scale = 0.3, 0.25
+    total = scale * (losses.sum() + z_loss * (valid * lse.square()).sum())
+    expected = torch.autograd.grad(total, wrt, retain_graph=True)
+    grad_buffer, grad_logits = _guarded_like(logits)
+    target_buffer, grad_target = _guarded_like(target) if prob else (None, None)
+    native_ce.forward(
+        logits,
+        target,
+        weight,
+        options,
+        z_loss=z_loss,
+        grad_scale=torch.tensor(scale, dtype=acc),
+        grad_logits=grad_logits,
+        grad_target=grad_target,
+    )
+    row_grad = grad_logits.movedim(1, -1).reshape(-1, n_classes)[finite]
+    grad_tol = dict(rtol=rtol, atol=atol) if not reduced else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(
+        row_grad.double(), expected[0].movedim(1, -1).reshape(-1, n_classes)[finite], **grad_tol
+    )
+    if prob:
+        torch.testing.assert_close(grad_target.double(), expected[1], **grad_tol)
+
+    # The backward from saved, with the same uniform upstream: the same bits.
+    again = torch.empty_like(grad_logits)
+    grad_loss = torch.full((n_rows,), scale, dtype=acc)
+    grad_lse = (2 * z_loss) * grad_loss * lse_out * valid.to(acc)
+    native_ce.backward(grad_loss, grad_lse, logits, target, weight, saved, options, again, None)
+    torch.testing.assert_close(again, grad_logits, rtol=0, atol=0, equal_nan=True)
+
+    # The backward from saved, per-row upstream gradients.
+    g = upstream_for(losses, 5)
+    g_lse = upstream_for(lse, 6)
+    expected = torch.autograd.grad((g * losses).sum() + (g_lse * lse).sum(), wrt)
+    grad_buffer, grad_logits = _guarded_like(logits)
+    target_buffer, grad_target = _guarded_like(target) if prob else (None, None)
+    native_ce.backward(
+        g.to(acc), g_lse.to(acc), logits, target, weight, saved, options, grad_logits, grad_target
+    )
+    row_grad = grad_logits.movedim(1, -1).reshape(-1, n_classes)[finite]
+    torch.testing.assert_close(
+        row_grad.double(), expected[0].movedim(1, -1).reshape(-1, n_classes)[finite], **grad_tol
+    )
+    if prob:
+        torch.testing.assert_close(grad_target.double(), expected[1], **grad_tol)
+    for buffer in (grad_buffer, target_buffer):
+        if buffer is not None:
+            assert (buffer[:64] == 7).all() and (buffer[-64:] == 7).all()
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("n_classes", [11, 200])
+def test_ce_kernels_give_the_same_bits_on_any_thread_count(n_classes):
+    """Rows split across at::parallel_for's threads (for C <= 64 in whole blocks, one partial
+    block where a split falls) give the one-thread results bit for bit."""
+    from fused_ce.native import cross_entropy as native_ce
+
+    n = 7001  # several grains at C = 11 (about 3000 rows each), not a multiple of 16
+    logits = randn((n, n_classes, 1), 1, "cpu", scale=3.0)
+    target = torch.randint(0, n_classes, (n, 1), generator=torch.Generator().manual_seed(2))
+    options = CEOptions(label_smoothing=0.1)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            grad = torch.empty_like(logits)
+            outputs = native_ce.forward(
+                logits,
+                target,
+                None,
+                options,
+                with_stats=True,
+                grad_scale=torch.tensor(1.0 / n),
+                grad_logits=grad,
+            )
+            results.append((*outputs, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        torch.testing.assert_close(two, one, rtol=0, atol=0)
