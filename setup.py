@@ -80,7 +80,11 @@ def _native_build() -> dict:
             f"fused_ce.native._C_{name}",
             ["csrc/library.cpp"],
             # -g0: debug info would double the build time (2 minutes on 2 cores is the budget).
-            extra_compile_args=["-O3", "-g0", "-std=c++20", *_CAPABILITIES[name]],
+            # -fopenmp: at::parallel_for is inline code whose `#pragma omp parallel` a build
+            # without it ignores, running every kernel on the calling thread alone. Linking it
+            # names libgomp.so.1, which resolves to the copy torch has already loaded.
+            extra_compile_args=["-O3", "-g0", "-std=c++20", "-fopenmp", *_CAPABILITIES[name]],
+            extra_link_args=["-fopenmp"],
             depends=sorted(glob("csrc/*.h")),
             # A failed native build leaves the package usable on the torch path.
             optional=True,
