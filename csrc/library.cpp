@@ -12,6 +12,7 @@
 
 #include "bce.h"
 #include "cross_entropy.h"
+#include "memory.h"
 
 TORCH_LIBRARY(fused_ce_native, m) {
   // Per-row (loss, lse, saved (3, n_rows), entropy, argmax) of (n_outer, C, n_inner) logits;
@@ -52,10 +53,14 @@ TORCH_LIBRARY(fused_ce_native, m) {
   // reduction='none': the elementwise loss.
   m.def(
       "bce_unreduced(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight) -> Tensor");
+  // A new uninitialised contiguous tensor like `like`, in 2 MiB pages when it is large (see
+  // memory.h): the native ops' large outputs, allocated by their callers.
+  m.def("empty_output(Tensor like) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {
   m.impl("ce_forward", &fused_ce_native::ce_forward);
   m.impl("ce_backward", &fused_ce_native::ce_backward);
   m.impl("bce", &fused_ce_native::bce);
+  m.impl("empty_output", &fused_ce_native::empty_output);
 }

@@ -9,8 +9,8 @@ import torch
 
 from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
+from .._outputs import forward_outputs
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
-from ..torch_impl.cross_entropy import forward_outputs
 from ._common import Launch, cdiv, launch_arguments, tile, tl_dtype
 
 

@@ -8,12 +8,12 @@ import triton.language as tl
 
 from .._backend import INTERPRET
 from .._common import CEOptions, accumulation_dtype
+from .._outputs import forward_outputs
 from ..kernels.linear_cross_entropy import (
     lce_backward_input_kernel,
     lce_backward_weight_kernel,
     lce_forward_kernel,
 )
-from ..torch_impl.cross_entropy import forward_outputs
 from ._common import cdiv, next_power_of_2, tl_dtype
 from .cross_entropy import option_args
 

@@ -54,11 +54,18 @@ def _load() -> tuple[str | None, str]:
             torch.ops.load_library(str(autograd))
         except OSError as error:
             return None, f"loading the native libraries failed ({error})"
+        # The one native op that returns a tensor needs a fake kernel: fake tensors (the fake
+        # kernels of the fused_ce:: ops under torch.compile) reach it through _outputs.
+        torch.library.register_fake("fused_ce_native::empty_output")(_empty_output_fake)
         return name, ""
     return None, (
         "the C++ extension is not built (reinstall with a C++ compiler and "
         "`pip install --no-build-isolation`, or run `python setup.py build_ext --inplace`)"
     )
+
+
+def _empty_output_fake(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
 def available() -> bool:

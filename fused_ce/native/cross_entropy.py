@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._common import CEOptions, accumulation_dtype
-from ..torch_impl.cross_entropy import forward_outputs
+from .._outputs import forward_outputs
 from . import op as _op
 from . import ops
 

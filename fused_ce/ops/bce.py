@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .._outputs import gradient_buffers as _grad_buffers
 from ._autograd import (
     dispatch,
     double_backward_message,
@@ -71,14 +72,6 @@ def _backward_op(
 
 
 bce_backward = torch.library.custom_op("fused_ce::bce_backward", _backward_op, mutates_args=())
-
-
-def _grad_buffers(input, target, input_grad, target_grad):
-    def buffer(like, wanted):
-        shape = like.shape if wanted else (0,)
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-    return buffer(input, input_grad), buffer(target, target_grad)
 
 
 @bce_backward.register_fake

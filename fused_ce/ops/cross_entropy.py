@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._common import CEOptions, accumulation_dtype, class_rows
+from .._outputs import forward_outputs
 from ..torch_impl import cross_entropy as torch_impl
 from ._autograd import (
     dispatch,
@@ -76,7 +77,7 @@ def _(
 ):
     n_rows = logits.shape[0] * logits.shape[2]
     dtype = accumulation_dtype(logits.dtype, target.dtype)
-    return torch_impl.forward_outputs(n_rows, dtype, logits.device, with_stats)
+    return forward_outputs(n_rows, dtype, logits.device, with_stats)
 
 
 def _run_backward(

@@ -16,23 +16,8 @@ from typing import NamedTuple
 import torch
 
 from .._common import CEOptions, accumulation_dtype
+from .._outputs import forward_outputs
 from . import CHUNK_ELEMENTS
-
-
-def forward_outputs(
-    n_rows: int, dtype: torch.dtype, device: torch.device, with_stats: bool
-) -> tuple[torch.Tensor, ...]:
-    """Uninitialised ``(loss, lse, saved, entropy, argmax)`` as the forward returns them:
-    ``saved`` is ``(3, n_rows)`` (row max, log-sum-exp minus it, U); entropy and argmax are
-    empty unless ``with_stats``. Shared with the Triton launcher and the fake kernels."""
-    n_stats = n_rows if with_stats else 0
-    return (
-        torch.empty(n_rows, device=device, dtype=dtype),
-        torch.empty(n_rows, device=device, dtype=dtype),
-        torch.empty(3, n_rows, device=device, dtype=dtype),
-        torch.empty(n_stats, device=device, dtype=dtype),
-        torch.empty(n_stats, device=device, dtype=torch.int64),
-    )
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
