@@ -21,7 +21,7 @@ parallelism). See docs/distributed.md for what is sent, in bytes per row.
 
 The local per-chunk math runs as plain torch operations on the rank's slice (on any device);
 the linear head makes its logits chunk by chunk with the package's chunked driver
-(``fused_ce.torch_impl.linear``), so no more than a chunk of them exists.
+(``fused_ce._chunked``), so no more than a chunk of them exists.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._backend import resolve
+from ._chunked import LinearGrads, chunk_logits, chunk_rows, row_chunks
 from ._common import accumulation_dtype
 from ._validation import (
     check_ce_target,
@@ -47,7 +48,6 @@ from ._validation import (
 from .functional import CrossEntropyStats, _ce_divisor, _finish
 from .torch_impl import CHUNK_ELEMENTS
 from .torch_impl.cross_entropy import _final_logits_
-from .torch_impl.linear import LinearGrads, _chunks, _logits, chunk_rows
 
 __all__ = ["shard_range", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -412,7 +412,7 @@ class _VocabParallelCE(torch.autograd.Function):
         floats = logits.new_empty(spec.float_columns(), n_rows, dtype=spec.acc)
         ints = logits.new_empty(spec.int_columns(), n_rows, dtype=torch.int64)
         step = max(1, CHUNK_ELEMENTS // max(spec.n_local, 1))
-        for rows in _chunks(n_rows, step):
+        for rows in row_chunks(n_rows, step):
             z = _final_chunk(logits[rows], spec)
             _local_statistics(z, target[rows], spec, floats[:, rows], ints[:, rows])
         loss, lse, saved, entropy, argmax, target_argmax, smooth_scale = _exchange(
@@ -437,7 +437,7 @@ class _VocabParallelCE(torch.autograd.Function):
         # In the accumulation dtype the gradient's own rows serve as the chunk's work buffer.
         in_place = grad_logits.dtype == spec.acc
         step = max(1, CHUNK_ELEMENTS // max(spec.n_local, 1))
-        for rows in _chunks(logits.shape[0], step):
+        for rows in row_chunks(logits.shape[0], step):
             if in_place:
                 buffer = grad_logits[rows]
                 buffer.copy_(logits[rows])
@@ -485,8 +485,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         floats = x.new_empty(spec.float_columns(), n_rows, dtype=spec.acc)
         ints = x.new_empty(spec.int_columns(), n_rows, dtype=torch.int64)
         buffer = x.new_empty(min(head.rows_per_chunk, n_rows), spec.n_local)
-        for rows in _chunks(n_rows, head.rows_per_chunk):
-            logits = _logits(buffer, x, linear_weight, linear_bias, rows)
+        for rows in row_chunks(n_rows, head.rows_per_chunk):
+            logits = chunk_logits(buffer, x, linear_weight, linear_bias, rows)
             z = _final_chunk(logits, spec)
             _local_statistics(z, target[rows], spec, floats[:, rows], ints[:, rows])
         check_target = not head.sequence_parallel and not spec.prob_target
@@ -511,8 +511,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         want_target = spec.prob_target and wants[3]
         grad_target = torch.empty_like(target) if want_target else None
         buffer = x.new_empty(min(head.rows_per_chunk, x.shape[0]), spec.n_local)
-        for rows in _chunks(x.shape[0], head.rows_per_chunk):
-            logits = _logits(buffer, x, linear_weight, linear_bias, rows)
+        for rows in row_chunks(x.shape[0], head.rows_per_chunk):
+            logits = chunk_logits(buffer, x, linear_weight, linear_bias, rows)
             grad = _local_gradient_(
                 logits.to(spec.acc, copy=True),
                 target[rows],

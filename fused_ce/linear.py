@@ -170,7 +170,7 @@ def linear_cross_entropy(
         chunk_size (int, optional): rows per chunk on the chunked path; bounds the extra
             memory to about ``chunk_size x V`` logits. Results do not depend on it beyond fp32
             summation order. Default: ``None``: a 512 MiB logits buffer on CUDA, 16 MiB of
-            fp32 on CPU (see ``fused_ce.torch_impl.linear``).
+            fp32 on CPU (see ``fused_ce._chunked``).
         path (str, optional): ``'auto'`` (currently ``'chunked'``), ``'chunked'`` or
             ``'fused'`` (Triton only). Default: ``'auto'``.
         logit_scale (float, optional), softcap (float, optional), z_loss (float, optional),

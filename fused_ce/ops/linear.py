@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import _chunked as chunked
 from .._common import CEOptions, accumulation_dtype
-from ..torch_impl import cross_entropy as torch_ce
-from ..torch_impl import linear as chunked
+from .._outputs import forward_outputs
 from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
 from ._impl import implementation
 
@@ -132,7 +132,7 @@ def _(
     backend,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
-    return torch_ce.forward_outputs(input.shape[0], dtype, input.device, with_stats)
+    return forward_outputs(input.shape[0], dtype, input.device, with_stats)
 
 
 def _linear_ce_backward(

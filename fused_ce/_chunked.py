@@ -1,10 +1,13 @@
-"""Fused linear + loss heads, chunked over rows: the ``"chunked"`` path.
+"""The chunked GEMM driver of the fused linear + loss heads (the ``"chunked"`` path), shared by
+every backend: the per-chunk loss comes from the module passed in as ``ce``/``bce`` (the Triton
+launchers of ``fused_ce.launch``, the native kernels of ``fused_ce.native``, or the
+plain-PyTorch reference ``fused_ce.torch_impl``); this driver only makes the logits and
+gathers the gradients, with torch's GEMMs.
 
 For each chunk of rows the logits ``z = x_r @ W^T + b`` (``rows x V``, input dtype) come from one
-GEMM (``torch.mm``/``addmm``: cuBLAS on CUDA) into one reused buffer. The loss implementation
-passed in as ``ce``/``bce`` (the Triton kernels of ``fused_ce.launch`` on CUDA, ``fused_ce.
-torch_impl`` on CPU) turns the buffer into per-row statistics and, when gradients are wanted,
-into ``G = dL/dz`` in place. Two more GEMMs finish the chunk:
+GEMM (``torch.mm``/``addmm``: cuBLAS on CUDA, MKL/oneDNN on CPU) into one reused buffer. The loss
+implementation turns the buffer into per-row statistics and, when gradients are wanted, into
+``G = dL/dz`` in place. Two more GEMMs finish the chunk:
 
 * ``dX_r = G @ W``: complete for these rows, so it is written once, rounded once;
 * ``dW += G^T @ x_r`` and ``db += sum_r G``: accumulated across chunks in fp32 (fp64 for fp64)
@@ -18,12 +21,13 @@ weights, one fp32 ``V x D`` accumulator.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-from .._common import CEOptions, accumulation_dtype
-from .cross_entropy import forward_outputs
+from ._common import CEOptions, accumulation_dtype
+from ._outputs import forward_outputs
 
 # Default chunk budget, in bytes of the logits buffer (the ``chunk_size=None`` rule). CUDA: large
 # enough that each chunk's three GEMMs stay efficient and the fp32 dW accumulator, read and
@@ -138,7 +142,7 @@ class LinearGrads:
         return self.grad_input, grad_weight, grad_bias
 
 
-def _logits(
+def chunk_logits(
     buffer: torch.Tensor,
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -153,7 +157,9 @@ def _logits(
     return torch.addmm(linear_bias, input[rows], linear_weight.t(), out=out)
 
 
-def _chunks(n_rows: int, rows_per_chunk: int):
+def row_chunks(n_rows: int, rows_per_chunk: int) -> Iterator[slice]:
+    """Consecutive slices of ``rows_per_chunk`` rows (the last one shorter) covering
+    ``n_rows``."""
     for start in range(0, n_rows, rows_per_chunk):
         yield slice(start, min(start + rows_per_chunk, n_rows))
 
@@ -180,8 +186,8 @@ def cross_entropy(
     target)`` (as the core ``ce.forward`` returns them), and gradients.
 
     ``input`` ``(N, D)``; ``target`` ``(N,)`` class indices or ``(N, V)`` probabilities; ``ce``
-    is ``fused_ce.launch.cross_entropy`` or ``fused_ce.torch_impl.cross_entropy``, which gets
-    ``options``. Three uses:
+    is a backend's ``cross_entropy`` module (``fused_ce.launch``, ``fused_ce.native`` or
+    ``fused_ce.torch_impl``), which gets ``options``. Three uses:
 
     * ``saved=None, grad_loss=None``: the forward's statistics only;
     * ``saved=None`` with ``grad_scale`` (0-d): statistics and the gradients of ``grad_scale *
@@ -201,8 +207,8 @@ def cross_entropy(
         outputs = forward_outputs(n_rows, dtype, input.device, with_stats)
         saved = outputs[2]
     buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
-    for rows in _chunks(n_rows, rows_per_chunk):
-        logits = _logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
+    for rows in row_chunks(n_rows, rows_per_chunk):
+        logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
         # (rows, 1) class indices or (rows, V, 1) probabilities: the core's 3-D layout.
         chunk_target = target[rows].unsqueeze(-1)
         chunk_grad_target = grad_target[rows].unsqueeze(-1) if grad_target is not None else None
@@ -257,18 +263,18 @@ def binary_cross_entropy(
     """Elementwise loss and gradients of ``binary_cross_entropy_with_logits(x @ W^T + b)``.
 
     ``input`` ``(N, D)``; ``target``, ``weight``, ``pos_weight`` and ``grad`` are ``(N, C)``
-    (broadcast ones with stride 0); ``bce`` is ``fused_ce.launch.bce`` or ``fused_ce.torch_impl.
-    bce``. ``loss`` receives the ``(N, C)`` elementwise loss or, when it is 1-D, the per-row
-    sums in the accumulation dtype (so a mean or sum never holds ``N x C``). ``grad`` (the
-    upstream gradient of the elementwise loss), when given, sends gradients to ``grads`` and
-    ``grad_target``.
+    (broadcast ones with stride 0); ``bce`` is a backend's ``bce`` module (``fused_ce.launch``,
+    ``fused_ce.native`` or ``fused_ce.torch_impl``). ``loss`` receives the ``(N, C)``
+    elementwise loss or, when it is 1-D, the per-row sums in the accumulation dtype (so a mean
+    or sum never holds ``N x C``). ``grad`` (the upstream gradient of the elementwise loss),
+    when given, sends gradients to ``grads`` and ``grad_target``.
     """
     n_rows = input.shape[0]
     n_classes = linear_weight.shape[0]
     buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
     row_sums = loss is not None and loss.dim() == 1
-    for rows in _chunks(n_rows, rows_per_chunk):
-        logits = _logits(buffer, input, linear_weight, linear_bias, rows)
+    for rows in row_chunks(n_rows, rows_per_chunk):
+        logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows)
         operands = [t[rows] if t is not None else None for t in (target, weight, pos_weight)]
         chunk_loss = None
         if loss is not None:
