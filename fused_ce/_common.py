@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,8 +41,9 @@ def as_rows_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Ten
     view can express is copied. (The elementwise BCE kernels' operand layout.)"""
     if flat:
         # One view op where two would do (expand, then reshape): on small inputs the host
-        # work, not the kernel, is the cost. A flat operand is dense of ``shape`` or one value.
-        if tensor.numel() == 1:
+        # work, not the kernel, is the cost.
+        if tensor.numel() == 1 or (tensor.shape != shape or not tensor.is_contiguous()):
+            # One value (see bce_rows_2d: a flat operand is dense of ``shape`` or uniform).
             return tensor.as_strided((1, math.prod(shape)), (0, 0))
         return tensor.view(1, tensor.numel())
     if len(shape) == 2 and tensor.shape == shape:
@@ -53,3 +55,44 @@ def as_rows_2d(tensor: torch.Tensor, shape: torch.Size, flat: bool) -> torch.Ten
         return tensor.view(-1, shape[-1])
     except RuntimeError:
         return tensor.reshape(-1, shape[-1])
+
+
+def _uniform(tensor: torch.Tensor) -> bool:
+    """One value for every element: one element, or one expanded (every stride 0)."""
+    return tensor.numel() == 1 or all(
+        stride == 0 or size == 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
+def _broadcast(tensor: torch.Tensor) -> bool:
+    """Some element stands for several (a stride-0 dim of size > 1)."""
+    return any(
+        stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
+def bce_rows_2d(
+    shape: torch.Size, operands: Sequence[torch.Tensor | None], *, loss_sum: bool
+) -> list[torch.Tensor | None]:
+    """BCE's operands (input, target, weight, pos_weight, upstream gradient; ``None`` where
+    absent) as the (rows, cols) views every BCE kernel reads, by one rule for all backends.
+
+    One long row (``flat``) when every operand is dense of ``shape`` or one value (a 0-d or
+    expanded upstream gradient, a one-element weight): the kernels then cut it into blocks of
+    their own size, whatever ``shape[-1]`` is (an ``(N, 1)`` input is not N rows of one
+    element). Else ``(prod(shape[:-1]), shape[-1])`` views, broadcast dims with stride 0.
+
+    A loss sum is summed by the kernels in blocks of the view, so its bits depend on the view:
+    with ``loss_sum``, operands that are strided but not broadcast are copied dense when that
+    makes the view flat, so a strided problem sums to the bits of the dense one (an operand
+    broadcast along a dim keeps the (rows, cols) view for both).
+    """
+    dense = [t is None or (t.shape == shape and t.is_contiguous()) or _uniform(t) for t in operands]
+    copyable = loss_sum and not all(dense)
+    if copyable and all(
+        d or (t.shape == shape and not _broadcast(t)) for t, d in zip(operands, dense, strict=True)
+    ):
+        operands = [t if d else t.contiguous() for t, d in zip(operands, dense, strict=True)]
+        dense = [True] * len(dense)
+    flat = all(dense)
+    return [as_rows_2d(t, shape, flat) if t is not None else None for t in operands]

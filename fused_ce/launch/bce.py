@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from .._common import accumulation_dtype, as_rows_2d
+from .._common import accumulation_dtype, bce_rows_2d
 from ..kernels.bce import bce_kernel
 from ._common import MAX_TILE, Launch, cdiv, launch_arguments, next_power_of_2, tl_dtype
 
@@ -42,17 +42,11 @@ def run(
         if loss_sum is not None:
             loss_sum.zero_()
         return
-    uniform_grad = grad is not None and grad.dim() == 0
-    # Everything dense and unbroadcast: one long row, the friendliest layout for the loads.
-    # Not for a loss sum, whose partial sums must group the elements by their logical
-    # (rows, cols) position whatever the layout, so strided operands sum to the same bits.
-    flat = loss_sum is None and all(
-        t is None or (t.shape == shape and t.is_contiguous())
-        for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
-    )
-    x2, t2, w2, pw2, g2 = (
-        as_rows_2d(t, shape, flat) if t is not None else None
-        for t in (input, target, weight, pos_weight, None if uniform_grad else grad)
+    # The views of bce_rows_2d (one rule with the native kernels): one long row when every
+    # operand is dense or one value, the friendliest layout for the loads; a 0-d or expanded
+    # upstream gradient is read with strides 0.
+    x2, t2, w2, pw2, g2 = bce_rows_2d(
+        shape, (input, target, weight, pos_weight, grad), loss_sum=loss_sum is not None
     )
     dtype = accumulation_dtype(input.dtype, target.dtype)
     launch = _launch(
@@ -84,7 +78,7 @@ def run(
         t2,
         w2 if w2 is not None else x2,  # weight_ptr
         pw2 if pw2 is not None else x2,  # pos_weight_ptr
-        grad if uniform_grad else (g2 if g2 is not None else x2),  # grad_ptr
+        g2 if g2 is not None else x2,  # grad_ptr
         upstream if upstream is not None else x2,  # upstream_ptr
         loss if loss is not None else placeholder,  # loss_ptr
         grad_input if grad_input is not None else placeholder,  # grad_input_ptr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import as_rows_2d
+from .._common import bce_rows_2d
 from . import op as _op
 from . import ops
 
@@ -25,17 +25,9 @@ def run(
     """Fill the given contiguous outputs in one pass: the elementwise ``loss``, its sum into
     ``loss_sum`` (0-d, accumulation dtype), and ``grad_input``/``grad_target`` from ``grad``
     (any shape broadcastable to the input's, e.g. a 0-d uniform upstream gradient)."""
-    shape = input.shape
-    # Everything dense and unbroadcast, or one value (a 0-d upstream gradient): one long row,
-    # cut into blocks for the threads (not a row per element of an (N, 1) input).
-    flat = all(
-        t is None or t.numel() == 1 or (t.shape == shape and t.is_contiguous())
-        for t in (input, target, weight, pos_weight, grad)
+    operands = bce_rows_2d(
+        input.shape, (input, target, weight, pos_weight, grad), loss_sum=loss_sum is not None
     )
-    operands = [
-        as_rows_2d(t, shape, flat) if t is not None else None
-        for t in (input, target, weight, pos_weight, grad)
-    ]
     ops().bce(*operands, loss, grad_input, grad_target, loss_sum)
 
 
