@@ -44,8 +44,8 @@ inline Vectorized<double> log1p_unit(const Vectorized<double>& e) { return e.log
 // which every live vector register is spilled (all are caller-saved): it cost about as much as
 // the rest of the gradient. fp32: a = k ln2 + r with |r| <= ln2/2 (ln2 split in two, as Sleef
 // does, so k ln2 is exact), e^r by a degree-6 polynomial fitted for relative error (2e-9), and
-// 2^k put in the exponent bits: at most 1.05e-7 relative (0.9 ulp) over [-87.3, 0], measured on
-// 4e5 points. Below -87.3 the result would be subnormal (< 2^-126) and is flushed to 0: the loss
+// 2^k put in the exponent bits: at most 1.05e-7 relative (0.9 ulp) over [-87.34, 0], measured on
+// 4e5 points. Below ln(2^-126) = -87.34 the result would be subnormal (< 2^-126) and is flushed to 0: the loss
 // and gradients there are below 1e-38, far inside every tolerance. fp64 keeps Sleef's exp.
 inline Vectorized<float> precise_exp_nonpositive(const Vectorized<float>& a) {
   using V = Vectorized<float>;
@@ -62,7 +62,7 @@ inline Vectorized<float> precise_exp_nonpositive(const Vectorized<float>& a) {
   const auto exponent = at::vec::convert_to_int_of_same_size(at::vec::maximum(k, V(-126.0f)));
   const V scale = at::vec::cast<float>(
       (exponent + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23));
-  V result = V::blendv(p * scale, V(0.0f), a < V(-87.3f));
+  V result = V::blendv(p * scale, V(0.0f), a < V(-87.33654f));
   return V::blendv(result, a, a.isnan());  // NaN stays NaN
 }
 inline Vectorized<double> precise_exp_nonpositive(const Vectorized<double>& a) { return a.exp(); }

@@ -512,3 +512,55 @@ def test_ce_kernels_give_the_same_bits_on_any_thread_count(n_classes):
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
         torch.testing.assert_close(two, one, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("pos_weighted", [False, True], ids=["plain", "pos_weighted"])
+def test_bce_fp32_precision_across_the_logit_range(pos_weighted):
+    """The fp32 kernel's own exp and log1p (csrc/bce.h) over logits in [-100, 100], where
+    exp(-|x|) runs from 1 down past the fp32 normals (flushed to 0 below 2^-126), for targets 0,
+    1 and between: every element of the loss and of both gradients is within twice torch's
+    fp32 error plus 4 fp32 roundings of the terms the result is the difference of (e.g.
+    (1 - t) sigmoid(x) - t sigmoid(-x)), plus 4 float64 roundings of the oracle's own terms
+    (its sigmoid(x) - 1 is 0 beyond x = 37), plus the flush of exp(-|x|) below 2^-126."""
+    x = torch.cat([torch.linspace(-100.0, 100.0, 20001), torch.tensor([0.0, -0.0, 1e-30])])
+    t = torch.tensor([0.0, 1.0, 0.3, 0.75]).repeat(x.numel() // 4 + 1)[: x.numel()]
+    pw = positive(x.shape, 5, "cpu") if pos_weighted else None
+    upstream = randn(x.shape, 6, "cpu")
+    args, kwargs = (x, t), dict(pos_weight=pw, reduction="none")
+
+    def run(fn, *tensors, **options):
+        leaves = [v.detach().requires_grad_(True) for v in tensors]
+        loss = fn(*leaves, **options)
+        grads = torch.autograd.grad(loss, leaves, upstream.to(loss.dtype))
+        return [loss.detach(), *grads]
+
+    ours = run(fused_ce.sigmoid_binary_cross_entropy, *args, **kwargs, backend="native")
+    fp32 = run(F.binary_cross_entropy_with_logits, *args, **kwargs)
+    kwargs64 = dict(kwargs, pos_weight=pw.double() if pos_weighted else None)
+    reference = run(F.binary_cross_entropy_with_logits, x.double(), t.double(), **kwargs64)
+    x64, t64, g64 = x.double(), t.double(), upstream.double().abs()
+    pw64 = pw.double() if pos_weighted else torch.ones_like(x64)
+    nls, nls_neg = F.softplus(-x64), F.softplus(x64)  # -logsigmoid(x), -logsigmoid(-x)
+    terms = (
+        ((1 - t64) * x64).abs() + ((pw64 - 1) * t64 + 1) * nls,
+        g64 * ((1 - t64) * torch.sigmoid(x64) + pw64 * t64 * torch.sigmoid(-x64)),
+        g64 * (pw64 * nls + nls_neg),
+    )
+    # torch's float64 dx is sigmoid(x) ((pw - 1) t + 1) - pw t: its terms are of size 1.
+    oracle_terms = (terms[0], g64 * (torch.sigmoid(x64) * ((pw64 - 1) * t64 + 1) + pw64 * t64))
+    oracle_terms += (terms[2],)
+    # exp(-|x|) below 2^-126 is flushed to 0; it enters with a factor of at most this.
+    flush = 2.0**-126 * (1 + pw64) * torch.clamp(g64, min=1.0)
+    eps, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    for name, value, theirs, ref, size, oracle_size in zip(
+        ("loss", "dx", "dt"), ours, fp32, reference, terms, oracle_terms, strict=True
+    ):
+        error = (value.double() - ref).abs()
+        bound = 2 * (theirs.double() - ref).abs() + 4 * eps * size + 4 * eps64 * oracle_size
+        bound += flush
+        worst = int((error - bound).argmax())
+        assert (error <= bound).all(), (
+            f"{name} at x = {float(x[worst])}, t = {float(t[worst])}: {float(value[worst])}, "
+            f"float64 {float(ref[worst])}, torch fp32 {float(theirs[worst])}"
+        )
