@@ -1,6 +1,6 @@
 """The native backend's goals (issue 11), side by side in one process on this CPU.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick | --small | --ce]
+    OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick | --small | --ce | --only CASE]
     THP_MEM_ALLOC_ENABLE=1 OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py
 
 Each row times forward + backward per call (best of rounds) for: fused_ce through its public
@@ -9,7 +9,11 @@ makes (forward with ``grad_scale``: loss and gradient in one pass, into a reused
 buffer), torch eager and ``torch.compile`` of torch's loss. The large shapes use all threads
 and wall time; the small shapes run at 1 thread and are timed in the calling thread's CPU time.
 The conditions (threads, load average, allocator and OpenMP settings) are printed with the
-table: on a shared machine only ratios within one run mean anything.
+table: on a shared machine only ratios within one run mean anything. Wall-time rows also give
+the process's CPU time per call (all threads), which shows whether the threads ran in
+parallel (CPU time near threads x wall) and how much of the wall time was spent waiting for a
+core on a loaded machine. The linear CE case also gives each provider's peak tensor memory
+above its inputs (``fused_ce._memory.peak_bytes``, one extra call under the profiler).
 """
 
 from __future__ import annotations
@@ -23,20 +27,25 @@ import torch.nn.functional as F
 
 import fused_ce
 from fused_ce._common import CEOptions
+from fused_ce._memory import peak_bytes
+from fused_ce._outputs import empty_output
 from fused_ce.native import bce as native_bce
 from fused_ce.native import cross_entropy as native_ce
 
 
-def best_of(fn, rounds: int, calls: int, clock=time.perf_counter) -> float:
-    """Best per-call time in seconds over ``rounds`` rounds of ``calls`` calls."""
+def best_of(fn, rounds: int, calls: int, clock=time.perf_counter) -> tuple[float, float]:
+    """Best per-call time in seconds over ``rounds`` rounds of ``calls`` calls, and the
+    process CPU time per call in that round."""
     fn()
-    best = float("inf")
+    best, cpu = float("inf"), float("nan")
     for _ in range(rounds):
-        start = clock()
+        start, start_cpu = clock(), time.process_time()
         for _ in range(calls):
             fn()
-        best = min(best, (clock() - start) / calls)
-    return best
+        elapsed = (clock() - start) / calls
+        if elapsed < best:
+            best, cpu = elapsed, (time.process_time() - start_cpu) / calls
+    return best, cpu
 
 
 def ce_case(n: int, c: int, dtype: torch.dtype):
@@ -93,11 +102,17 @@ def bce_case(n: int, c: int):
     def one_pass():
         native_bce.run(x, t, None, None, scale, None, grad_input, None, loss_sum=loss_sum)
 
+    def one_pass_new_buffer():
+        # The API's allocation (fused_ce._outputs.empty_output) with the kernel, no autograd.
+        out = empty_output(x)
+        native_bce.run(x, t, None, None, scale, None, out, None, loss_sum=loss_sum)
+
     return {
         "fused_ce native (API)": run(
             lambda a, b: fused_ce.sigmoid_binary_cross_entropy(a, b, backend="native")
         ),
         "native one-pass": one_pass,
+        "one-pass, new gradient": one_pass_new_buffer,
         "torch eager": run(F.binary_cross_entropy_with_logits),
         "torch.compile": run(compiled),
     }
@@ -122,12 +137,16 @@ def linear_case(n: int, d: int, v: int):
 
         return call
 
+    def reference(a, b, t):
+        return F.cross_entropy(F.linear(a, b), t)
+
     cases = {
         "three GEMMs": gemms,
         "fused_ce native": run(
             lambda a, b, t: fused_ce.linear_cross_entropy(a, b, t, backend="native")
         ),
-        "torch eager": run(lambda a, b, t: F.cross_entropy(F.linear(a, b), t)),
+        "torch eager": run(reference),
+        "torch.compile": run(torch.compile(reference)),
     }
     if hasattr(F, "linear_cross_entropy"):
         options = torch.nn.LinearCrossEntropyOptions()
@@ -137,7 +156,9 @@ def linear_case(n: int, d: int, v: int):
     return cases
 
 
-def report(title: str, cases: dict, rounds: int, calls: int, threads: int) -> None:
+def report(
+    title: str, cases: dict, rounds: int, calls: int, threads: int, memory: bool = False
+) -> None:
     torch.set_num_threads(threads)
     # One thread: the calling thread's CPU time, which a loaded machine's preemptions do not
     # inflate (all the work of a 1-thread call runs on it); several: wall time.
@@ -147,12 +168,17 @@ def report(title: str, cases: dict, rounds: int, calls: int, threads: int) -> No
     times = {}
     for name, fn in cases.items():
         times[name] = best_of(fn, rounds, calls, clock)
-    eager, compiled = times.get("torch eager"), times.get("torch.compile")
-    for name, seconds in times.items():
-        ratio = f"{seconds / eager:5.2f} x eager" if eager else ""
-        if compiled:
-            ratio += f"  {seconds / compiled:5.2f} x compile"
-        print(f"  {name:24s} {seconds * 1e3:10.3f} ms  {ratio}")
+    base = times.get("torch eager", (None,))[0]
+    compiled = times.get("torch.compile", (None,))[0]
+    for name, (seconds, cpu) in times.items():
+        ratio = f"{seconds / base:5.2f} x eager" if base else ""
+        ratio += f"  {seconds / compiled:5.2f} x compile" if compiled else ""
+        line = f"  {name:24s} {seconds * 1e3:10.3f} ms  {ratio}"
+        if threads > 1:
+            line += f"  (process CPU {cpu * 1e3:.1f} ms)"
+        if memory:
+            line += f"  peak {peak_bytes(cases[name]) / 2**20:7.1f} MiB"
+        print(line)
 
 
 def main() -> None:
@@ -164,7 +190,16 @@ def main() -> None:
     parser.add_argument(
         "--ce", action="store_true", help="only the softmax + CE rows (large and small shapes)"
     )
+    parser.add_argument(
+        "--only", choices=("ce", "bce", "small", "linear"), help="run only this group of cases"
+    )
     args = parser.parse_args()
+    run_group = {
+        "ce": not args.small and args.only in (None, "ce"),
+        "bce": not (args.small or args.ce) and args.only in (None, "bce"),
+        "small": args.only in (None, "small"),
+        "linear": not (args.quick or args.small or args.ce) and args.only in (None, "linear"),
+    }
     cores = torch.get_num_threads()
     print(
         f"torch {torch.__version__}, {cores} threads, capability "
@@ -175,18 +210,20 @@ def main() -> None:
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
         f"load average at start {os.getloadavg()}"
     )
-    if not args.small:
+    if run_group["ce"]:
         for dtype in (torch.float32, torch.bfloat16):
             report(f"CE fwd+bwd 4096 x 32768 {dtype}", ce_case(4096, 32768, dtype), 3, 1, cores)
-        if not args.ce:
-            report("BCE fwd+bwd 4096 x 1024 fp32", bce_case(4096, 1024), 5, 5, cores)
-    for n in (1024, 64):
-        report(f"CE fwd+bwd {n} x 11 fp32", ce_case(n, 11, torch.float32), 5, 200, 1)
-        if not args.ce:
-            report(f"BCE fwd+bwd {n} x 1 fp32", bce_case(n, 1), 5, 200, 1)
-    if not (args.quick or args.small or args.ce):
+    if run_group["bce"]:
+        report("BCE fwd+bwd 4096 x 1024 fp32", bce_case(4096, 1024), 7, 5, cores)
+        report("BCE fwd+bwd 4096 x 1024 fp32", bce_case(4096, 1024), 5, 3, 1)
+    if run_group["small"]:
+        for n in (1024, 64):
+            report(f"CE fwd+bwd {n} x 11 fp32", ce_case(n, 11, torch.float32), 5, 200, 1)
+            if not args.ce:
+                report(f"BCE fwd+bwd {n} x 1 fp32", bce_case(n, 1), 5, 200, 1)
+    if run_group["linear"]:
         linear = linear_case(8192, 512, 32768)
-        report("linear CE fwd+bwd 8192 x 512 x 32768 fp32", linear, 2, 1, cores)
+        report("linear CE fwd+bwd 8192 x 512 x 32768 fp32", linear, 2, 1, cores, memory=True)
     print(f"\nload average at end {os.getloadavg()}")
 
 
