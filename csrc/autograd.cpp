@@ -74,6 +74,14 @@ void bce(const at::Tensor& input, const at::Tensor& target, const OptionalTensor
                 loss_sum);
 }
 
+// A new contiguous tensor like `like`, in 2 MiB pages when large (csrc/memory.h): the BCE
+// gradients, whose 4 KiB page faults on first touch cost more than the kernel filling them.
+at::Tensor empty_output(const at::Tensor& like) {
+  static const auto op =
+      kernel<at::Tensor(const at::Tensor&)>("fused_ce_native::empty_output");
+  return op.redispatch(kCPU, like);
+}
+
 at::ScalarType accumulation(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
                                                                               : at::kFloat;
@@ -476,13 +484,15 @@ at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
 
 // --- sigmoid + binary cross-entropy ---------------------------------------------------------
 
-// An operand broadcast to `shape` as the kernel's (rows, cols) view: one long row when every
-// operand is dense of `shape` or a single value (`flat`), else (prod(shape[:-1]), shape[-1]);
-// stride-0 dims stay stride 0. As fused_ce._common.as_rows_2d.
+// An operand broadcast to `shape` as the kernel's (rows, cols) view: one long row when `flat`
+// (every operand dense of `shape` or one value), else (prod(shape[:-1]), shape[-1]); stride-0
+// dims stay stride 0. As fused_ce._common.as_rows_2d.
 at::Tensor rows_2d(const at::Tensor& t, at::IntArrayRef shape, bool flat) {
   if (flat) {
     const int64_t numel = c10::multiply_integers(shape);
-    if (t.numel() == 1) return t.as_strided({1, numel}, {0, 0});
+    if (t.numel() == 1 || t.sizes() != shape || !t.is_contiguous()) {
+      return t.as_strided({1, numel}, {0, 0});  // one value
+    }
     return t.view({1, t.numel()});
   }
   const at::Tensor expanded = t.expand(shape);
@@ -490,24 +500,55 @@ at::Tensor rows_2d(const at::Tensor& t, at::IntArrayRef shape, bool flat) {
   return expanded.reshape({-1, shape.back()});
 }
 
+// One value for every element: one element, or one expanded (every stride 0 where size > 1).
+bool uniform_operand(const at::Tensor& t) {
+  if (t.numel() == 1) return true;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) != 0) return false;
+  }
+  return true;
+}
+
+bool broadcast_operand(const at::Tensor& t) {
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) == 0) return true;
+  }
+  return false;
+}
+
 // One kernel call on operands of any layout: any of the elementwise loss, its sum, and the
-// gradients for the upstream `grad` (0-d, or broadcastable to the input).
+// gradients for the upstream `grad` (0-d, or broadcastable to the input). The views are those
+// of fused_ce._common.bce_rows_2d, the one rule for every BCE kernel: flat when every operand
+// is dense of `shape` or uniform; with a loss sum, operands that are strided but not broadcast
+// are copied dense (then flat) rather than changing the view, so a strided problem sums to the
+// dense problem's bits.
 void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTensor& weight,
              const OptionalTensor& pos_weight, const OptionalTensor& grad,
              const OptionalTensor& loss, const OptionalTensor& grad_input,
              const OptionalTensor& grad_target, const OptionalTensor& loss_sum) {
   const at::IntArrayRef shape = input.sizes();
-  auto dense_or_one = [&](const OptionalTensor& t) {
-    return !t.has_value() || t->numel() == 1 || (t->sizes() == shape && t->is_contiguous());
+  OptionalTensor operands[5] = {input, target, weight, pos_weight, grad};
+  auto dense = [&](const at::Tensor& t) {
+    return (t.sizes() == shape && t.is_contiguous()) || uniform_operand(t);
   };
-  const bool flat = dense_or_one(input) && dense_or_one(target) && dense_or_one(grad) &&
-                    dense_or_one(weight) && dense_or_one(pos_weight);
+  bool flat = true, copyable = true;
+  for (const auto& t : operands) {
+    if (!t.has_value() || dense(*t)) continue;
+    flat = false;
+    copyable = copyable && t->sizes() == shape && !broadcast_operand(*t);
+  }
+  if (!flat && loss_sum.has_value() && copyable) {
+    for (auto& t : operands) {
+      if (t.has_value() && !dense(*t)) t = t->contiguous();
+    }
+    flat = true;
+  }
   auto rows = [&](const OptionalTensor& t) -> OptionalTensor {
     if (!t.has_value()) return std::nullopt;
     return rows_2d(*t, shape, flat);
   };
-  bce(rows_2d(input, shape, flat), rows_2d(target, shape, flat), rows(weight), rows(pos_weight),
-      rows(grad), loss, grad_input, grad_target, loss_sum);
+  bce(*rows(operands[0]), *rows(operands[1]), rows(operands[2]), rows(operands[3]),
+      rows(operands[4]), loss, grad_input, grad_target, loss_sum);
 }
 
 struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEntropyScalar> {
@@ -523,8 +564,8 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
     // The views and buffers made here are internal: no autograd or view tracking for them.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::optional<at::Tensor> grad_input, grad_target;
-    if (input_grad) grad_input = at::empty(input.sizes(), input.options());
-    if (target_grad) grad_target = at::empty(target.sizes(), target.options());
+    if (input_grad) grad_input = empty_output(input);
+    if (target_grad) grad_target = empty_output(target);
     const at::Tensor loss_sum = at::empty({}, input.options().dtype(grad_scale.scalar_type()));
     bce_run(input, target, weight, pos_weight, grad_scale, std::nullopt, grad_input,
             grad_target, loss_sum);
@@ -570,8 +611,8 @@ struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEn
                 std::nullopt);
       }
     } else if (want_input || want_target) {
-      if (want_input) grad_input = at::empty(input.sizes(), input.options());
-      if (want_target) grad_target = at::empty(target.sizes(), target.options());
+      if (want_input) grad_input = empty_output(input);
+      if (want_target) grad_target = empty_output(target);
       bce_run(input, target, weight, pos_weight, grad_scale * upstream, std::nullopt,
               optional(grad_input), optional(grad_target), std::nullopt);
     }
@@ -618,8 +659,8 @@ struct BinaryCrossEntropyUnreduced
     const at::Tensor& input = stored[0];
     const at::Tensor& target = stored[1];
     at::Tensor grad_input, grad_target;
-    if (want_input) grad_input = at::empty(input.sizes(), input.options());
-    if (want_target) grad_target = at::empty(target.sizes(), target.options());
+    if (want_input) grad_input = empty_output(input);
+    if (want_target) grad_target = empty_output(target);
     bce_run(input, target, optional(stored[2]), optional(stored[3]), upstream, std::nullopt,
             optional(grad_input), optional(grad_target), std::nullopt);
     below_autograd.reset();

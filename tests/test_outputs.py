@@ -113,3 +113,27 @@ def test_strided_operands_sum_to_the_dense_bits(backend_device, reduction):
         rtol, atol = TIGHT[torch.float32]
         torch.testing.assert_close(results[0][0].double(), loss64.detach(), rtol=rtol, atol=atol)
         torch.testing.assert_close(results[0][1].double(), x64.grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_large_native_bce_gradient_comes_from_the_shared_allocator(reduction):
+    """The public 'mean'/'sum' BCE on the native backend (its C++ autograd) hands out a 4 MiB
+    gradient mapped by empty_output (2 MiB aligned where huge pages are on), with float64
+    torch's values, for the input and the target; a retained graph's second backward (new
+    buffers) gives the same."""
+    x = randn((1024, 1024), 0, "cpu", scale=3.0).requires_grad_(True)
+    t = torch.rand(1024, 1024, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    loss = fused_ce.sigmoid_binary_cross_entropy(x, t, reduction=reduction, backend="native")
+    first = torch.autograd.grad(loss, (x, t), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, t))
+    x64, t64 = x.detach().double().requires_grad_(True), t.detach().double().requires_grad_(True)
+    expected = torch.autograd.grad(
+        F.binary_cross_entropy_with_logits(x64, t64, reduction=reduction), (x64, t64)
+    )
+    rtol, atol = TIGHT[torch.float32]
+    for grads in (first, second):
+        for value, ref in zip(grads, expected, strict=True):
+            torch.testing.assert_close(value.double(), ref, rtol=rtol, atol=atol * ref.abs().max())
+            if _huge_pages_on():
+                assert value.data_ptr() % (2 << 20) == 0
