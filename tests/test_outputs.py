@@ -137,3 +137,26 @@ def test_large_native_bce_gradient_comes_from_the_shared_allocator(reduction):
             torch.testing.assert_close(value.double(), ref, rtol=rtol, atol=atol * ref.abs().max())
             if _huge_pages_on():
                 assert value.data_ptr() % (2 << 20) == 0
+
+
+@pytest.mark.skipif(
+    not (native.available() and _huge_pages_on()), reason="needs the native huge-page outputs"
+)
+def test_a_freed_output_mapping_serves_the_next_output_of_its_size():
+    """The last freed mapping (up to 64 MiB) is kept for the next output of the same length (a
+    training step's gradient), so that one neither faults nor zeroes pages again; another
+    length gets a new mapping; outputs alive at once never share memory."""
+    like = torch.empty(1024, 1024)
+    first = empty_output(like)
+    address = first.data_ptr()
+    del first
+    again = empty_output(like)
+    assert again.data_ptr() == address
+    other = empty_output(like)  # while `again` lives: a new mapping
+    assert other.data_ptr() != address
+    again.fill_(1.0)
+    other.fill_(2.0)
+    assert float(again.sum()) == like.numel() and float(other.sum()) == 2 * like.numel()
+    del again, other
+    bigger = empty_output(torch.empty(2048, 1024))
+    assert bigger.shape == (2048, 1024)
