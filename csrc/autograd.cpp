@@ -74,7 +74,7 @@ void bce(const at::Tensor& input, const at::Tensor& target, const OptionalTensor
                 loss_sum);
 }
 
-// A new contiguous tensor like `like`, in 2 MiB pages when large (csrc/memory.h): the BCE
+// A new contiguous tensor like `like`, in 2 MiB pages when large (csrc/memory.h): the
 // gradients, whose 4 KiB page faults on first touch cost more than the kernel filling them.
 at::Tensor empty_output(const at::Tensor& like) {
   static const auto op =
@@ -198,9 +198,11 @@ at::Tensor class_rows(const at::Tensor& t) {
 }
 
 // A new tensor like `input` whose class_rows is a view of it (so the kernel writes the
-// gradient in the input's own shape): empty_like's layout, or contiguous where that layout's
+// gradient in the input's own shape): for a contiguous input an empty_output (large ones in
+// 2 MiB pages, see memory.h), else empty_like's layout, or contiguous where that layout's
 // spatial dims do not merge.
 at::Tensor gradient_like(const at::Tensor& input) {
+  if (input.is_contiguous()) return empty_output(input);
   at::Tensor grad = at::empty_like(input);
   if (input.dim() > 3 && !class_rows(grad).is_alias_of(grad)) {
     grad = at::empty(input.sizes(), input.options());
