@@ -239,8 +239,8 @@ def softmax_cross_entropy(
             requires grad, and nothing else may need its values later: a use saved by another
             op fails loudly (torch's "modified by an inplace operation" error), as does a
             change to ``input`` before the backward. Default: ``False``.
-        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``. Default: ``None``
-            (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``.
+            Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
         Tensor: the loss, in ``input``'s dtype (the promoted dtype of input and target for
@@ -428,8 +428,8 @@ def sigmoid_binary_cross_entropy(
             ``'sum'``. Default: ``'mean'``.
         pos_weight (Tensor, optional): positive-class weight broadcastable to ``input``; a
             ``(C,)`` tensor applies to the last dim. Not differentiable. Default: ``None``.
-        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``. Default: ``None``
-            (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``.
+            Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
         Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64

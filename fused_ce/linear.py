@@ -176,9 +176,9 @@ def linear_cross_entropy(
         logit_scale (float, optional), softcap (float, optional), z_loss (float, optional),
             return_stats (bool, optional): as in :func:`fused_ce.softmax_cross_entropy`, with
             the same defaults (``1.0``, ``None``, ``0.0``, ``False``); both paths take them.
-        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``; on the chunked path
-            it picks the per-chunk loss kernels, the GEMMs being torch's. Default: ``None``
-            (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``; on the
+            chunked path it picks the per-chunk loss kernels, the GEMMs being torch's. Default:
+            ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
         Tensor: the loss in ``input``'s dtype (the promoted dtype of input and target for
@@ -345,8 +345,8 @@ def linear_binary_cross_entropy_with_logits(
             Default: ``'mean'``.
         chunk_size (int, optional): rows per chunk (see :func:`linear_cross_entropy`).
             Default: ``None``.
-        backend (str, optional): ``'auto'``, ``'triton'`` or ``'torch'``: the per-chunk BCE
-            kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``: the
+            per-chunk BCE kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
         Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
