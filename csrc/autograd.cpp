@@ -13,11 +13,14 @@
 // upstream gradient is not 1: one rounding, as torch's own backward), and any later backward
 // of a retained graph writes new buffers, so a gradient once handed out never changes.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -89,24 +92,7 @@ at::ScalarType accumulation(const at::Tensor& a, const at::Tensor& b) {
 
 // --- autograd ---------------------------------------------------------------------------------
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The gradient buffers live in saved_data, not in the saved variables: the backward may
-// rewrite them in place, which is not a change of a saved input that the version check
-// should report.
-std::optional<at::Tensor> saved_buffer(AutogradContext* ctx, const char* name) {
-  const c10::IValue& value = ctx->saved_data.at(name);
-  return value.isNone() ? std::nullopt : std::optional<at::Tensor>(value.toTensor());
-}
-
-// The first backward gives the forward's buffers away: the context drops its references, so
-// that the caller's are the only ones and AccumulateGrad takes the buffer as the .grad instead
-// of copying it (it copies a gradient that something else still references).
-void hand_out(AutogradContext* ctx, std::initializer_list<const char*> names) {
-  ctx->saved_data["handed_out"] = true;
-  for (const char* name : names) ctx->saved_data[name] = c10::IValue();
-}
 
 // Whether the 0-d upstream gradient is exactly 1: read on the host (a CPU tensor; there is no
 // device to sync with).
@@ -116,8 +102,17 @@ bool is_unit(const at::Tensor& upstream) { return upstream.item<double>() == 1.0
 // differentiated (the fused backward has no derivative of its own). Its extra input, a saved
 // operand that requires grad, links it to the forward's inputs, so that differentiating
 // towards them reaches it (and raises) instead of finding no path.
+// The losses, as the "double backward" error names them: ours, and torch's to use instead.
+struct LossNames {
+  const char* ours;
+  const char* torch;
+};
+constexpr LossNames kCrossEntropy{"softmax_cross_entropy", "torch.nn.functional.cross_entropy"};
+constexpr LossNames kBinaryCrossEntropy{"sigmoid_binary_cross_entropy",
+                                        "torch.nn.functional.binary_cross_entropy_with_logits"};
+
 variable_list guard_double_backward(variable_list grads, const at::Tensor& anchor,
-                                    const std::string& message) {
+                                    LossNames names) {
   if (!at::GradMode::is_enabled()) return grads;
   variable_list inputs;
   for (const at::Tensor& g : grads) {
@@ -125,6 +120,10 @@ variable_list guard_double_backward(variable_list grads, const at::Tensor& ancho
   }
   const bool anchored = anchor.defined() && anchor.requires_grad();
   if (anchored) inputs.push_back(anchor);
+  const std::string message = std::string("fused_ce: double backward through ") + names.ours +
+                              " is not supported; the fused backward kernel has no derivative "
+                              "of its own. Use " +
+                              names.torch + " for higher-order gradients.";
   auto error = std::make_shared<torch::autograd::DelayedError>(
       message, static_cast<int64_t>(inputs.size()));
   variable_list linked = (*error)(std::move(inputs));
@@ -133,12 +132,6 @@ variable_list guard_double_backward(variable_list grads, const at::Tensor& ancho
     if (!grads[i].defined()) linked[i] = at::Tensor();
   }
   return linked;
-}
-
-std::string double_backward_message(const char* loss, const char* torch_name) {
-  return std::string("fused_ce: double backward through ") + loss +
-         " is not supported; the fused backward kernel has no derivative of its own. Use " +
-         torch_name + " for higher-order gradients.";
 }
 
 // grad_scale * total (both 0-d, one dtype) as a new 0-d tensor: the product rounded once, the
@@ -161,13 +154,6 @@ struct CEOptionsNative {
   double softcap;
   double z_loss;
 };
-
-CEOptionsNative ce_options(AutogradContext* ctx) {
-  return {ctx->saved_data.at("ignore_index").toInt(),
-          ctx->saved_data.at("label_smoothing").toDouble(),
-          ctx->saved_data.at("logit_scale").toDouble(), ctx->saved_data.at("softcap").toDouble(),
-          ctx->saved_data.at("z_loss").toDouble()};
-}
 
 // Writes the gradients of grad_scale * upstream * sum_n (loss_n + z_loss * v_n * lse_n^2)
 // into grad_logits / grad_target (the same ops, in the same order, as the Python rewrite).
@@ -210,191 +196,127 @@ at::Tensor gradient_like(const at::Tensor& input) {
   return grad;
 }
 
-struct CrossEntropyScalar : public torch::autograd::Function<CrossEntropyScalar> {
-  // input: logits (C), (N, C) or (N, C, d1..dK); target: class indices of the batch shape, or
-  // probabilities of input's shape; grad_scale 0-d in the accumulation dtype (1 / divisor for
-  // 'mean', 1 for 'sum'). Returns the 0-d loss grad_scale * sum_n (loss_n + z_loss * v_n *
-  // lse_n^2) and makes the gradients the two flags ask for.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                            const at::Tensor& grad_scale, int64_t ignore_index,
-                            double label_smoothing, double logit_scale, double softcap,
-                            double z_loss, bool input_grad, bool target_grad) {
-    TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu() &&
-                    grad_scale.device().is_cpu(),
-                "fused_ce native: ce_scalar takes CPU tensors");
-    // The views and buffers made here are internal: no autograd or view tracking for them.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const bool prob_target = target.is_floating_point();  // else class indices
-    const at::Tensor logits = class_rows(input);
-    const at::Tensor rows_target = prob_target
-        ? class_rows(target)
-        : target.reshape({logits.size(0), logits.size(2)});
-    const at::ScalarType acc = accumulation(logits, target);
-    const int64_t n_rows = logits.size(0) * logits.size(2);
-    const auto row_options = logits.options().dtype(acc);
-    const at::Tensor loss_rows = at::empty({n_rows}, row_options);
-    const at::Tensor lse = at::empty({n_rows}, row_options);
-    const at::Tensor saved = at::empty({3, n_rows}, row_options);
-    const at::Tensor no_entropy = at::empty({0}, row_options);
-    const at::Tensor no_argmax = at::empty({0}, row_options.dtype(at::kLong));
-    std::optional<at::Tensor> grad_input, grad_target;
-    if (input_grad) grad_input = gradient_like(input);
-    if (target_grad) grad_target = gradient_like(target);
-    ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-               loss_rows, lse, saved, no_entropy, no_argmax,
-               input_grad || target_grad ? std::optional<at::Tensor>(grad_scale) : std::nullopt,
-               z_loss, grad_input.has_value() ? std::optional(class_rows(*grad_input)) : std::nullopt,
-               grad_target.has_value() ? std::optional(class_rows(*grad_target)) : std::nullopt);
-    at::Tensor per_row = loss_rows;
-    if (z_loss > 0.0) {
-      at::Tensor z_rows = lse.square() * z_loss;
-      // where(), not a product: an ignored row's lse may be inf and its term must be 0.
-      if (!prob_target) {
-        z_rows = at::where(rows_target.reshape({-1}).to(at::kLong) != ignore_index, z_rows, 0.0);
-      }
-      per_row = per_row + z_rows;
-    }
-    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), saved, grad_scale});
-    ctx->saved_data["grad_input"] = grad_input;
-    ctx->saved_data["grad_target"] = grad_target;
-    ctx->saved_data["handed_out"] = false;
-    ctx->saved_data["prob_target"] = prob_target;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["logit_scale"] = logit_scale;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["z_loss"] = z_loss;
-    ctx->set_materialize_grads(false);
-    return scaled(per_row.sum(), grad_scale);
+// The node of ce_scalar, written out as ATen's generated nodes are (see
+// BinaryCrossEntropyScalarBackward below for why not a torch::autograd::Function).
+struct CrossEntropyScalarBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, target, weight;
+  at::Tensor saved, grad_scale;  // made by the op: row statistics (3, n_rows), 0-d scale
+  CEOptionsNative options{};
+  bool prob_target = false;
+  // The forward's gradients for an upstream of 1, until the first backward gives them away.
+  OptionalTensor made_input, made_target;
+  bool handed_out = false;
+
+  std::string name() const override { return "fused_ce_native::CrossEntropyScalarBackward"; }
+
+  void release_variables() override {
+    input.reset_data();
+    target.reset_data();
+    weight.reset_data();
+    saved.reset();
+    made_input.reset();
+    made_target.reset();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // One gradient per forward argument: input, target, then ten that have none.
-    variable_list grads(12);
-    const at::Tensor& upstream = grad_outputs[0];
-    if (!upstream.defined()) return grads;
-    // Internal ops below autograd, up to handing the gradients out.
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
-    const variable_list stored = ctx->get_saved_variables();
-    const at::Tensor& input = stored[0];
-    const at::Tensor& target = stored[1];
-    const std::optional<at::Tensor> weight =
-        stored[2].defined() ? std::optional<at::Tensor>(stored[2]) : std::nullopt;
-    const at::Tensor& saved = stored[3];
-    const at::Tensor& grad_scale = stored[4];
-    const bool prob_target = ctx->saved_data.at("prob_target").toBool();
-    const bool want_input = ctx->needs_input_grad(0);
-    const bool want_target = prob_target && ctx->needs_input_grad(1);
-    const std::optional<at::Tensor> made_input = saved_buffer(ctx, "grad_input");
-    const std::optional<at::Tensor> made_target = saved_buffer(ctx, "grad_target");
-    const CEOptionsNative options = ce_options(ctx);
-    const at::Tensor logits = class_rows(input);
-    const at::Tensor rows_target = prob_target
-        ? class_rows(target)
-        : target.reshape({logits.size(0), logits.size(2)});
-    // Writes the gradients for `upstream` into the given buffers (input's and target's shapes).
-    auto rewrite = [&](const at::Tensor& into_input, const std::optional<at::Tensor>& into_target) {
-      ce_rewrite(upstream, logits, rows_target, weight, saved, grad_scale, options,
-                 class_rows(into_input),
-                 into_target.has_value() ? std::optional(class_rows(*into_target)) : std::nullopt);
-    };
-    const bool first = !ctx->saved_data.at("handed_out").toBool() &&
-                       (made_input.has_value() || !want_input) &&
-                       (made_target.has_value() || !want_target);
+  variable_list apply(variable_list&& grads) override {
+    // Backward calls of one retained graph may run on several threads.
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor& upstream = grads[0];
+    if (!upstream.defined()) return variable_list(2);
+    const bool want_input = task_should_compute_output(0);
+    const bool want_target = prob_target && task_should_compute_output(1);
+    const at::Tensor input_value = input.unpack();
+    const at::Tensor target_value = target.unpack();
     at::Tensor grad_input, grad_target;
-    if (first) {
-      hand_out(ctx, {"grad_input", "grad_target"});
-      if (want_input) grad_input = *made_input;
-      if (want_target) grad_target = *made_target;
-      if ((want_input || want_target) && !is_unit(upstream)) {
-        rewrite(made_input.has_value() ? *made_input : gradient_like(input),
-                want_target ? made_target : std::nullopt);
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor weight_saved = weight.unpack();
+      const OptionalTensor weight_value =
+          weight_saved.defined() ? OptionalTensor(weight_saved) : std::nullopt;
+      const at::Tensor logits = class_rows(input_value);
+      const at::Tensor rows_target = prob_target
+          ? class_rows(target_value)
+          : target_value.reshape({logits.size(0), logits.size(2)});
+      // Writes the gradients for `upstream` into buffers of the input's and target's shapes.
+      auto rewrite = [&](const at::Tensor& into_input, const OptionalTensor& into_target) {
+        ce_rewrite(upstream, logits, rows_target, weight_value, saved, grad_scale, options,
+                   class_rows(into_input),
+                   into_target.has_value() ? OptionalTensor(class_rows(*into_target))
+                                           : std::nullopt);
+      };
+      const bool first = !handed_out && (made_input.has_value() || !want_input) &&
+                         (made_target.has_value() || !want_target);
+      if (first) {
+        // Given away: the node keeps no reference, so AccumulateGrad takes the buffer as .grad
+        // instead of copying it.
+        handed_out = true;
+        const OptionalTensor into_input = std::move(made_input);
+        const OptionalTensor into_target = std::move(made_target);
+        made_input.reset();
+        made_target.reset();
+        if (want_input) grad_input = *into_input;
+        if (want_target) grad_target = *into_target;
+        if ((want_input || want_target) && !is_unit(upstream)) {
+          rewrite(into_input.has_value() ? *into_input : gradient_like(input_value),
+                  want_target ? into_target : std::nullopt);
+        }
+      } else if (want_input || want_target) {
+        const at::Tensor into_input = gradient_like(input_value);
+        if (want_input) grad_input = into_input;
+        if (want_target) grad_target = gradient_like(target_value);
+        rewrite(into_input, want_target ? OptionalTensor(grad_target) : std::nullopt);
       }
-    } else if (want_input || want_target) {
-      const at::Tensor into_input = gradient_like(input);
-      if (want_input) grad_input = into_input;
-      if (want_target) grad_target = gradient_like(target);
-      rewrite(into_input, want_target ? std::optional(grad_target) : std::nullopt);
     }
-    below_autograd.reset();
-    variable_list handed = guard_double_backward(
-        {grad_input, grad_target}, input.requires_grad() ? input : target,
-        double_backward_message("softmax_cross_entropy", "torch.nn.functional.cross_entropy"));
-    grads[0] = handed[0];
-    grads[1] = handed[1];
-    return grads;
+    return guard_double_backward({grad_input, grad_target},
+                                 input_value.requires_grad() ? input_value : target_value,
+                                 kCrossEntropy);
   }
 };
 
 // reduction='none' (no z-loss, no stats, no in-place backward): the per-row loss of the batch
 // shape in the accumulation dtype; the backward recomputes the gradient from the saved row
 // statistics for the upstream per-row gradient.
-struct CrossEntropyUnreduced : public torch::autograd::Function<CrossEntropyUnreduced> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const at::Tensor& target, const OptionalTensor& weight,
-                            int64_t ignore_index, double label_smoothing, double logit_scale,
-                            double softcap) {
-    TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
-                "fused_ce native: ce_unreduced takes CPU tensors");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const bool prob_target = target.is_floating_point();
-    const at::Tensor logits = class_rows(input);
-    const at::Tensor rows_target = prob_target
-        ? class_rows(target)
-        : target.reshape({logits.size(0), logits.size(2)});
-    const at::ScalarType acc = accumulation(input, target);
-    const int64_t n_rows = logits.size(0) * logits.size(2);
-    const auto row_options = input.options().dtype(acc);
-    // The loss in the batch shape: the input's without the class dim.
-    std::vector<int64_t> batch_shape(input.sizes().begin(), input.sizes().end());
-    batch_shape.erase(batch_shape.begin() + (input.dim() > 1 ? 1 : 0));
-    const at::Tensor loss = at::empty(batch_shape, row_options);
-    const at::Tensor saved = at::empty({3, n_rows}, row_options);
-    ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-               loss.view({n_rows}), at::empty({n_rows}, row_options), saved,
-               at::empty({0}, row_options), at::empty({0}, row_options.dtype(at::kLong)),
-               std::nullopt, 0.0, std::nullopt, std::nullopt);
-    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), saved});
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["logit_scale"] = logit_scale;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["z_loss"] = 0.0;
-    return loss;
+struct CrossEntropyUnreducedBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, target, weight;
+  at::Tensor saved;  // the row statistics (3, n_rows), made by the op
+  CEOptionsNative options{};
+
+  std::string name() const override { return "fused_ce_native::CrossEntropyUnreducedBackward"; }
+
+  void release_variables() override {
+    input.reset_data();
+    target.reset_data();
+    weight.reset_data();
+    saved.reset();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(7);  // input, target, then five that have none
-    const at::Tensor& upstream = grad_outputs[0];
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
-    const variable_list stored = ctx->get_saved_variables();
-    const at::Tensor& input = stored[0];
-    const at::Tensor& target = stored[1];
-    const OptionalTensor weight = stored[2].defined() ? OptionalTensor(stored[2]) : std::nullopt;
-    const at::Tensor& saved = stored[3];
-    const bool want_input = ctx->needs_input_grad(0);
-    const bool want_target = target.is_floating_point() && ctx->needs_input_grad(1);
-    if (!want_input && !want_target) return grads;
-    const CEOptionsNative o = ce_options(ctx);
-    const at::Tensor logits = class_rows(input);
-    const at::Tensor rows_target = target.is_floating_point()
-        ? class_rows(target)
-        : target.reshape({logits.size(0), logits.size(2)});
-    const at::Tensor grad_input = gradient_like(input);
-    const at::Tensor grad_target = want_target ? gradient_like(target) : at::Tensor();
-    ce_backward(upstream.reshape({-1}).to(saved.scalar_type()), std::nullopt, logits,
-                rows_target, weight, saved, o.ignore_index, o.label_smoothing, o.logit_scale,
-                o.softcap, class_rows(grad_input),
-                want_target ? OptionalTensor(class_rows(grad_target)) : std::nullopt);
-    below_autograd.reset();
-    variable_list handed = guard_double_backward(
-        {want_input ? grad_input : at::Tensor(), grad_target},
-        input.requires_grad() ? input : target,
-        double_backward_message("softmax_cross_entropy", "torch.nn.functional.cross_entropy"));
-    grads[0] = handed[0];
-    grads[1] = handed[1];
-    return grads;
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor input_value = input.unpack();
+    const at::Tensor target_value = target.unpack();
+    const bool prob_target = target_value.is_floating_point();
+    const bool want_input = task_should_compute_output(0);
+    const bool want_target = prob_target && task_should_compute_output(1);
+    if (!grads[0].defined() || (!want_input && !want_target)) return variable_list(2);
+    at::Tensor grad_input, grad_target;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor weight_saved = weight.unpack();
+      const at::Tensor logits = class_rows(input_value);
+      const at::Tensor rows_target = prob_target
+          ? class_rows(target_value)
+          : target_value.reshape({logits.size(0), logits.size(2)});
+      grad_input = gradient_like(input_value);  // the kernel's buffer even when not wanted
+      if (want_target) grad_target = gradient_like(target_value);
+      ce_backward(grads[0].reshape({-1}).to(saved.scalar_type()), std::nullopt, logits,
+                  rows_target, weight_saved.defined() ? OptionalTensor(weight_saved) : std::nullopt,
+                  saved, options.ignore_index, options.label_smoothing, options.logit_scale,
+                  options.softcap, class_rows(grad_input),
+                  want_target ? OptionalTensor(class_rows(grad_target)) : std::nullopt);
+      if (!want_input) grad_input = at::Tensor();
+    }
+    return guard_double_backward({grad_input, grad_target},
+                                 input_value.requires_grad() ? input_value : target_value,
+                                 kCrossEntropy);
   }
 };
 
@@ -457,7 +379,10 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
 at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
                         const OptionalTensor& weight, int64_t ignore_index,
                         double label_smoothing, double logit_scale, double softcap) {
-  if (!target.is_floating_point()) {
+  TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
+              "fused_ce native: ce_unreduced takes CPU tensors");
+  const bool prob_target = target.is_floating_point();
+  if (!prob_target) {
     const int64_t n_classes = input.size(input.dim() > 1 ? 1 : 0);
     if (target.scalar_type() == at::kByte) {
       count_ignored<uint8_t>(target, n_classes, ignore_index);
@@ -465,23 +390,106 @@ at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
       count_ignored<int64_t>(target, n_classes, ignore_index);
     }
   }
-  return CrossEntropyUnreduced::apply(input, target, weight, ignore_index, label_smoothing,
-                                      logit_scale, softcap);
+  at::Tensor loss, saved;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor logits = class_rows(input);
+    const at::Tensor rows_target = prob_target
+        ? class_rows(target)
+        : target.reshape({logits.size(0), logits.size(2)});
+    const int64_t n_rows = logits.size(0) * logits.size(2);
+    const auto row_options = input.options().dtype(accumulation(input, target));
+    // The loss in the batch shape: the input's without the class dim.
+    std::vector<int64_t> batch_shape(input.sizes().begin(), input.sizes().end());
+    batch_shape.erase(batch_shape.begin() + (input.dim() > 1 ? 1 : 0));
+    loss = at::empty(batch_shape, row_options);
+    saved = at::empty({3, n_rows}, row_options);
+    ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+               loss.view({n_rows}), at::empty({n_rows}, row_options), saved,
+               at::empty({0}, row_options), at::empty({0}, row_options.dtype(at::kLong)),
+               std::nullopt, 0.0, std::nullopt, std::nullopt);
+  }
+  const bool grad_mode = at::GradMode::is_enabled();
+  if (grad_mode && (input.requires_grad() || (prob_target && target.requires_grad()))) {
+    c10::intrusive_ptr<torch::autograd::Node> node =
+        c10::make_intrusive<CrossEntropyUnreducedBackward>();
+    auto* state = static_cast<CrossEntropyUnreducedBackward*>(node.get());
+    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+    state->input = torch::autograd::SavedVariable(input, false);
+    state->target = torch::autograd::SavedVariable(target, false);
+    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+    state->saved = saved;
+    state->options = {ignore_index, label_smoothing, logit_scale, softcap, 0.0};
+    torch::autograd::set_history(loss, node);
+  }
+  return loss;
 }
 
+// input: logits (C), (N, C) or (N, C, d1..dK); target: class indices of the batch shape, or
+// probabilities of input's shape. Returns the 0-d loss grad_scale * sum_n (loss_n + z_loss *
+// v_n * lse_n^2) (grad_scale: 1 / the divisor for 'mean', 1 for 'sum') and makes, in the same
+// pass, the gradients the caller's grad mode asks for.
 at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, bool mean, int64_t ignore_index,
                      double label_smoothing, double logit_scale, double softcap, double z_loss) {
   TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
               "fused_ce native: ce_scalar takes CPU tensors");
-  const at::Tensor grad_scale = ce_grad_scale(input, target, weight, ignore_index, mean);
-  // Which gradients the forward makes: decided here, where grad mode is the caller's (the
-  // forward runs with it off). Edges: input 0, target 1, then weight and grad_scale.
+  const bool prob_target = target.is_floating_point();  // else class indices
   const bool grad_mode = at::GradMode::is_enabled();
-  return CrossEntropyScalar::apply(
-      input, target, weight, grad_scale, ignore_index, label_smoothing, logit_scale, softcap,
-      z_loss, grad_mode && input.requires_grad(),
-      grad_mode && target.is_floating_point() && target.requires_grad());
+  const bool input_grad = grad_mode && input.requires_grad();
+  const bool target_grad = grad_mode && prob_target && target.requires_grad();
+  at::Tensor loss, saved, grad_scale;
+  OptionalTensor grad_input, grad_target;
+  {
+    // The views and buffers made here are internal: no autograd or view tracking for them.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    grad_scale = ce_grad_scale(input, target, weight, ignore_index, mean);
+    const at::Tensor logits = class_rows(input);
+    const at::Tensor rows_target = prob_target
+        ? class_rows(target)
+        : target.reshape({logits.size(0), logits.size(2)});
+    const int64_t n_rows = logits.size(0) * logits.size(2);
+    const auto row_options = logits.options().dtype(accumulation(input, target));
+    const at::Tensor loss_rows = at::empty({n_rows}, row_options);
+    const at::Tensor lse = at::empty({n_rows}, row_options);
+    saved = at::empty({3, n_rows}, row_options);
+    if (input_grad) grad_input = gradient_like(input);
+    if (target_grad) grad_target = gradient_like(target);
+    ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
+               loss_rows, lse, saved, at::empty({0}, row_options),
+               at::empty({0}, row_options.dtype(at::kLong)),
+               input_grad || target_grad ? OptionalTensor(grad_scale) : std::nullopt, z_loss,
+               grad_input.has_value() ? OptionalTensor(class_rows(*grad_input)) : std::nullopt,
+               grad_target.has_value() ? OptionalTensor(class_rows(*grad_target)) : std::nullopt);
+    at::Tensor per_row = loss_rows;
+    if (z_loss > 0.0) {
+      at::Tensor z_rows = lse.square() * z_loss;
+      // where(), not a product: an ignored row's lse may be inf and its term must be 0.
+      if (!prob_target) {
+        z_rows = at::where(rows_target.reshape({-1}).to(at::kLong) != ignore_index, z_rows, 0.0);
+      }
+      per_row = per_row + z_rows;
+    }
+    loss = scaled(per_row.sum(), grad_scale);
+  }
+  if (input_grad || target_grad) {
+    c10::intrusive_ptr<torch::autograd::Node> node =
+        c10::make_intrusive<CrossEntropyScalarBackward>();
+    auto* state = static_cast<CrossEntropyScalarBackward*>(node.get());
+    // Edges: input 0, target 1 (the class weights take no gradient).
+    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+    state->input = torch::autograd::SavedVariable(input, false);
+    state->target = torch::autograd::SavedVariable(target, false);
+    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+    state->saved = saved;
+    state->grad_scale = grad_scale;
+    state->options = {ignore_index, label_smoothing, logit_scale, softcap, z_loss};
+    state->prob_target = prob_target;
+    state->made_input = std::move(grad_input);
+    state->made_target = std::move(grad_target);
+    torch::autograd::set_history(loss, node);
+  }
+  return loss;
 }
 
 // --- sigmoid + binary cross-entropy ---------------------------------------------------------
@@ -553,132 +561,140 @@ void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTe
       rows(operands[4]), loss, grad_input, grad_target, loss_sum);
 }
 
-struct BinaryCrossEntropyScalar : public torch::autograd::Function<BinaryCrossEntropyScalar> {
-  // Any-shape input and target, weight / pos_weight broadcastable to them; grad_scale 0-d in
-  // the accumulation dtype (1 / numel for 'mean', 1 for 'sum'). Returns grad_scale * sum loss.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& pos_weight,
-                            const at::Tensor& grad_scale, bool input_grad, bool target_grad) {
-    TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu() &&
-                    grad_scale.device().is_cpu(),
-                "fused_ce native: bce_scalar takes CPU tensors");
-    // The views and buffers made here are internal: no autograd or view tracking for them.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::optional<at::Tensor> grad_input, grad_target;
-    if (input_grad) grad_input = empty_output(input);
-    if (target_grad) grad_target = empty_output(target);
-    const at::Tensor loss_sum = at::empty({}, input.options().dtype(grad_scale.scalar_type()));
-    bce_run(input, target, weight, pos_weight, grad_scale, std::nullopt, grad_input,
-            grad_target, loss_sum);
-    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()),
-                            pos_weight.value_or(at::Tensor()), grad_scale});
-    ctx->saved_data["grad_input"] = grad_input;
-    ctx->saved_data["grad_target"] = grad_target;
-    ctx->saved_data["handed_out"] = false;
-    ctx->set_materialize_grads(false);
-    return scaled(loss_sum, grad_scale);
+// The node of bce_scalar: written out as ATen's generated nodes are (saved variables and plain
+// fields) rather than as a torch::autograd::Function, whose context keeps its state in a map of
+// named IValues and whose wrapper checks every argument: on the lecture's 64-row batches, the
+// main job's loss, that bookkeeping was a visible part of the call.
+struct BinaryCrossEntropyScalarBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, target, weight, pos_weight;
+  at::Tensor grad_scale;  // 0-d, made by the op: not a saved variable
+  // The forward's gradients for an upstream of 1, until the first backward gives them away.
+  OptionalTensor made_input, made_target;
+  bool handed_out = false;
+
+  std::string name() const override {
+    return "fused_ce_native::BinaryCrossEntropyScalarBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(7);
-    const at::Tensor& upstream = grad_outputs[0];
-    if (!upstream.defined()) return grads;
-    // Internal ops below autograd, up to handing the gradients out.
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
-    const variable_list stored = ctx->get_saved_variables();
-    auto optional = [](const at::Tensor& t) {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
-    const at::Tensor& input = stored[0];
-    const at::Tensor& target = stored[1];
-    const std::optional<at::Tensor> weight = optional(stored[2]);
-    const std::optional<at::Tensor> pos_weight = optional(stored[3]);
-    const at::Tensor& grad_scale = stored[4];
-    const bool want_input = ctx->needs_input_grad(0);
-    const bool want_target = ctx->needs_input_grad(1);
-    const std::optional<at::Tensor> made_input = saved_buffer(ctx, "grad_input");
-    const std::optional<at::Tensor> made_target = saved_buffer(ctx, "grad_target");
-    const bool first = !ctx->saved_data.at("handed_out").toBool() &&
-                       (made_input.has_value() || !want_input) &&
-                       (made_target.has_value() || !want_target);
+  void release_variables() override {
+    input.reset_data();
+    target.reset_data();
+    weight.reset_data();
+    pos_weight.reset_data();
+    made_input.reset();
+    made_target.reset();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    // Backward calls of one retained graph may run on several threads.
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor& upstream = grads[0];
+    if (!upstream.defined()) return variable_list(2);
+    const bool want_input = task_should_compute_output(0);
+    const bool want_target = task_should_compute_output(1);
     at::Tensor grad_input, grad_target;
-    if (first) {
-      hand_out(ctx, {"grad_input", "grad_target"});
-      if (want_input) grad_input = *made_input;
-      if (want_target) grad_target = *made_target;
-      if ((want_input || want_target) && !is_unit(upstream)) {
-        bce_run(input, target, weight, pos_weight, grad_scale * upstream, std::nullopt,
-                want_input ? made_input : std::nullopt, want_target ? made_target : std::nullopt,
-                std::nullopt);
+    const at::Tensor input_value = input.unpack();
+    const at::Tensor target_value = target.unpack();
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto optional = [](const at::Tensor& t) {
+        return t.defined() ? OptionalTensor(t) : std::nullopt;
+      };
+      const OptionalTensor weight_value = optional(weight.unpack());
+      const OptionalTensor pos_weight_value = optional(pos_weight.unpack());
+      const bool first = !handed_out && (made_input.has_value() || !want_input) &&
+                         (made_target.has_value() || !want_target);
+      if (first) {
+        // Given away: the node keeps no reference, so AccumulateGrad takes the buffer as .grad
+        // instead of copying it.
+        handed_out = true;
+        const OptionalTensor into_input = std::move(made_input);
+        const OptionalTensor into_target = std::move(made_target);
+        made_input.reset();
+        made_target.reset();
+        if (want_input) grad_input = *into_input;
+        if (want_target) grad_target = *into_target;
+        if ((want_input || want_target) && !is_unit(upstream)) {
+          bce_run(input_value, target_value, weight_value, pos_weight_value,
+                  grad_scale * upstream, std::nullopt, want_input ? into_input : std::nullopt,
+                  want_target ? into_target : std::nullopt, std::nullopt);
+        }
+      } else if (want_input || want_target) {
+        if (want_input) grad_input = empty_output(input_value);
+        if (want_target) grad_target = empty_output(target_value);
+        bce_run(input_value, target_value, weight_value, pos_weight_value,
+                grad_scale * upstream, std::nullopt, optional(grad_input),
+                optional(grad_target), std::nullopt);
       }
-    } else if (want_input || want_target) {
-      if (want_input) grad_input = empty_output(input);
-      if (want_target) grad_target = empty_output(target);
-      bce_run(input, target, weight, pos_weight, grad_scale * upstream, std::nullopt,
-              optional(grad_input), optional(grad_target), std::nullopt);
     }
-    below_autograd.reset();
-    variable_list handed = guard_double_backward(
-        {grad_input, grad_target}, input.requires_grad() ? input : target,
-        double_backward_message("sigmoid_binary_cross_entropy",
-                                "torch.nn.functional.binary_cross_entropy_with_logits"));
-    grads[0] = handed[0];
-    grads[1] = handed[1];
-    return grads;
+    return guard_double_backward({grad_input, grad_target},
+                                 input_value.requires_grad() ? input_value : target_value,
+                                 kBinaryCrossEntropy);
   }
 };
 
 // reduction='none': the elementwise loss (input's shape, target's dtype); the backward reads
 // the operands again for the upstream gradient.
-struct BinaryCrossEntropyUnreduced
-    : public torch::autograd::Function<BinaryCrossEntropyUnreduced> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const at::Tensor& target, const OptionalTensor& weight,
-                            const OptionalTensor& pos_weight) {
-    TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
-                "fused_ce native: bce_unreduced takes CPU tensors");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::Tensor loss = at::empty(input.sizes(), target.options());
-    bce_run(input, target, weight, pos_weight, std::nullopt, loss, std::nullopt, std::nullopt,
-            std::nullopt);
-    ctx->save_for_backward(
-        {input, target, weight.value_or(at::Tensor()), pos_weight.value_or(at::Tensor())});
-    return loss;
+struct BinaryCrossEntropyUnreducedBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, target, weight, pos_weight;
+
+  std::string name() const override {
+    return "fused_ce_native::BinaryCrossEntropyUnreducedBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(4);
-    const at::Tensor& upstream = grad_outputs[0];
-    const bool want_input = ctx->needs_input_grad(0);
-    const bool want_target = ctx->needs_input_grad(1);
-    if (!want_input && !want_target) return grads;
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd(std::in_place);
-    const variable_list stored = ctx->get_saved_variables();
-    auto optional = [](const at::Tensor& t) {
-      return t.defined() ? OptionalTensor(t) : std::nullopt;
-    };
-    const at::Tensor& input = stored[0];
-    const at::Tensor& target = stored[1];
+  void release_variables() override {
+    input.reset_data();
+    target.reset_data();
+    weight.reset_data();
+    pos_weight.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const bool want_input = task_should_compute_output(0);
+    const bool want_target = task_should_compute_output(1);
+    if (!grads[0].defined() || (!want_input && !want_target)) return variable_list(2);
+    const at::Tensor input_value = input.unpack();
+    const at::Tensor target_value = target.unpack();
     at::Tensor grad_input, grad_target;
-    if (want_input) grad_input = empty_output(input);
-    if (want_target) grad_target = empty_output(target);
-    bce_run(input, target, optional(stored[2]), optional(stored[3]), upstream, std::nullopt,
-            optional(grad_input), optional(grad_target), std::nullopt);
-    below_autograd.reset();
-    variable_list handed = guard_double_backward(
-        {grad_input, grad_target}, input.requires_grad() ? input : target,
-        double_backward_message("sigmoid_binary_cross_entropy",
-                                "torch.nn.functional.binary_cross_entropy_with_logits"));
-    grads[0] = handed[0];
-    grads[1] = handed[1];
-    return grads;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto optional = [](const at::Tensor& t) {
+        return t.defined() ? OptionalTensor(t) : std::nullopt;
+      };
+      if (want_input) grad_input = empty_output(input_value);
+      if (want_target) grad_target = empty_output(target_value);
+      bce_run(input_value, target_value, optional(weight.unpack()), optional(pos_weight.unpack()),
+              grads[0], std::nullopt, optional(grad_input), optional(grad_target), std::nullopt);
+    }
+    return guard_double_backward({grad_input, grad_target},
+                                 input_value.requires_grad() ? input_value : target_value,
+                                 kBinaryCrossEntropy);
   }
 };
 
 at::Tensor bce_unreduced(const at::Tensor& input, const at::Tensor& target,
                          const OptionalTensor& weight, const OptionalTensor& pos_weight) {
-  return BinaryCrossEntropyUnreduced::apply(input, target, weight, pos_weight);
+  TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
+              "fused_ce native: bce_unreduced takes CPU tensors");
+  at::Tensor loss;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    loss = at::empty(input.sizes(), target.options());
+    bce_run(input, target, weight, pos_weight, std::nullopt, loss, std::nullopt, std::nullopt,
+            std::nullopt);
+  }
+  if (at::GradMode::is_enabled() && (input.requires_grad() || target.requires_grad())) {
+    c10::intrusive_ptr<torch::autograd::Node> node =
+        c10::make_intrusive<BinaryCrossEntropyUnreducedBackward>();
+    auto* state = static_cast<BinaryCrossEntropyUnreducedBackward*>(node.get());
+    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+    state->input = torch::autograd::SavedVariable(input, false);
+    state->target = torch::autograd::SavedVariable(target, false);
+    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+    state->pos_weight = torch::autograd::SavedVariable(pos_weight.value_or(at::Tensor()), false);
+    torch::autograd::set_history(loss, node);
+  }
+  return loss;
 }
 
 at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
@@ -686,16 +702,47 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
                       const std::optional<at::Tensor>& pos_weight, bool mean) {
   TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
               "fused_ce native: bce_scalar takes CPU tensors");
+  // Which gradients to make: decided where grad mode is the caller's.
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool input_grad = grad_mode && input.requires_grad();
+  const bool target_grad = grad_mode && target.requires_grad();
   // 1 / numel for 'mean' (rounded once from the double quotient, as torch.full does), 1 for
   // 'sum', in the accumulation dtype.
   const int64_t numel = input.numel();
-  const double scale = !mean ? 1.0 : (numel ? 1.0 / static_cast<double>(numel) : std::numeric_limits<double>::quiet_NaN());
-  const at::ScalarType acc = accumulation(input, target);
-  const at::Tensor grad_scale = at::full({}, scale, input.options().dtype(acc));
-  const bool grad_mode = at::GradMode::is_enabled();
-  return BinaryCrossEntropyScalar::apply(input, target, weight, pos_weight, grad_scale,
-                                         grad_mode && input.requires_grad(),
-                                         grad_mode && target.requires_grad());
+  const double scale = !mean ? 1.0
+      : numel            ? 1.0 / static_cast<double>(numel)
+                         : std::numeric_limits<double>::quiet_NaN();
+  at::Tensor loss;
+  OptionalTensor grad_input, grad_target;
+  at::Tensor grad_scale;
+  {
+    // The views and buffers made here are internal: no autograd or view tracking for them.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto acc = input.options().dtype(accumulation(input, target));
+    grad_scale = at::full({}, scale, acc);
+    if (input_grad) grad_input = empty_output(input);
+    if (target_grad) grad_target = empty_output(target);
+    const at::Tensor loss_sum = at::empty({}, acc);
+    bce_run(input, target, weight, pos_weight, grad_scale, std::nullopt, grad_input,
+            grad_target, loss_sum);
+    loss = scaled(loss_sum, grad_scale);
+  }
+  if (input_grad || target_grad) {
+    c10::intrusive_ptr<torch::autograd::Node> node =
+        c10::make_intrusive<BinaryCrossEntropyScalarBackward>();
+    auto* state = static_cast<BinaryCrossEntropyScalarBackward*>(node.get());
+    // Edges: input 0, target 1 (weight and pos_weight take no gradient).
+    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+    state->input = torch::autograd::SavedVariable(input, false);
+    state->target = torch::autograd::SavedVariable(target, false);
+    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+    state->pos_weight = torch::autograd::SavedVariable(pos_weight.value_or(at::Tensor()), false);
+    state->grad_scale = grad_scale;
+    state->made_input = std::move(grad_input);
+    state->made_target = std::move(grad_target);
+    torch::autograd::set_history(loss, node);
+  }
+  return loss;
 }
 
 }  // namespace
