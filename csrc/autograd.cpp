@@ -1,6 +1,6 @@
-// The eager entry of the native backend for 'mean'/'sum' losses: one op per loss whose
-// autograd lives here, in C++, so a forward + backward from Python is one dispatcher call, one
-// C++ autograd node and the kernels (no Python autograd.Function, no Python backward).
+// The eager entry of the native backend: one op per loss and reduction ('mean'/'sum', 'none')
+// whose autograd lives here, in C++, so a forward + backward from Python is one dispatcher
+// call, one C++ autograd node and the kernels (no Python autograd.Function, no Python backward).
 //
 // Built once into its own library (_C_autograd), not once per CPU capability: it holds no
 // vector code, and calls the kernels of whichever capability library is loaded through their
@@ -748,7 +748,8 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
 }  // namespace
 }  // namespace fused_ce_native
 
-// The autograd Functions are built inside these kernels (below the dispatcher's autograd keys).
+// Registered for CompositeImplicitAutograd: the kernels run at the dispatcher's autograd keys
+// and attach their autograd nodes to the loss themselves.
 TORCH_LIBRARY_IMPL(fused_ce_native, CompositeImplicitAutograd, m) {
   m.impl("ce_scalar", &fused_ce_native::ce_scalar);
   m.impl("ce_unreduced", &fused_ce_native::ce_unreduced);
