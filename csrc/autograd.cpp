@@ -196,78 +196,123 @@ at::Tensor gradient_like(const at::Tensor& input) {
   return grad;
 }
 
-// The node of ce_scalar, written out as ATen's generated nodes are (see
-// BinaryCrossEntropyScalarBackward below for why not a torch::autograd::Function).
-struct CrossEntropyScalarBackward final : public torch::autograd::Node {
-  torch::autograd::SavedVariable input, target, weight;
-  at::Tensor saved, grad_scale;  // made by the op: row statistics (3, n_rows), 0-d scale
-  CEOptionsNative options{};
-  bool prob_target = false;
-  // The forward's gradients for an upstream of 1, until the first backward gives them away.
-  OptionalTensor made_input, made_target;
-  bool handed_out = false;
-
-  std::string name() const override { return "fused_ce_native::CrossEntropyScalarBackward"; }
+// What every loss node keeps: the operands, saved as ATen's generated nodes save theirs (the
+// nodes are written out that way rather than as torch::autograd::Functions, whose context keeps
+// its state in a map of named IValues and whose wrapper walks every argument: on the lecture's
+// 64-row batches that bookkeeping was a visible part of the call). Edges: input 0, target 1.
+struct LossBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, target, weight, pos_weight;
 
   void release_variables() override {
     input.reset_data();
     target.reset_data();
     weight.reset_data();
-    saved.reset();
+    pos_weight.reset_data();
+  }
+
+ protected:
+  static OptionalTensor optional(const at::Tensor& t) {
+    return t.defined() ? OptionalTensor(t) : std::nullopt;
+  }
+};
+
+// The scalar losses' nodes: the forward made the gradients for an upstream of 1; the first
+// backward gives them away (rewritten for another upstream), any later one writes new buffers.
+struct ScalarLossBackward : public LossBackward {
+  OptionalTensor made_input, made_target;
+  bool handed_out = false;
+
+  void release_variables() override {
+    LossBackward::release_variables();
     made_input.reset();
     made_target.reset();
   }
 
+ protected:
+  // The wanted gradients for `upstream`. `rewrite(into_input, into_target)` writes them into
+  // the buffers it is given (nullopt: not wanted); `fresh(like)` makes a new buffer. The
+  // caller holds mutex_ (backward calls of one retained graph may run on several threads).
+  template <typename Rewrite>
+  std::pair<at::Tensor, at::Tensor> hand_out(const at::Tensor& upstream, bool want_input,
+                                             bool want_target, const at::Tensor& input_value,
+                                             const at::Tensor& target_value,
+                                             at::Tensor (*fresh)(const at::Tensor&),
+                                             Rewrite rewrite) {
+    OptionalTensor into_input, into_target;
+    if (!handed_out && (made_input.has_value() || !want_input) &&
+        (made_target.has_value() || !want_target)) {
+      // Given away: the node keeps no reference, so AccumulateGrad takes the buffer as .grad
+      // instead of copying it.
+      handed_out = true;
+      if (want_input) into_input = std::move(made_input);
+      if (want_target) into_target = std::move(made_target);
+      made_input.reset();
+      made_target.reset();
+      if ((want_input || want_target) && !is_unit(upstream)) rewrite(into_input, into_target);
+    } else if (want_input || want_target) {
+      if (want_input) into_input = fresh(input_value);
+      if (want_target) into_target = fresh(target_value);
+      rewrite(into_input, into_target);
+    }
+    return {into_input.value_or(at::Tensor()), into_target.value_or(at::Tensor())};
+  }
+};
+
+// A new node of type NodeT as `loss`'s grad_fn, with edges to (and saved) input and target and
+// the saved constant operands; returned for the caller to fill in the rest.
+template <typename NodeT>
+NodeT& attach(const at::Tensor& loss, const at::Tensor& input, const at::Tensor& target,
+              const OptionalTensor& weight, const OptionalTensor& pos_weight) {
+  c10::intrusive_ptr<NodeT> node = c10::make_intrusive<NodeT>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+  node->input = torch::autograd::SavedVariable(input, false);
+  node->target = torch::autograd::SavedVariable(target, false);
+  node->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+  node->pos_weight = torch::autograd::SavedVariable(pos_weight.value_or(at::Tensor()), false);
+  torch::autograd::set_history(loss, node);
+  return *node;  // owned by the loss's autograd meta from here
+}
+
+// The node of ce_scalar.
+struct CrossEntropyScalarBackward final : public ScalarLossBackward {
+  at::Tensor saved, grad_scale;  // made by the op: row statistics (3, n_rows), 0-d scale
+  CEOptionsNative options{};
+  bool prob_target = false;
+
+  std::string name() const override { return "fused_ce_native::CrossEntropyScalarBackward"; }
+
+  void release_variables() override {
+    ScalarLossBackward::release_variables();
+    saved.reset();
+  }
+
   variable_list apply(variable_list&& grads) override {
-    // Backward calls of one retained graph may run on several threads.
     std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor& upstream = grads[0];
     if (!upstream.defined()) return variable_list(2);
-    const bool want_input = task_should_compute_output(0);
-    const bool want_target = prob_target && task_should_compute_output(1);
     const at::Tensor input_value = input.unpack();
     const at::Tensor target_value = target.unpack();
-    at::Tensor grad_input, grad_target;
+    std::pair<at::Tensor, at::Tensor> handed;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor weight_saved = weight.unpack();
-      const OptionalTensor weight_value =
-          weight_saved.defined() ? OptionalTensor(weight_saved) : std::nullopt;
+      const OptionalTensor weight_value = optional(weight.unpack());
       const at::Tensor logits = class_rows(input_value);
       const at::Tensor rows_target = prob_target
           ? class_rows(target_value)
           : target_value.reshape({logits.size(0), logits.size(2)});
-      // Writes the gradients for `upstream` into buffers of the input's and target's shapes.
-      auto rewrite = [&](const at::Tensor& into_input, const OptionalTensor& into_target) {
-        ce_rewrite(upstream, logits, rows_target, weight_value, saved, grad_scale, options,
-                   class_rows(into_input),
-                   into_target.has_value() ? OptionalTensor(class_rows(*into_target))
-                                           : std::nullopt);
-      };
-      const bool first = !handed_out && (made_input.has_value() || !want_input) &&
-                         (made_target.has_value() || !want_target);
-      if (first) {
-        // Given away: the node keeps no reference, so AccumulateGrad takes the buffer as .grad
-        // instead of copying it.
-        handed_out = true;
-        const OptionalTensor into_input = std::move(made_input);
-        const OptionalTensor into_target = std::move(made_target);
-        made_input.reset();
-        made_target.reset();
-        if (want_input) grad_input = *into_input;
-        if (want_target) grad_target = *into_target;
-        if ((want_input || want_target) && !is_unit(upstream)) {
-          rewrite(into_input.has_value() ? *into_input : gradient_like(input_value),
-                  want_target ? into_target : std::nullopt);
-        }
-      } else if (want_input || want_target) {
-        const at::Tensor into_input = gradient_like(input_value);
-        if (want_input) grad_input = into_input;
-        if (want_target) grad_target = gradient_like(target_value);
-        rewrite(into_input, want_target ? OptionalTensor(grad_target) : std::nullopt);
-      }
+      handed = hand_out(
+          upstream, task_should_compute_output(0),
+          prob_target && task_should_compute_output(1), input_value, target_value,
+          gradient_like, [&](const OptionalTensor& into_input, const OptionalTensor& into_target) {
+            // The kernel writes an input gradient in any case.
+            const at::Tensor input_buffer = into_input.value_or(gradient_like(input_value));
+            ce_rewrite(upstream, logits, rows_target, weight_value, saved, grad_scale, options,
+                       class_rows(input_buffer),
+                       into_target.has_value() ? OptionalTensor(class_rows(*into_target))
+                                               : std::nullopt);
+          });
     }
-    return guard_double_backward({grad_input, grad_target},
+    return guard_double_backward({handed.first, handed.second},
                                  input_value.requires_grad() ? input_value : target_value,
                                  kCrossEntropy);
   }
@@ -276,17 +321,14 @@ struct CrossEntropyScalarBackward final : public torch::autograd::Node {
 // reduction='none' (no z-loss, no stats, no in-place backward): the per-row loss of the batch
 // shape in the accumulation dtype; the backward recomputes the gradient from the saved row
 // statistics for the upstream per-row gradient.
-struct CrossEntropyUnreducedBackward final : public torch::autograd::Node {
-  torch::autograd::SavedVariable input, target, weight;
+struct CrossEntropyUnreducedBackward final : public LossBackward {
   at::Tensor saved;  // the row statistics (3, n_rows), made by the op
   CEOptionsNative options{};
 
   std::string name() const override { return "fused_ce_native::CrossEntropyUnreducedBackward"; }
 
   void release_variables() override {
-    input.reset_data();
-    target.reset_data();
-    weight.reset_data();
+    LossBackward::release_variables();
     saved.reset();
   }
 
@@ -300,7 +342,6 @@ struct CrossEntropyUnreducedBackward final : public torch::autograd::Node {
     at::Tensor grad_input, grad_target;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor weight_saved = weight.unpack();
       const at::Tensor logits = class_rows(input_value);
       const at::Tensor rows_target = prob_target
           ? class_rows(target_value)
@@ -308,8 +349,7 @@ struct CrossEntropyUnreducedBackward final : public torch::autograd::Node {
       grad_input = gradient_like(input_value);  // the kernel's buffer even when not wanted
       if (want_target) grad_target = gradient_like(target_value);
       ce_backward(grads[0].reshape({-1}).to(saved.scalar_type()), std::nullopt, logits,
-                  rows_target, weight_saved.defined() ? OptionalTensor(weight_saved) : std::nullopt,
-                  saved, options.ignore_index, options.label_smoothing, options.logit_scale,
+                  rows_target, optional(weight.unpack()), saved, options.ignore_index, options.label_smoothing, options.logit_scale,
                   options.softcap, class_rows(grad_input),
                   want_target ? OptionalTensor(class_rows(grad_target)) : std::nullopt);
       if (!want_input) grad_input = at::Tensor();
@@ -411,16 +451,10 @@ at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
   }
   const bool grad_mode = at::GradMode::is_enabled();
   if (grad_mode && (input.requires_grad() || (prob_target && target.requires_grad()))) {
-    c10::intrusive_ptr<torch::autograd::Node> node =
-        c10::make_intrusive<CrossEntropyUnreducedBackward>();
-    auto* state = static_cast<CrossEntropyUnreducedBackward*>(node.get());
-    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
-    state->input = torch::autograd::SavedVariable(input, false);
-    state->target = torch::autograd::SavedVariable(target, false);
-    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
-    state->saved = saved;
-    state->options = {ignore_index, label_smoothing, logit_scale, softcap, 0.0};
-    torch::autograd::set_history(loss, node);
+    auto& node =
+        attach<CrossEntropyUnreducedBackward>(loss, input, target, weight, std::nullopt);
+    node.saved = saved;
+    node.options = {ignore_index, label_smoothing, logit_scale, softcap, 0.0};
   }
   return loss;
 }
@@ -473,21 +507,13 @@ at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
     loss = scaled(per_row.sum(), grad_scale);
   }
   if (input_grad || target_grad) {
-    c10::intrusive_ptr<torch::autograd::Node> node =
-        c10::make_intrusive<CrossEntropyScalarBackward>();
-    auto* state = static_cast<CrossEntropyScalarBackward*>(node.get());
-    // Edges: input 0, target 1 (the class weights take no gradient).
-    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
-    state->input = torch::autograd::SavedVariable(input, false);
-    state->target = torch::autograd::SavedVariable(target, false);
-    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
-    state->saved = saved;
-    state->grad_scale = grad_scale;
-    state->options = {ignore_index, label_smoothing, logit_scale, softcap, z_loss};
-    state->prob_target = prob_target;
-    state->made_input = std::move(grad_input);
-    state->made_target = std::move(grad_target);
-    torch::autograd::set_history(loss, node);
+    auto& node = attach<CrossEntropyScalarBackward>(loss, input, target, weight, std::nullopt);
+    node.saved = saved;
+    node.grad_scale = grad_scale;
+    node.options = {ignore_index, label_smoothing, logit_scale, softcap, z_loss};
+    node.prob_target = prob_target;
+    node.made_input = std::move(grad_input);
+    node.made_target = std::move(grad_target);
   }
   return loss;
 }
@@ -561,73 +587,33 @@ void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTe
       rows(operands[4]), loss, grad_input, grad_target, loss_sum);
 }
 
-// The node of bce_scalar: written out as ATen's generated nodes are (saved variables and plain
-// fields) rather than as a torch::autograd::Function, whose context keeps its state in a map of
-// named IValues and whose wrapper checks every argument: on the lecture's 64-row batches, the
-// main job's loss, that bookkeeping was a visible part of the call.
-struct BinaryCrossEntropyScalarBackward final : public torch::autograd::Node {
-  torch::autograd::SavedVariable input, target, weight, pos_weight;
-  at::Tensor grad_scale;  // 0-d, made by the op: not a saved variable
-  // The forward's gradients for an upstream of 1, until the first backward gives them away.
-  OptionalTensor made_input, made_target;
-  bool handed_out = false;
+// The node of bce_scalar.
+struct BinaryCrossEntropyScalarBackward final : public ScalarLossBackward {
+  at::Tensor grad_scale;  // 0-d, made by the op
 
   std::string name() const override {
     return "fused_ce_native::BinaryCrossEntropyScalarBackward";
   }
 
-  void release_variables() override {
-    input.reset_data();
-    target.reset_data();
-    weight.reset_data();
-    pos_weight.reset_data();
-    made_input.reset();
-    made_target.reset();
-  }
-
   variable_list apply(variable_list&& grads) override {
-    // Backward calls of one retained graph may run on several threads.
     std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor& upstream = grads[0];
     if (!upstream.defined()) return variable_list(2);
-    const bool want_input = task_should_compute_output(0);
-    const bool want_target = task_should_compute_output(1);
-    at::Tensor grad_input, grad_target;
     const at::Tensor input_value = input.unpack();
     const at::Tensor target_value = target.unpack();
+    std::pair<at::Tensor, at::Tensor> handed;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto optional = [](const at::Tensor& t) {
-        return t.defined() ? OptionalTensor(t) : std::nullopt;
-      };
-      const OptionalTensor weight_value = optional(weight.unpack());
-      const OptionalTensor pos_weight_value = optional(pos_weight.unpack());
-      const bool first = !handed_out && (made_input.has_value() || !want_input) &&
-                         (made_target.has_value() || !want_target);
-      if (first) {
-        // Given away: the node keeps no reference, so AccumulateGrad takes the buffer as .grad
-        // instead of copying it.
-        handed_out = true;
-        const OptionalTensor into_input = std::move(made_input);
-        const OptionalTensor into_target = std::move(made_target);
-        made_input.reset();
-        made_target.reset();
-        if (want_input) grad_input = *into_input;
-        if (want_target) grad_target = *into_target;
-        if ((want_input || want_target) && !is_unit(upstream)) {
-          bce_run(input_value, target_value, weight_value, pos_weight_value,
-                  grad_scale * upstream, std::nullopt, want_input ? into_input : std::nullopt,
-                  want_target ? into_target : std::nullopt, std::nullopt);
-        }
-      } else if (want_input || want_target) {
-        if (want_input) grad_input = empty_output(input_value);
-        if (want_target) grad_target = empty_output(target_value);
-        bce_run(input_value, target_value, weight_value, pos_weight_value,
-                grad_scale * upstream, std::nullopt, optional(grad_input),
-                optional(grad_target), std::nullopt);
-      }
+      handed = hand_out(
+          upstream, task_should_compute_output(0), task_should_compute_output(1), input_value,
+          target_value, empty_output,
+          [&](const OptionalTensor& into_input, const OptionalTensor& into_target) {
+            bce_run(input_value, target_value, optional(weight.unpack()),
+                    optional(pos_weight.unpack()), grad_scale * upstream, std::nullopt,
+                    into_input, into_target, std::nullopt);
+          });
     }
-    return guard_double_backward({grad_input, grad_target},
+    return guard_double_backward({handed.first, handed.second},
                                  input_value.requires_grad() ? input_value : target_value,
                                  kBinaryCrossEntropy);
   }
@@ -635,18 +621,9 @@ struct BinaryCrossEntropyScalarBackward final : public torch::autograd::Node {
 
 // reduction='none': the elementwise loss (input's shape, target's dtype); the backward reads
 // the operands again for the upstream gradient.
-struct BinaryCrossEntropyUnreducedBackward final : public torch::autograd::Node {
-  torch::autograd::SavedVariable input, target, weight, pos_weight;
-
+struct BinaryCrossEntropyUnreducedBackward final : public LossBackward {
   std::string name() const override {
     return "fused_ce_native::BinaryCrossEntropyUnreducedBackward";
-  }
-
-  void release_variables() override {
-    input.reset_data();
-    target.reset_data();
-    weight.reset_data();
-    pos_weight.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -658,9 +635,6 @@ struct BinaryCrossEntropyUnreducedBackward final : public torch::autograd::Node 
     at::Tensor grad_input, grad_target;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto optional = [](const at::Tensor& t) {
-        return t.defined() ? OptionalTensor(t) : std::nullopt;
-      };
       if (want_input) grad_input = empty_output(input_value);
       if (want_target) grad_target = empty_output(target_value);
       bce_run(input_value, target_value, optional(weight.unpack()), optional(pos_weight.unpack()),
@@ -684,15 +658,7 @@ at::Tensor bce_unreduced(const at::Tensor& input, const at::Tensor& target,
             std::nullopt);
   }
   if (at::GradMode::is_enabled() && (input.requires_grad() || target.requires_grad())) {
-    c10::intrusive_ptr<torch::autograd::Node> node =
-        c10::make_intrusive<BinaryCrossEntropyUnreducedBackward>();
-    auto* state = static_cast<BinaryCrossEntropyUnreducedBackward*>(node.get());
-    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
-    state->input = torch::autograd::SavedVariable(input, false);
-    state->target = torch::autograd::SavedVariable(target, false);
-    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
-    state->pos_weight = torch::autograd::SavedVariable(pos_weight.value_or(at::Tensor()), false);
-    torch::autograd::set_history(loss, node);
+    attach<BinaryCrossEntropyUnreducedBackward>(loss, input, target, weight, pos_weight);
   }
   return loss;
 }
@@ -728,19 +694,11 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
     loss = scaled(loss_sum, grad_scale);
   }
   if (input_grad || target_grad) {
-    c10::intrusive_ptr<torch::autograd::Node> node =
-        c10::make_intrusive<BinaryCrossEntropyScalarBackward>();
-    auto* state = static_cast<BinaryCrossEntropyScalarBackward*>(node.get());
-    // Edges: input 0, target 1 (weight and pos_weight take no gradient).
-    node->set_next_edges(torch::autograd::collect_next_edges(input, target));
-    state->input = torch::autograd::SavedVariable(input, false);
-    state->target = torch::autograd::SavedVariable(target, false);
-    state->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
-    state->pos_weight = torch::autograd::SavedVariable(pos_weight.value_or(at::Tensor()), false);
-    state->grad_scale = grad_scale;
-    state->made_input = std::move(grad_input);
-    state->made_target = std::move(grad_target);
-    torch::autograd::set_history(loss, node);
+    auto& node =
+        attach<BinaryCrossEntropyScalarBackward>(loss, input, target, weight, pos_weight);
+    node.grad_scale = grad_scale;
+    node.made_input = std::move(grad_input);
+    node.made_target = std::move(grad_target);
   }
   return loss;
 }
