@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _child import expect_child_failure
 from _reference import REDUCTIONS, check, positive, randn
 
 import fused_ce
@@ -166,18 +167,50 @@ def test_uint8_target_with_default_ignore_index(backend_device, reduction):
     torch.testing.assert_close(stats.accuracy.double(), expected_accuracy)
 
 
+def uint8_target_out_of_range(backend: str, device: str, entry: str) -> None:
+    """A loss whose uint8 class index 156 is out of range for C = 100 (it is not ignore_index
+    -100). Also run in a child process (tests/_child.py)."""
+    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    if entry == "softmax":
+        fused_ce.softmax_cross_entropy(randn((3, 100), 0, device), target, backend=backend)
+    else:
+        features, head = randn((3, 4), 0, device), randn((100, 4), 1, device)
+        fused_ce.linear_cross_entropy(features, head, target, backend=backend)
+
+
 @pytest.mark.parametrize("entry", ["softmax", "linear"])
 def test_uint8_target_out_of_range_is_refused(backend_device, entry):
-    """156 with C = 100 is out of range (it is not ignore_index -100): a clear error on every
-    backend, never a silently ignored row or a bare gather error."""
+    """A clear error on every backend, never a silently ignored row or a bare gather error. On
+    CUDA the check is a device-side assert, which would leave this process unable to run any
+    later CUDA test: that case runs in a child process, which must fail with the assert."""
     backend, device = backend_device
-    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    if device == "cuda":
+        expect_child_failure(
+            "test_reliability",
+            "uint8_target_out_of_range",
+            backend,
+            device,
+            entry,
+            message="device-side assert",
+        )
+        return
     with pytest.raises(RuntimeError, match="target: a class index is out of bounds"):
-        if entry == "softmax":
-            fused_ce.softmax_cross_entropy(randn((3, 100), 0, device), target, backend=backend)
-        else:
-            features, head = randn((3, 4), 0, device), randn((100, 4), 1, device)
-            fused_ce.linear_cross_entropy(features, head, target, backend=backend)
+        uint8_target_out_of_range(backend, device, entry)
+
+
+def test_child_process_helper_reports_the_error():
+    """The helper the CUDA cases above use, on the CPU: the child fails with the check's
+    message, and a child that succeeds is reported."""
+    expect_child_failure(
+        "test_reliability",
+        "uint8_target_out_of_range",
+        "torch",
+        "cpu",
+        "softmax",
+        message="target: a class index is out of bounds",
+    )
+    with pytest.raises(AssertionError, match="expected a failure, the call succeeded"):
+        expect_child_failure("_reference", "randn", (2,), 0, "cpu", message="")
 
 
 def test_uint8_target_linear(backend_device):
