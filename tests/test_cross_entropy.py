@@ -318,8 +318,8 @@ def _layouts(device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor
 )
 def test_non_contiguous_inputs(backend_device, layout, kind):
     """Strided and permuted inputs give the oracle's numbers, and the same numbers as
-    contiguous copies: bitwise for the kernels; to an ulp for the torch path, whose reductions
-    (torch's own logsumexp) sum in a layout-dependent order."""
+    contiguous copies: bitwise for the interpreted Triton kernels; to a few ulps where the
+    order of the per-row sums may depend on the layout (see ``_LAYOUT_ULPS``)."""
     backend, device = backend_device
     logits, prob, index = _layouts(device)[layout]
     assert not logits.is_contiguous()
@@ -327,7 +327,26 @@ def test_non_contiguous_inputs(backend_device, layout, kind):
     kwargs = dict(weight=weight_for(logits, True), reduction="none", label_smoothing=0.1)
     strided = check_ce(backend_device, logits, target, **kwargs)
     dense = check_ce(backend_device, logits.contiguous(), target.contiguous(), **kwargs)
-    assert_identical(strided, dense, ulps=0 if backend == "triton" else 2)
+    assert_identical(strided, dense, ulps=_LAYOUT_ULPS[backend, device])
+
+
+# How far results on strided and dense copies of the same logits may differ. The interpreted
+# Triton kernels sum each row in one fixed order: bitwise. Compiled Triton
+# specialises on the strides (a stride of 1 becomes a constant), so each layout is another
+# compiled kernel, whose loads and per-row reductions the compiler may lay out over the
+# threads differently, and an fp32 sum of the classes in another order differs by a few ulps.
+# Seen on an H200 (Triton 3.6, 2026-12-04): NCHW logits viewed from NHWC memory, class-index
+# targets, loss not bitwise equal to the dense NCHW copy's. Compiling both variants for sm_90
+# with Triton 3.9 gives the same layouts and float ops (so the bits should match there); the
+# bits are not a promise of the compiled kernel. The torch path sums with torch's own
+# logsumexp, the native kernels in one of two row layouts chosen by the strides.
+_LAYOUT_ULPS = {
+    ("triton", "cpu"): 0,
+    ("native", "cpu"): 2,
+    ("triton", "cuda"): 4,
+    ("torch", "cpu"): 2,
+    ("torch", "cuda"): 2,
+}
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
