@@ -289,6 +289,14 @@ CASES = {
         triton_only=True,
         options=SMOOTHING,
     ),
+    "linear_ce_fused_stats": Case(
+        _linear_ce("fused", return_stats=True),
+        linear_ce_reference,
+        linear_ce_index,
+        LINEAR_NAMES,
+        (0, 1, 3),
+        triton_only=True,
+    ),
     "linear_ce_fused_prob": Case(
         _linear_ce("fused"),
         linear_ce_reference,
