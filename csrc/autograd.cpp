@@ -387,7 +387,7 @@ int64_t count_ignored(const at::Tensor& target, int64_t n_classes, int64_t ignor
 // same ops where a tensor is summed; a correctly rounded reciprocal of the count otherwise).
 at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                         bool mean) {
+                         bool mean, double label_smoothing) {
   const at::ScalarType acc = accumulation(input, target);
   const auto options = input.options().dtype(acc);
   const int64_t class_dim = input.dim() > 1 ? 1 : 0;
@@ -406,10 +406,22 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
   }
   if (weight.has_value()) {
     const at::Tensor class_weight = weight->to(acc);
-    if (ignored == 0) return at::reciprocal(class_weight.index({target.to(at::kLong)}).sum());
-    const at::Tensor valid = target.to(at::kLong) != ignore_index;
-    const at::Tensor index = at::where(valid, target, 0).to(at::kLong);
-    return at::reciprocal((class_weight.index({index}) * valid).sum());
+    at::Tensor divisor;
+    if (ignored == 0) {
+      divisor = class_weight.index({target.to(at::kLong)}).sum();
+    } else if (n_classes == 0) {
+      divisor = at::zeros({}, options);  // no class: every row is ignored
+    } else {
+      const at::Tensor valid = target.to(at::kLong) != ignore_index;
+      const at::Tensor index = at::where(valid, target, 0).to(at::kLong);
+      divisor = (class_weight.index({index}) * valid).sum();
+    }
+    // With label smoothing a zero divisor gives NaN, as torch's (1 - eps) * 0 / 0 term does
+    // (see fused_ce.functional._smoothed_divisor).
+    if (label_smoothing > 0.0) {
+      divisor = at::where(divisor == 0, std::numeric_limits<double>::quiet_NaN(), divisor);
+    }
+    return at::reciprocal(divisor);
   }
   const int64_t count = n_rows - ignored;
   if (acc == at::kDouble) return at::full({}, 1.0 / static_cast<double>(count), options);
@@ -477,7 +489,7 @@ at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
   {
     // The views and buffers made here are internal: no autograd or view tracking for them.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    grad_scale = ce_grad_scale(input, target, weight, ignore_index, mean);
+    grad_scale = ce_grad_scale(input, target, weight, ignore_index, mean, label_smoothing);
     const at::Tensor logits = class_rows(input);
     const at::Tensor rows_target = prob_target
         ? class_rows(target)

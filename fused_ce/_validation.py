@@ -7,6 +7,7 @@ indices' range directly, which waits for no device: see :func:`all_in_range_on_h
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,39 @@ def check_reduction(reduction: str) -> None:
             f"reduction: {reduction!r} is not a valid value for reduction; "
             f"expected one of {_REDUCTIONS}"
         )
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_ignore_index(ignore_index: int) -> int:
+    """``ignore_index`` as the Python int the kernels compare with, accepting what torch's
+    ``cross_entropy`` accepts: an int within int64, a NumPy integer, or an integer tensor of
+    one element (read on the host, as torch reads it). A bool, a float, an integer outside
+    int64 or any other object is refused with a ``TypeError``/``ValueError`` naming the
+    argument (torch refuses them too; unchecked, a float compared with the targets or a
+    tensor passed to a Triton kernel as a pointer gave wrong numbers or an unclear error).
+    A SymInt (``torch.compile`` with dynamic shapes) is passed on unchanged."""
+    if type(ignore_index) is int:  # the usual case, first: two comparisons
+        value = ignore_index
+    elif isinstance(ignore_index, torch.SymInt):
+        return ignore_index
+    else:
+        # operator.index turns a one-element bool tensor into 1: refuse bools first.
+        if isinstance(ignore_index, bool) or (
+            isinstance(ignore_index, Tensor) and ignore_index.dtype == torch.bool
+        ):
+            raise TypeError(f"ignore_index: expected an int, got a bool ({ignore_index!r})")
+        try:
+            value = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(
+                f"ignore_index: expected an int, got {type(ignore_index).__name__} "
+                f"({ignore_index!r})"
+            ) from None
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"ignore_index: {value} does not fit in int64")
+    return value
 
 
 def check_floating(name: str, tensor: Tensor) -> None:

@@ -24,6 +24,7 @@ from ._validation import (
     check_bce_weights,
     check_ce_target,
     check_floating,
+    check_ignore_index,
     check_inplace,
     check_options,
     check_reduction,
@@ -79,16 +80,32 @@ def _ce_divisor(
     weight: Tensor | None,
     n_rows: int,
     dtype: torch.dtype,
+    label_smoothing: float = 0.0,
 ) -> Tensor | int:
     """What ``'mean'`` divides the summed loss by: torch's rule, the (weighted) count of
     non-ignored class indices, in the accumulation dtype of ``dtype`` (the input's); the row
-    count for probability targets and the other reductions."""
+    count for probability targets and the other reductions. See :func:`_smoothed_divisor`
+    for ``label_smoothing``."""
     if reduction != "mean" or valid is None:
         return n_rows
     acc = accumulation_dtype(dtype)
     if weight is None:
         return valid.sum().to(acc)
-    return (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
+    if not weight.numel():  # no class: every row is ignored
+        return torch.zeros((), dtype=acc, device=valid.device)
+    divisor = (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
+    return _smoothed_divisor(divisor, label_smoothing)
+
+
+def _smoothed_divisor(divisor: Tensor, label_smoothing: float) -> Tensor:
+    """A class-weighted ``'mean'`` divisor with label smoothing, zero made NaN. torch adds
+    ``(1 - eps) * nll_sum / d`` and ``(eps / C) * smooth_sum / d``: when every target's weight
+    is 0, ``d = 0`` and the first term is ``0 / 0``, NaN, whatever the second; our one sum of
+    both over ``d`` would give inf. (Weights of both signs that cancel to ``d = 0`` give
+    torch +-inf in each term, inf or NaN by their signs; we give NaN.)"""
+    if label_smoothing > 0.0:
+        return torch.where(divisor == 0.0, math.nan, divisor)
+    return divisor
 
 
 def _finish(
@@ -267,6 +284,7 @@ def softmax_cross_entropy(
         (torch.Size([3]), torch.Size([]))
     """
     check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     check_floating("input", input)
     check_target(target, input)
@@ -280,6 +298,10 @@ def softmax_cross_entropy(
     # inplace_backward, whose in-place backward already writes the gradient once.
     scalar_loss = reduction != "none" and not return_stats and not inplace_backward
     backend = resolve(backend, input)
+    if not n_classes:
+        # No class: nothing for a kernel to read; the torch path gives torch's numbers (its
+        # 'mean' over probability targets divides by numel / C = 0 / 0).
+        backend = "torch"
     # On the native backend in eager mode, one C++ op with C++ autograd checks the class
     # indices, finds the divisor and makes the loss (and for 'mean'/'sum' its gradients).
     # return_stats, inplace_backward and a per-row z-loss keep the custom ops.
@@ -315,7 +337,7 @@ def softmax_cross_entropy(
         else:
             loss = ce_unreduced_native(input, target, weight, options)
         return loss if loss.dtype == checked.out_dtype else loss.to(checked.out_dtype)
-    n_rows = math.prod(batch_shape)
+    n_rows = math.prod(batch_shape) if n_classes or not prob_target else math.nan
     if scalar_loss:
         grad_scale = _grad_scale(reduction, checked, target, weight, n_rows, input)
         loss = ce_scalar_loss(
@@ -348,7 +370,9 @@ def softmax_cross_entropy(
         bool(inplace_backward),
         backend,
     )
-    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
+    divisor = _ce_divisor(
+        reduction, checked.valid, target, weight, n_rows, input.dtype, checked.label_smoothing
+    )
     return _finish(
         loss,
         lse,
@@ -386,13 +410,16 @@ def _grad_scale(
     if checked.valid is None and not checked.prob_target:
         # Every class index counts (checked on the host, see all_in_range_on_host).
         if weight is not None:
-            return torch.reciprocal(weight.to(acc)[target.long()].sum())
+            divisor = weight.to(acc)[target.long()].sum()
+            return torch.reciprocal(_smoothed_divisor(divisor, checked.label_smoothing))
         # The same bits as the reciprocal of the count in ``acc``: the fp32 count is rounded
         # first, and 1 / count in double then rounded to fp32 is the correctly rounded fp32
         # quotient (double has more than 2 * 24 + 2 bits).
         count = float(n_rows) if acc == torch.float64 else _as_fp32(float(n_rows))
         return torch.full((), 1.0 / count, dtype=acc, device=input.device)
-    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
+    divisor = _ce_divisor(
+        reduction, checked.valid, target, weight, n_rows, input.dtype, checked.label_smoothing
+    )
     if isinstance(divisor, Tensor):
         return torch.reciprocal(divisor)
     return torch.full((), 1.0 / divisor if divisor else math.nan, dtype=acc, device=input.device)

@@ -33,6 +33,7 @@ from ._validation import (
     check_ce_target,
     check_chunk_size,
     check_floating,
+    check_ignore_index,
     check_linear,
     check_options,
     check_reduction,
@@ -208,6 +209,7 @@ def linear_cross_entropy(
     extra outputs need the saved statistics). Double backward is not supported.
     """
     check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
@@ -244,7 +246,7 @@ def linear_cross_entropy(
     x = _as_rows(input)
     n_rows = x.shape[0]
     acc = accumulation_dtype(input.dtype, target.dtype)
-    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype)
+    divisor = _ce_divisor(reduction, checked.valid, target, weight, n_rows, input.dtype, eps)
 
     if one_sweep and any(wants):
         if checked.valid is None and not prob_target:

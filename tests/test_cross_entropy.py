@@ -318,8 +318,8 @@ def _layouts(device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor
 )
 def test_non_contiguous_inputs(backend_device, layout, kind):
     """Strided and permuted inputs give the oracle's numbers, and the same numbers as
-    contiguous copies: bitwise for the kernels; to an ulp for the torch path, whose reductions
-    (torch's own logsumexp) sum in a layout-dependent order."""
+    contiguous copies: bitwise for the interpreted Triton kernels; to a few ulps where the
+    order of the per-row sums may depend on the layout (see ``_LAYOUT_ULPS``)."""
     backend, device = backend_device
     logits, prob, index = _layouts(device)[layout]
     assert not logits.is_contiguous()
@@ -327,7 +327,29 @@ def test_non_contiguous_inputs(backend_device, layout, kind):
     kwargs = dict(weight=weight_for(logits, True), reduction="none", label_smoothing=0.1)
     strided = check_ce(backend_device, logits, target, **kwargs)
     dense = check_ce(backend_device, logits.contiguous(), target.contiguous(), **kwargs)
-    assert_identical(strided, dense, ulps=0 if backend == "triton" else 2)
+    assert_identical(strided, dense, ulps=_LAYOUT_ULPS[backend, device])
+
+
+# How far results on strided and dense copies of the same logits may differ. The interpreted
+# Triton kernels sum each row in one fixed order: bitwise. Compiled Triton specialises on the
+# strides (a stride of 1 becomes a constant), so each layout is another compiled kernel, and
+# the compiler may spread the logits tile over the threads differently. Seen on an H200
+# (Triton 3.6, 2026-12-04): NCHW logits viewed from NHWC memory (class stride 1) gave other
+# loss bits than the dense NCHW copy (inner stride 1). Compiling both for sm_90 with Triton
+# 3.6 shows why: the strided tile has 8 lanes along the classes, summed by warp shuffles; the
+# dense one, whose loads are contiguous along the rows, has 32 lanes along the rows and the
+# classes spread over the 4 warps, summed through shared memory: another summation tree
+# (Triton 3.9 picks the first layout for both). An fp32 sum of C terms in another order
+# differs by up to about 2 C ulps of the terms' scale (C = 5 here): 16 ulps. The torch path
+# sums with torch's own logsumexp, the native kernels in one of two row layouts chosen by the
+# strides.
+_LAYOUT_ULPS = {
+    ("triton", "cpu"): 0,
+    ("native", "cpu"): 2,
+    ("triton", "cuda"): 16,
+    ("torch", "cpu"): 2,
+    ("torch", "cuda"): 2,
+}
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -25,18 +25,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_extension_is_built_where_a_compiler_is():
-    """The native cases of the suite must not vanish silently: with a C++ compiler (or in CI)
-    the extension has to be there, e.g. built by `make setup`."""
+    """The native cases of the suite must not vanish silently: in CI (``CI=true``) the
+    extension has to be there, e.g. built by `make setup`. Outside CI a checkout used without
+    building it (a GPU machine running the suite from PYTHONPATH) is told so by a skip that
+    says how to build it, not a failure."""
     if os.environ.get("FUSED_CE_DISABLE_NATIVE") == "1":
         assert not native.available()
         assert "FUSED_CE_DISABLE_NATIVE" in native.unavailable_reason()
         return
     compiler = shutil.which(os.environ.get("CXX", "c++").split()[0])
-    if compiler is not None or os.environ.get("CI") == "true":
+    if os.environ.get("CI") == "true":
         assert native.available(), (
-            f"the native extension is missing although a compiler is present: "
-            f"{native.unavailable_reason()}"
+            f"CI: the native extension must be built (make setup): {native.unavailable_reason()}"
         )
+    elif compiler is not None and not native.available():
+        pytest.skip(
+            f"the native extension is not built although a compiler ({compiler}) is present: "
+            f"{native.unavailable_reason()} (CI=true makes this a failure)"
+        )
+    if compiler is not None:
         assert native.capability() in ("avx512", "avx2", "default")
     else:
         assert "not built" in native.unavailable_reason()
@@ -253,6 +260,7 @@ def test_each_capability_build_matches_torch(capability):
     assert done.stdout.strip() == capability
 
 
+@pytest.mark.skipif(not native.available(), reason="needs the native extension")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_eager_ops_layouts_and_grad_modes(reduction):
     """The C++ loss ops (autograd in C++) on the public functions' own tensors: spatial dims

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _child import expect_child_failure
 from _reference import REDUCTIONS, check, positive, randn
 
 import fused_ce
@@ -165,18 +167,50 @@ def test_uint8_target_with_default_ignore_index(backend_device, reduction):
     torch.testing.assert_close(stats.accuracy.double(), expected_accuracy)
 
 
+def uint8_target_out_of_range(backend: str, device: str, entry: str) -> None:
+    """A loss whose uint8 class index 156 is out of range for C = 100 (it is not ignore_index
+    -100). Also run in a child process (tests/_child.py)."""
+    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    if entry == "softmax":
+        fused_ce.softmax_cross_entropy(randn((3, 100), 0, device), target, backend=backend)
+    else:
+        features, head = randn((3, 4), 0, device), randn((100, 4), 1, device)
+        fused_ce.linear_cross_entropy(features, head, target, backend=backend)
+
+
 @pytest.mark.parametrize("entry", ["softmax", "linear"])
 def test_uint8_target_out_of_range_is_refused(backend_device, entry):
-    """156 with C = 100 is out of range (it is not ignore_index -100): a clear error on every
-    backend, never a silently ignored row or a bare gather error."""
+    """A clear error on every backend, never a silently ignored row or a bare gather error. On
+    CUDA the check is a device-side assert, which would leave this process unable to run any
+    later CUDA test: that case runs in a child process, which must fail with the assert."""
     backend, device = backend_device
-    target = torch.tensor([156, 3, 4], dtype=torch.uint8, device=device)
+    if device == "cuda":
+        expect_child_failure(
+            "test_reliability",
+            "uint8_target_out_of_range",
+            backend,
+            device,
+            entry,
+            message="device-side assert",
+        )
+        return
     with pytest.raises(RuntimeError, match="target: a class index is out of bounds"):
-        if entry == "softmax":
-            fused_ce.softmax_cross_entropy(randn((3, 100), 0, device), target, backend=backend)
-        else:
-            features, head = randn((3, 4), 0, device), randn((100, 4), 1, device)
-            fused_ce.linear_cross_entropy(features, head, target, backend=backend)
+        uint8_target_out_of_range(backend, device, entry)
+
+
+def test_child_process_helper_reports_the_error():
+    """The helper the CUDA cases above use, on the CPU: the child fails with the check's
+    message, and a child that succeeds is reported."""
+    expect_child_failure(
+        "test_reliability",
+        "uint8_target_out_of_range",
+        "torch",
+        "cpu",
+        "softmax",
+        message="target: a class index is out of bounds",
+    )
+    with pytest.raises(AssertionError, match="expected a failure, the call succeeded"):
+        expect_child_failure("_reference", "randn", (2,), 0, "cpu", message="")
 
 
 def test_uint8_target_linear(backend_device):
@@ -375,3 +409,138 @@ def test_torch_path_chunks_the_inner_dim(shape, kind, monkeypatch):
         "torch",
     )
     assert copied and max(copied) <= 16
+
+
+# --- issue 23, item 7: no class, a zero divisor with label smoothing, ignore_index's type -------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("with_weight", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_no_class(backend_device, kind, with_weight, label_smoothing, reduction):
+    """C = 0: every class index must be ignored; torch gives 0 per row (NaN with label
+    smoothing over class indices, whose eps / C is inf), 'mean' NaN, and an empty gradient.
+    The torch backend used to fail ("cannot reshape tensor of 0 elements"), and probability
+    targets gave NaN rows on the kernels (0 * log 0)."""
+    backend, device = backend_device
+    logits = randn((3, 0), 0, device)
+    if kind == "index":
+        target = torch.full((3,), -100, device=device)
+    else:
+        target = torch.empty((3, 0), device=device)
+    weight = torch.ones(0, device=device) if with_weight else None
+    check(
+        fused_ce.softmax_cross_entropy,
+        F.cross_entropy,
+        (logits, target),
+        dict(weight=weight, label_smoothing=label_smoothing, reduction=reduction),
+        (0,),
+        backend,
+    )
+
+
+@pytest.mark.parametrize("return_stats", [False, True], ids=["loss", "stats"])
+@pytest.mark.parametrize("entry", ["softmax", "linear"])
+def test_smoothing_with_zero_weight_total_is_nan(backend_device, entry, return_stats):
+    """Label smoothing, 'mean', and every target's class weight 0: torch's (1 - eps) * 0 / 0
+    makes the loss NaN (not +inf, which one sum over the zero divisor gives); the gradient is
+    NaN on the rows that count and 0 on the ignored one, as torch's."""
+    backend, device = backend_device
+    weight = torch.tensor([0.0, 0.0, 1.5], device=device)
+    target = torch.tensor([0, 1, 0, -100], device=device)
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction="mean")
+    if entry == "softmax":
+
+        def ours(input, target, **kw):
+            result = fused_ce.softmax_cross_entropy(input, target, return_stats=return_stats, **kw)
+            return result.loss if return_stats else result
+
+        result = check(
+            ours, F.cross_entropy, (randn((4, 3), 0, device), target), kwargs, (0,), backend
+        )
+        assert result.loss.isnan()
+        return
+    for path in linear_paths(backend):
+
+        def ours(input, linear_weight, target, path=path, **kw):
+            result = fused_ce.linear_cross_entropy(
+                input, linear_weight, target, path=path, return_stats=return_stats, **kw
+            )
+            return result.loss if return_stats else result
+
+        args = (randn((4, 5), 0, device), randn((3, 5), 1, device), target)
+        result = check(ours, linear_ce_reference, args, kwargs, (0, 1), backend)
+        assert result.loss.isnan(), path
+
+
+BAD_IGNORE_INDEX = {
+    "float": 1.0,
+    "bool": True,
+    "numpy-bool": np.True_,
+    "bool-tensor": torch.tensor(True),
+    "float-tensor": torch.tensor(1.0),
+    "two-element-tensor": torch.tensor([1, 2]),
+    "numpy-float": np.float64(1.0),
+    "str": "1",
+    "2**63": 2**63,
+    "-2**63-1": -(2**63) - 1,
+    "numpy-uint64-2**63": np.uint64(2**63),
+}
+
+
+@pytest.mark.parametrize("entry", ["softmax", "linear"])
+@pytest.mark.parametrize("value", BAD_IGNORE_INDEX.values(), ids=BAD_IGNORE_INDEX.keys())
+def test_ignore_index_torch_refuses_is_refused(backend_device, entry, value):
+    """What torch's cross_entropy refuses as ignore_index is refused with an error naming it
+    (the torch and Triton backends used to compute with a float, a bool or 2**63)."""
+    backend, device = backend_device
+    target = torch.tensor([0, 1, 2, 1], device=device)
+    with pytest.raises((TypeError, ValueError), match="ignore_index"):
+        if entry == "softmax":
+            fused_ce.softmax_cross_entropy(
+                randn((4, 3), 0, device), target, ignore_index=value, backend=backend
+            )
+        else:
+            fused_ce.linear_cross_entropy(
+                randn((4, 5), 0, device),
+                randn((3, 5), 1, device),
+                target,
+                ignore_index=value,
+                backend=backend,
+            )
+
+
+GOOD_IGNORE_INDEX = {
+    "numpy-int64": np.int64(1),
+    "numpy-int32": np.int32(1),
+    "numpy-0d-array": np.array(1),
+    "int64-tensor": torch.tensor(1),
+    "uint8-tensor": torch.tensor(1, dtype=torch.uint8),
+    "one-element-2d-tensor": torch.tensor([[1]]),
+    "int64-max": 2**63 - 1,
+    "int64-min": -(2**63),
+}
+
+
+@pytest.mark.parametrize("entry", ["softmax", "linear"])
+@pytest.mark.parametrize("value", GOOD_IGNORE_INDEX.values(), ids=GOOD_IGNORE_INDEX.keys())
+def test_ignore_index_torch_accepts_is_accepted(backend_device, entry, value):
+    """What torch accepts as ignore_index (a NumPy integer, a one-element integer tensor, the
+    int64 extremes) gives torch's numbers on every backend (the Triton interpreter used to fail
+    on a 0-d tensor with an unclear error)."""
+    backend, device = backend_device
+    target = torch.tensor([0, 1, 2, 1], device=device)
+    kwargs = dict(ignore_index=value, reduction="mean")
+    if entry == "softmax":
+        check(
+            fused_ce.softmax_cross_entropy,
+            F.cross_entropy,
+            (randn((4, 3), 0, device), target),
+            kwargs,
+            (0,),
+            backend,
+        )
+    else:
+        args = (randn((4, 5), 0, device), randn((3, 5), 1, device), target)
+        check(linear_ce, linear_ce_reference, args, kwargs, (0, 1), backend)

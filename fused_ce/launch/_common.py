@@ -32,6 +32,18 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def unit_stride_class_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The class weights as the CE kernels read them, at ``class_weight_ptr + class``: a
+    ``(C,)`` vector of unit stride. Any other layout (a slice ``w[::2]``, a stride-0
+    ``w.expand(C)``) is copied first, else the kernels would read the wrong classes or past
+    the buffer. The copy is C values once per launch, against the ``rows x C`` logits the
+    launch reads, and only for such views; a stride argument would thread through every
+    class-weight load of five kernels for a layout that is rare."""
+    if weight is None or weight.is_contiguous():
+        return weight
+    return weight.contiguous()
+
+
 def tile(n_rows: int, n_cols: int, max_block_c: int = MAX_BLOCK_C) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for a row-wise kernel: a whole short row per lane group,
     several rows per program when rows are short."""

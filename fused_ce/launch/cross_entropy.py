@@ -11,7 +11,7 @@ from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
-from ._common import Launch, cdiv, launch_arguments, tile, tl_dtype
+from ._common import Launch, cdiv, launch_arguments, tile, tl_dtype, unit_stride_class_weight
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
@@ -119,6 +119,7 @@ def forward(
     )
     if launch.grid is None:
         return outputs
+    weight = unit_stride_class_weight(weight)
     # .run(grid=...), not [grid](...): the same entry without the proxy lambda, which copies
     # the arguments once more. The pointers in _FORWARD_POINTERS' order, then the cached rest.
     ce_forward_kernel.run(
@@ -272,6 +273,7 @@ def backward(
     )
     if launch.grid is None:
         return
+    weight = unit_stride_class_weight(weight)
     # The pointers in _BACKWARD_POINTERS' order, then the cached rest (see forward).
     ce_backward_kernel.run(
         logits,

@@ -14,7 +14,7 @@ from ..kernels.linear_cross_entropy import (
     lce_backward_weight_kernel,
     lce_forward_kernel,
 )
-from ._common import cdiv, next_power_of_2, tl_dtype
+from ._common import cdiv, next_power_of_2, tl_dtype, unit_stride_class_weight
 from .cross_entropy import option_args
 
 _TL_DTYPES = {
@@ -65,6 +65,7 @@ def _operands(
     flags."""
     prob_target = target.dim() == 2
     n_classes, n_features = linear_weight.shape
+    weight = unit_stride_class_weight(weight)
     return {
         "input_ptr": input,
         "linear_weight_ptr": linear_weight,

@@ -11,6 +11,7 @@ their exponentials)."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ def _copy_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, n_classes, s = t.shape
     out = torch.empty(n, s, n_classes, dtype=dtype, device=t.device)
     out.copy_(t.movedim(1, -1))
-    return out.view(-1, n_classes)
+    return out.view(n * s, n_classes)  # not view(-1, C): C may be 0
 
 
 def _final_logits_(z: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor | None:
@@ -158,6 +159,19 @@ def _forward(logits, target, weight, options, with_stats):
     outputs = forward_outputs(n_outer * n_inner, dtype, logits.device, with_stats)
     loss, lse, saved, entropy, argmax = outputs
     row_max, log_sum, linear_sum = saved
+    if not n_classes:
+        # No class (every class index must be ignored): torch's loss is 0 per row, NaN with
+        # label smoothing over class indices (its eps / C is inf, times 0); the statistics
+        # are the kernels' (lse -inf, entropy NaN, argmax 0).
+        loss.fill_(math.nan if label_smoothing > 0.0 and not prob_target else 0.0)
+        row_max.zero_()
+        log_sum.fill_(-math.inf)
+        linear_sum.zero_()
+        lse.fill_(-math.inf)
+        if with_stats:
+            entropy.fill_(math.nan)
+            argmax.zero_()
+        return outputs
     w = weight.to(dtype) if weight is not None else None
     for chunk in _chunks(n_outer, n_classes, n_inner):
         rows = chunk.rows
@@ -232,6 +246,8 @@ def backward(
     """
     ignore_index, label_smoothing, logit_scale, softcap = options
     n_outer, n_classes, n_inner = logits.shape
+    if not n_classes:
+        return  # empty gradients
     dtype = saved.dtype
     prob_target = target.dim() == 3
     row_max, log_sum, linear_sum = saved
