@@ -41,6 +41,11 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     """
     if backend is None:
         backend = os.environ.get("FUSED_CE_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"backend: None reads the environment variable FUSED_CE_BACKEND, which must be "
+                f"one of {BACKENDS}; it is {backend!r}"
+            )
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":

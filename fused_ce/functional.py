@@ -48,6 +48,15 @@ def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dt
     return total.to(dtype)
 
 
+def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """torch's deprecated ``size_average``/``reduce`` pair mapped to ``reduction`` exactly as
+    torch maps it (``torch.nn._reduction.legacy_get_string``, with its deprecation warning);
+    ``reduction`` itself when both are None."""
+    if size_average is None and reduce is None:
+        return reduction
+    return torch.nn._reduction.legacy_get_string(size_average, reduce)
+
+
 class CrossEntropyStats(NamedTuple):
     """What a cross-entropy entry point returns with ``return_stats=True``.
 
@@ -145,7 +154,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = ...,
+    size_average: bool | None = ...,
     ignore_index: int = ...,
+    reduce: bool | None = ...,
     reduction: str = ...,
     label_smoothing: float = ...,
     *,
@@ -163,7 +174,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = ...,
+    size_average: bool | None = ...,
     ignore_index: int = ...,
+    reduce: bool | None = ...,
     reduction: str = ...,
     label_smoothing: float = ...,
     *,
@@ -181,7 +194,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = ...,
+    size_average: bool | None = ...,
     ignore_index: int = ...,
+    reduce: bool | None = ...,
     reduction: str = ...,
     label_smoothing: float = ...,
     *,
@@ -199,7 +214,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -223,6 +240,9 @@ def softmax_cross_entropy(
             differentiable. Default: ``None`` (all ones).
         ignore_index (int, optional): class index whose rows contribute nothing (any int, even
             a valid class); must be negative with probability targets. Default: ``-100``.
+        size_average (bool, optional), reduce (bool, optional): deprecated, as in torch:
+            when either is not ``None`` they set ``reduction`` as torch sets it (with torch's
+            deprecation warning). Default: ``None``.
         reduction (str, optional): ``'none'``, ``'mean'`` or ``'sum'``. Default: ``'mean'``.
         label_smoothing (float, optional): :math:`\varepsilon \in [0, 1]`; negative values act
             as 0. Default: ``0.0``.
@@ -266,12 +286,17 @@ def softmax_cross_entropy(
         >>> stats.lse.shape, stats.accuracy.shape
         (torch.Size([3]), torch.Size([]))
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     check_floating("input", input)
     check_target(target, input)
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
+    if input.dim() == 1 and target.shape == (1,) and not target.is_floating_point():
+        # As torch: a 1-D input's class index may also come as a (1,) tensor, read as the 0-d
+        # one (the loss then has the 0-d target's shape).
+        target = target.view(())
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
@@ -402,6 +427,8 @@ def sigmoid_binary_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     pos_weight: Tensor | None = None,
     *,
@@ -424,6 +451,9 @@ def sigmoid_binary_cross_entropy(
         target (Tensor): floating-point targets of ``input``'s size (usually in [0, 1]).
         weight (Tensor, optional): weight broadcastable to ``input`` (right-aligned); not
             differentiable. Default: ``None`` (all ones).
+        size_average (bool, optional), reduce (bool, optional): deprecated, as in torch:
+            when either is not ``None`` they set ``reduction`` as torch sets it (with torch's
+            deprecation warning). Default: ``None``.
         reduction (str, optional): ``'none'``, ``'mean'`` (divides by ``input.numel()``) or
             ``'sum'``. Default: ``'mean'``.
         pos_weight (Tensor, optional): positive-class weight broadcastable to ``input``; a
@@ -449,6 +479,7 @@ def sigmoid_binary_cross_entropy(
         >>> torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, labels))
         True
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     check_reduction(reduction)
     check_floating("input", input)
     check_target(target, input)
