@@ -202,7 +202,9 @@ class LinearCrossEntropyLoss(_LinearLossHead):
     r"""Output head + softmax cross-entropy: ``forward(input (..., in_features), target)``
     returns :func:`fused_ce.linear_cross_entropy` of the head's parameters, never holding the
     ``N x out_features`` logits. ``weight`` (class weights) is a buffer, as in
-    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's.
+    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's (``shift=True``:
+    a causal LM's ``(B, T, in_features)`` hidden states against their ``(B, T)`` labels, shifted
+    inside the op).
 
     Shape:
         Input :math:`(*, \text{in\_features})`; target class indices :math:`(*)` or
@@ -235,6 +237,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         softcap: float | None = None,
         z_loss: float = 0.0,
         return_stats: bool = False,
+        shift: bool = False,
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -242,6 +245,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         super().__init__(in_features, out_features, bias, device, dtype)
         check_options(logit_scale, softcap, z_loss, return_stats)
         self.register_buffer("weight", weight)
+        self.shift = shift
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -269,6 +273,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
             softcap=self.softcap,
             z_loss=self.z_loss,
             return_stats=self.return_stats,
+            shift=self.shift,
             backend=self.backend,
         )
 
