@@ -117,7 +117,5 @@ def _native_build() -> dict:
 
 
 _native = _native_build()
-setup(
-    **_native,
-    cmdclass={**_native.get("cmdclass", {}), "build_py": BuildPyWithSources},
-)
+_native["cmdclass"] = {**_native.get("cmdclass", {}), "build_py": BuildPyWithSources}
+setup(**_native)

@@ -208,3 +208,21 @@ def test_one_dim_input_with_one_element_target(backend_device, reduction):
 def test_one_dim_input_with_longer_target_is_refused():
     with pytest.raises(ValueError, match="target"):
         FF.cross_entropy(torch.randn(5), torch.tensor([1, 2]), backend="torch")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "bad, dtype", [(5, torch.int64), (-3, torch.int64), (156, torch.uint8)], ids=str
+)
+def test_out_of_range_message_names_the_value(backend_device, reduction, bad, dtype):
+    """As torch's "Target 5 is out of bounds.": the offending index, on every CPU path (the
+    native ops' C++ check and the Python one)."""
+    backend, _ = backend_device
+    target = torch.tensor([0, 1, 2, 3], dtype=dtype)
+    target[2] = bad
+    with pytest.raises(RuntimeError, match=rf"target: .*Target {bad} is out of bounds\."):
+        FF.cross_entropy(torch.randn(4, 5), target, reduction=reduction, backend=backend)
+    with pytest.raises(RuntimeError, match=rf"target: .*Target {bad} is out of bounds\."):
+        fused_ce.linear_cross_entropy(
+            torch.randn(4, 3), torch.randn(5, 3), target, reduction=reduction, backend=backend
+        )
