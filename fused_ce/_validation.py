@@ -185,9 +185,10 @@ def check_ce_target(
         # can name the offending index, as torch's does.
         if not all_in_range.item():
             bad = target[valid & ~in_range][0].item()
+            # C unnamed: the vocab-parallel losses check before they know the global C.
             raise RuntimeError(
                 f"target: a class index is out of bounds: Target {bad} is out of bounds. "
-                f"(expected values in [0, {n_classes}), or ignore_index {ignore_index})"
+                "(expected values in [0, C), C the number of classes, or ignore_index)"
             )
         return CETarget(eps, input.dtype, valid, False)
     # A constant message: under torch.compile with dynamic shapes, n_classes and
