@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import torch
@@ -178,3 +179,28 @@ def test_native_available_is_a_compile_time_constant():
     x = torch.zeros(3)
     expected = x + 1 if native.available() else x - 1
     torch.testing.assert_close(compiled(x), expected)
+
+
+def test_wheel_ships_the_sources(tmp_path):
+    """A wheel built without the libraries (as a plain `pip install .` builds it) carries
+    csrc/ as fused_ce/native/csrc/ and the flags module: what the first-use build needs."""
+    tree = tmp_path / "tree"
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copytree(
+        ROOT / "fused_ce", tree / "fused_ce", ignore=shutil.ignore_patterns("__pycache__", "_C_*")
+    )
+    env = {**os.environ, "FUSED_CE_NO_NATIVE": "1"}
+    command = [sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "-q"]
+    command += ["--no-build-isolation", "-w", str(tmp_path / "dist")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("fused_ce-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    sources = {f"fused_ce/native/csrc/{p.name}" for p in (ROOT / "csrc").iterdir()}
+    assert sources <= names, sources - names
+    assert "fused_ce/native/_build.py" in names
+    assert not any("/_C_" in name for name in names)
