@@ -12,6 +12,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from fused_ce import _backend, native
@@ -96,14 +97,22 @@ def test_native_kernels_compile_on_first_use(tmp_path):
     assert stdout.strip().split("|")[1].startswith("compiled on first use")
 
 
-def test_without_compiler_the_torch_path_serves_with_a_warning(tmp_path):
-    """No libraries built at install and no compiler: unavailable, with a warning that says
-    why and how to get them, and `auto` runs the torch path."""
+@pytest.mark.parametrize(
+    "setting, why",
+    [
+        ({"CXX": "no-such-compiler"}, "no C++ compiler ('no-such-compiler') is on the PATH"),
+        ({"FUSED_CE_CACHE_DIR": "{tmp}/a-file/cache"}, "compiling them on first use failed in"),
+    ],
+    ids=["no-compiler", "cache-not-writable"],
+)
+def test_when_nothing_can_be_built_the_torch_path_serves_with_a_warning(tmp_path, setting, why):
+    """No libraries built at install and no way to compile them: unavailable, with a warning
+    that says why, and `auto` runs the torch path (never an exception)."""
     package = _installed_without_libraries(tmp_path)
+    (tmp_path / "a-file").write_text("")
     script = """
         import warnings
         import torch
-        from fused_ce import native
         from fused_ce._backend import resolve
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -115,14 +124,16 @@ def test_without_compiler_the_torch_path_serves_with_a_warning(tmp_path):
         "PYTHONPATH": str(package),
         "FUSED_CE_CACHE_DIR": str(tmp_path / "cache"),
         "TRITON_INTERPRET": "0",
-        "CXX": "no-such-compiler",
+        **{key: value.format(tmp=tmp_path) for key, value in setting.items()},
     }
     env.pop("FUSED_CE_DISABLE_NATIVE", None)
-    stdout, stderr = _run(script, env, tmp_path).communicate(timeout=300)
+    process = _run(script, env, tmp_path)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
     assert "the native CPU kernels are unavailable: they were not built at install" in stdout, (
         stdout + stderr
     )
-    assert "no C++ compiler ('no-such-compiler')" in stdout
+    assert why in stdout
     assert "torch path serves" in stdout
     assert not (tmp_path / "cache").exists()
 

@@ -137,8 +137,8 @@ def _compile_on_first_use(capability: str) -> Path:
             flush=True,
         )
     for folder, name, source, compile_args, link_args in builds:
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             # Loads the library into the process (kernels first: they define the schemas).
             # Builds under a lock file in `folder`: a process that finds it taken waits.
             cpp_extension.load(
