@@ -48,15 +48,6 @@ def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dt
     return total.to(dtype)
 
 
-def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
-    """torch's deprecated ``size_average``/``reduce`` pair mapped to ``reduction`` exactly as
-    torch maps it (``torch.nn._reduction.legacy_get_string``, with its deprecation warning);
-    ``reduction`` itself when both are None."""
-    if size_average is None and reduce is None:
-        return reduction
-    return torch.nn._reduction.legacy_get_string(size_average, reduce)
-
-
 class CrossEntropyStats(NamedTuple):
     """What a cross-entropy entry point returns with ``return_stats=True``.
 
@@ -286,7 +277,9 @@ def softmax_cross_entropy(
         >>> stats.lse.shape, stats.accuracy.shape
         (torch.Size([3]), torch.Size([]))
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if size_average is not None or reduce is not None:
+        # torch's deprecated pair, mapped as torch maps it (with its deprecation warning).
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     check_reduction(reduction)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     check_floating("input", input)
@@ -479,7 +472,9 @@ def sigmoid_binary_cross_entropy(
         >>> torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, labels))
         True
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if size_average is not None or reduce is not None:
+        # torch's deprecated pair, mapped as torch maps it (with its deprecation warning).
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     check_reduction(reduction)
     check_floating("input", input)
     check_target(target, input)
