@@ -1,18 +1,18 @@
-"""Build shim: metadata lives in pyproject.toml; this file adds the optional native CPU kernels.
+"""Build shim: metadata lives in pyproject.toml; this file adds the native CPU kernels.
 
 ``csrc/`` is compiled with ``torch.utils.cpp_extension`` into one library per CPU capability
-(``fused_ce/native/_C_default``, ``_C_avx2``, ``_C_avx512`` on x86-64): each is the same source
-built with that capability's flags, so ``at::vec::Vectorized`` has that width; at run time
-``fused_ce.native`` loads the best one the CPU supports (never ``-march=native``, which would
-make a wheel die with SIGILL on an older CPU). ``_C_autograd``, the C++ autograd of the
-scalar-loss ops, has no vector code and is built once. The build needs torch at build time: install
-with ``pip install --no-build-isolation`` (build isolation would fetch a second torch). Without
-torch or a C++ compiler, or with ``FUSED_CE_NO_NATIVE=1``, the package installs without them
-and the torch backend serves (``fused-ce check`` says which backend runs).
+(``fused_ce/native/_C_default``, ``_C_avx2``, ``_C_avx512`` on x86-64) and ``_C_autograd``,
+with the flags of ``fused_ce/native/_build.py``; at run time ``fused_ce.native`` loads the best
+one the CPU supports. That build needs torch at build time: it happens with
+``pip install --no-build-isolation`` (build isolation would fetch a second torch). Without
+torch or a C++ compiler, or with ``FUSED_CE_NO_NATIVE=1``, the package installs without the
+libraries, and ``fused_ce.native`` compiles the sources, which every wheel and sdist ships as
+``fused_ce/native/csrc/``, on first use (see docs/native.md; ``fused-ce check`` says which).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -20,22 +20,32 @@ import sys
 from glob import glob
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-# Capability -> compiler flags, as ATen builds its own per-capability kernels.
-_CAPABILITIES = {
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
-    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-    "avx512": [
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mfma",
-        "-mf16c",
-    ],
-}
+
+def _build_flags():
+    """``fused_ce/native/_build.py``, read by path: importing the package would need torch."""
+    spec = importlib.util.spec_from_file_location(
+        "_fused_ce_build", os.path.join("fused_ce", "native", "_build.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_BUILD = _build_flags()
+
+
+class BuildPyWithSources(build_py):
+    """Ship ``csrc/`` inside the package (``fused_ce/native/csrc/``), so an install built
+    without the libraries compiles them on first use."""
+
+    def run(self) -> None:
+        super().run()
+        target = os.path.join(self.build_lib, "fused_ce", "native", "csrc")
+        self.mkpath(target)
+        for source in sorted(glob("csrc/*.cpp") + glob("csrc/*.h")):
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
 
 
 def _compiler_found() -> bool:
@@ -51,12 +61,20 @@ def _native_build() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("fused_ce: torch not importable at build time; skipping the native kernels "
-              "(install with --no-build-isolation to build them)", file=sys.stderr)
+        print(
+            "fused_ce: torch not importable at build time; the native kernels will be "
+            "compiled on first use (or install with --no-build-isolation)",
+            file=sys.stderr,
+        )
         return {}
     if not _compiler_found():
-        print("fused_ce: no C++ compiler found; skipping the native kernels", file=sys.stderr)
+        print(
+            "fused_ce: no C++ compiler found; skipping the native kernels (the torch path "
+            "serves CPU tensors)",
+            file=sys.stderr,
+        )
         return {}
+
     class BuildNative(BuildExtension):
         """Each capability's objects in their own folder (the same source compiles to a
         different object per capability); extensions one after another, as that needs."""
@@ -78,30 +96,26 @@ def _native_build() -> dict:
     extensions = [
         CppExtension(
             f"fused_ce.native._C_{name}",
-            ["csrc/library.cpp"],
-            # -g0: debug info would double the build time (2 minutes on 2 cores is the budget).
-            # -fopenmp: at::parallel_for is inline code whose `#pragma omp parallel` a build
-            # without it ignores, running every kernel on the calling thread alone. Linking it
-            # names libgomp.so.1, which resolves to the copy torch has already loaded.
-            extra_compile_args=["-O3", "-g0", "-std=c++20", "-fopenmp", *_CAPABILITIES[name]],
-            extra_link_args=["-fopenmp"],
+            [f"csrc/{_BUILD.KERNEL_SOURCE}"],
+            extra_compile_args=_BUILD.kernel_compile_args(name),
+            extra_link_args=_BUILD.KERNEL_LINK_ARGS,
             depends=sorted(glob("csrc/*.h")),
-            # A failed native build leaves the package usable on the torch path.
+            # A failed native build leaves the package usable (first-use compile, or torch).
             optional=True,
         )
         for name in names
     ]
-    # The C++ autograd of the scalar-loss ops: no vector code, so built once, not per
-    # capability; it calls whichever capability's kernels are loaded through their ops.
     extensions.append(
         CppExtension(
             "fused_ce.native._C_autograd",
-            ["csrc/autograd.cpp"],
-            extra_compile_args=["-O2", "-g0", "-std=c++20"],
+            [f"csrc/{_BUILD.AUTOGRAD_SOURCE}"],
+            extra_compile_args=_BUILD.AUTOGRAD_COMPILE_ARGS,
             optional=True,
         )
     )
     return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildNative}}
 
 
-setup(**_native_build())
+_native = _native_build()
+_native["cmdclass"] = {**_native.get("cmdclass", {}), "build_py": BuildPyWithSources}
+setup(**_native)

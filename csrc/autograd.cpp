@@ -375,9 +375,16 @@ int64_t count_ignored(const at::Tensor& target, int64_t n_classes, int64_t ignor
     ignored += skip;
     in_range &= skip || (y >= 0 && y < n_classes);
   }
-  TORCH_CHECK(in_range,
-              "target: a class index is out of bounds (expected values in [0, C), C the number "
-              "of classes, or ignore_index)");
+  if (!in_range) {
+    // Only now, on the error path: the first offending index, named as torch names it.
+    for (int64_t i = 0, n = dense.numel(); i < n; ++i) {
+      const int64_t y = static_cast<int64_t>(index[i]);
+      TORCH_CHECK(y == ignore_index || (y >= 0 && y < n_classes),
+                  "target: a class index is out of bounds: Target ", y,
+                  " is out of bounds. (expected values in [0, ", n_classes,
+                  "), or ignore_index ", ignore_index, ")");
+    }
+  }
   return ignored;
 }
 

@@ -41,6 +41,11 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     """
     if backend is None:
         backend = os.environ.get("FUSED_CE_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"backend: None reads the environment variable FUSED_CE_BACKEND, which must be "
+                f"one of {BACKENDS}; it is {backend!r}"
+            )
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -73,11 +78,16 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     return "triton"
 
 
-# A constant to torch.compile: it calls this once while tracing rather than tracing the loader.
-@torch.compiler.assume_constant_result
 def native_available() -> bool:
     """Whether the native C++ kernels are built and load here (cached after the first call)."""
     return native.available()
+
+
+# A constant to torch.compile: it calls this once while tracing rather than tracing the loader.
+# This is the mark torch.compiler.assume_constant_result sets; the decorator itself imports
+# torch._dynamo (about 2 s, as long as `import torch`) at import time, so the mark is set here
+# (tests/test_install.py checks it is still the decorator's mark and that compile folds it).
+native_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @functools.cache

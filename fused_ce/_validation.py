@@ -213,14 +213,37 @@ def check_ce_target(
         in_range = torch.zeros_like(valid)
     else:
         in_range = target.clamp(0, n_classes - 1) == target
+    all_in_range = (valid <= in_range).all()  # every non-ignored index in range
+    if _readable_on_host(target):
+        # A CPU tensor in eager mode: reading the answer waits for no device, and the message
+        # can name the offending index, as torch's does.
+        if not all_in_range.item():
+            bad = target[valid & ~in_range][0].item()
+            # C unnamed: the vocab-parallel losses check before they know the global C.
+            raise RuntimeError(
+                f"target: a class index is out of bounds: Target {bad} is out of bounds. "
+                "(expected values in [0, C), C the number of classes, or ignore_index)"
+            )
+        return CETarget(eps, input.dtype, valid, False)
     # A constant message: under torch.compile with dynamic shapes, n_classes and
     # ignore_index may be SymInts, and formatting them breaks the graph.
     torch._assert_async(
-        (valid <= in_range).all(),  # every non-ignored index in range
+        all_in_range,
         "target: a class index is out of bounds (expected values in [0, C), C the number of "
         "classes, or ignore_index)",
     )
     return CETarget(eps, input.dtype, valid, False)
+
+
+def _readable_on_host(target: Tensor) -> bool:
+    """Whether ``target``'s values can be read on the host at no cost: a plain CPU tensor
+    outside ``torch.compile`` and functorch transforms."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and type(target) is Tensor
+        and target.device.type == "cpu"
+    )
 
 
 def all_in_range_on_host(target: Tensor, n_classes: int, ignore_index: int) -> bool:
@@ -230,14 +253,7 @@ def all_in_range_on_host(target: Tensor, n_classes: int, ignore_index: int) -> b
     range. One ``aminmax`` and a read of two numbers, against the six small ops (an
     ``_assert_async`` among them) of the device-side check; False (run that check) in every
     other case, including a target with ignored or out-of-range entries."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or type(target) is not Tensor
-        or target.device.type != "cpu"
-        or target.numel() == 0
-        or 0 <= ignore_index < n_classes
-    ):
+    if not _readable_on_host(target) or target.numel() == 0 or 0 <= ignore_index < n_classes:
         return False
     low, high = torch.aminmax(target)
     return low.item() >= 0 and high.item() < n_classes

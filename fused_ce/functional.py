@@ -162,7 +162,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = ...,
+    size_average: bool | None = ...,
     ignore_index: int = ...,
+    reduce: bool | None = ...,
     reduction: str = ...,
     label_smoothing: float = ...,
     *,
@@ -180,7 +182,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = ...,
+    size_average: bool | None = ...,
     ignore_index: int = ...,
+    reduce: bool | None = ...,
     reduction: str = ...,
     label_smoothing: float = ...,
     *,
@@ -198,7 +202,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = ...,
+    size_average: bool | None = ...,
     ignore_index: int = ...,
+    reduce: bool | None = ...,
     reduction: str = ...,
     label_smoothing: float = ...,
     *,
@@ -216,7 +222,9 @@ def softmax_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -240,6 +248,9 @@ def softmax_cross_entropy(
             differentiable. Default: ``None`` (all ones).
         ignore_index (int, optional): class index whose rows contribute nothing (any int, even
             a valid class); must be negative with probability targets. Default: ``-100``.
+        size_average (bool, optional), reduce (bool, optional): deprecated, as in torch:
+            when either is not ``None`` they set ``reduction`` as torch sets it (with torch's
+            deprecation warning). Default: ``None``.
         reduction (str, optional): ``'none'``, ``'mean'`` or ``'sum'``. Default: ``'mean'``.
         label_smoothing (float, optional): :math:`\varepsilon \in [0, 1]`; negative values act
             as 0. Default: ``0.0``.
@@ -283,6 +294,9 @@ def softmax_cross_entropy(
         >>> stats.lse.shape, stats.accuracy.shape
         (torch.Size([3]), torch.Size([]))
     """
+    if size_average is not None or reduce is not None:
+        # torch's deprecated pair, mapped as torch maps it (with its deprecation warning).
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
@@ -290,6 +304,10 @@ def softmax_cross_entropy(
     check_target(target, input)
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
+    if input.dim() == 1 and target.shape == (1,) and not target.is_floating_point():
+        # As torch: a 1-D input's class index may also come as a (1,) tensor, read as the 0-d
+        # one (the loss then has the 0-d target's shape).
+        target = target.view(())
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
@@ -429,6 +447,8 @@ def sigmoid_binary_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     pos_weight: Tensor | None = None,
     *,
@@ -451,6 +471,9 @@ def sigmoid_binary_cross_entropy(
         target (Tensor): floating-point targets of ``input``'s size (usually in [0, 1]).
         weight (Tensor, optional): weight broadcastable to ``input`` (right-aligned); not
             differentiable. Default: ``None`` (all ones).
+        size_average (bool, optional), reduce (bool, optional): deprecated, as in torch:
+            when either is not ``None`` they set ``reduction`` as torch sets it (with torch's
+            deprecation warning). Default: ``None``.
         reduction (str, optional): ``'none'``, ``'mean'`` (divides by ``input.numel()``) or
             ``'sum'``. Default: ``'mean'``.
         pos_weight (Tensor, optional): positive-class weight broadcastable to ``input``; a
@@ -476,6 +499,9 @@ def sigmoid_binary_cross_entropy(
         >>> torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, labels))
         True
     """
+    if size_average is not None or reduce is not None:
+        # torch's deprecated pair, mapped as torch maps it (with its deprecation warning).
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     check_reduction(reduction)
     check_floating("input", input)
     check_target(target, input)

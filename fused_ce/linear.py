@@ -61,6 +61,21 @@ def _as_rows(input: Tensor) -> Tensor:
     return input.reshape(-1, input.shape[-1])
 
 
+def _shifted(target: Tensor, ignore_index: int) -> Tensor:
+    """``target`` moved one place left along its last (sequence) dim, ``ignore_index`` at
+    each last position: the labels of a causal LM's next-token loss. int64 (as torch compares
+    class indices), whatever the target's integer dtype, so any ``ignore_index`` fits."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise ValueError(
+            f"shift: needs class-index targets (int64 or uint8), got dtype {target.dtype}"
+        )
+    if target.dim() == 0:
+        raise ValueError("shift: needs a target with a sequence dim, got a 0-d target")
+    shifted = torch.full(target.shape, ignore_index, dtype=torch.int64, device=target.device)
+    shifted[..., :-1] = target[..., 1:]
+    return shifted
+
+
 @overload
 def linear_cross_entropy(
     input: Tensor,
@@ -78,6 +93,7 @@ def linear_cross_entropy(
     softcap: float | None = ...,
     z_loss: float = ...,
     return_stats: Literal[False] = ...,
+    shift: bool = ...,
     backend: str | None = ...,
 ) -> Tensor: ...
 
@@ -99,6 +115,7 @@ def linear_cross_entropy(
     softcap: float | None = ...,
     z_loss: float = ...,
     return_stats: Literal[True],
+    shift: bool = ...,
     backend: str | None = ...,
 ) -> CrossEntropyStats: ...
 
@@ -120,6 +137,7 @@ def linear_cross_entropy(
     softcap: float | None = ...,
     z_loss: float = ...,
     return_stats: bool,
+    shift: bool = ...,
     backend: str | None = ...,
 ) -> Tensor | CrossEntropyStats: ...
 
@@ -141,6 +159,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     return_stats: bool = False,
+    shift: bool = False,
     backend: str | None = None,
 ) -> Tensor | CrossEntropyStats:
     r"""Linear layer + softmax cross-entropy, fused: the result and gradients of
@@ -177,6 +196,14 @@ def linear_cross_entropy(
         logit_scale (float, optional), softcap (float, optional), z_loss (float, optional),
             return_stats (bool, optional): as in :func:`fused_ce.softmax_cross_entropy`, with
             the same defaults (``1.0``, ``None``, ``0.0``, ``False``); both paths take them.
+        shift (bool, optional): the causal-LM label shift inside the op: the row at sequence
+            position :math:`t` is scored against ``target``'s class at :math:`t + 1`, and the
+            last position of each sequence is ignored, so ``(B, T, D)`` hidden states take their
+            ``(B, T)`` labels as they are, with no ``[:, :-1]`` slice (a copy) of the hidden
+            states. The sequence dim is ``target``'s last (a 1-D target is one sequence).
+            The result is that of ``input[..., :-1, :]`` against ``target[..., 1:]``; with
+            ``reduction='none'`` it keeps ``target``'s shape, 0 at each last position.
+            Class-index targets only. Default: ``False``.
         backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``; on the
             chunked path it picks the per-chunk loss kernels, the GEMMs being torch's. Default:
             ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
@@ -216,6 +243,8 @@ def linear_cross_entropy(
     check_target(target, input)
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if shift:
+        target = _shifted(target, ignore_index)
     batch_shape = input.shape[:-1]
     wants = _grad_flags(
         input, linear_weight, linear_bias, target if target.is_floating_point() else None

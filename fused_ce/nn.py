@@ -15,17 +15,28 @@ import math
 import torch
 from torch import Tensor
 
+from ._backend import BACKENDS
 from ._validation import check_options
 from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 
+def _checked_backend(backend: str | None) -> str | None:
+    """``backend`` checked at construction, so a typo fails where the module is built rather
+    than at its first forward."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss` computed by :func:`fused_ce.softmax_cross_entropy`.
 
-    Args: torch's (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``, with its
-    defaults), then, keyword-only, the function's options beyond torch (``logit_scale``,
-    ``softcap``, ``z_loss``, ``return_stats``, ``inplace_backward``) and ``backend``.
+    Args: torch's, in torch's order and with its defaults (``weight``, ``size_average``,
+    ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing``; the deprecated pair sets
+    ``reduction`` as in torch), then, keyword-only, the function's options beyond torch
+    (``logit_scale``, ``softcap``, ``z_loss``, ``return_stats``, ``inplace_backward``) and
+    ``backend``, checked here.
 
     Shape:
         As :func:`fused_ce.softmax_cross_entropy`: input :math:`(C)`, :math:`(N, C)` or
@@ -46,9 +57,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def __init__(
         self,
         weight: Tensor | None = None,
-        size_average=None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
-        reduce=None,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -66,7 +77,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.z_loss = z_loss
         self.return_stats = return_stats
         self.inplace_backward = inplace_backward
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
         return softmax_cross_entropy(
@@ -89,8 +100,9 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     """:class:`torch.nn.BCEWithLogitsLoss` computed by
     :func:`fused_ce.sigmoid_binary_cross_entropy`.
 
-    Args: torch's (``weight``, ``reduction``, ``pos_weight``, with its defaults), then,
-    keyword-only, ``backend``.
+    Args: torch's, in torch's order and with its defaults (``weight``, ``size_average``,
+    ``reduce``, ``reduction``, ``pos_weight``; the deprecated pair sets ``reduction`` as in
+    torch), then, keyword-only, ``backend``, checked here.
 
     Shape:
         Input :math:`(*)`; target the input's shape; output a scalar, or :math:`(*)` for
@@ -109,15 +121,15 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     def __init__(
         self,
         weight: Tensor | None = None,
-        size_average=None,
-        reduce=None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
         reduction: str = "mean",
         pos_weight: Tensor | None = None,
         *,
         backend: str | None = None,
     ) -> None:
         super().__init__(weight, size_average, reduce, reduction, pos_weight)
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return sigmoid_binary_cross_entropy(
@@ -190,7 +202,9 @@ class LinearCrossEntropyLoss(_LinearLossHead):
     r"""Output head + softmax cross-entropy: ``forward(input (..., in_features), target)``
     returns :func:`fused_ce.linear_cross_entropy` of the head's parameters, never holding the
     ``N x out_features`` logits. ``weight`` (class weights) is a buffer, as in
-    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's.
+    :class:`torch.nn.CrossEntropyLoss`; the other keywords are the function's (``shift=True``:
+    a causal LM's ``(B, T, in_features)`` hidden states against their ``(B, T)`` labels, shifted
+    inside the op).
 
     Shape:
         Input :math:`(*, \text{in\_features})`; target class indices :math:`(*)` or
@@ -223,6 +237,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         softcap: float | None = None,
         z_loss: float = 0.0,
         return_stats: bool = False,
+        shift: bool = False,
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -230,6 +245,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         super().__init__(in_features, out_features, bias, device, dtype)
         check_options(logit_scale, softcap, z_loss, return_stats)
         self.register_buffer("weight", weight)
+        self.shift = shift
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -239,7 +255,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         self.softcap = softcap
         self.z_loss = z_loss
         self.return_stats = return_stats
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
         return linear_cross_entropy(
@@ -257,6 +273,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
             softcap=self.softcap,
             z_loss=self.z_loss,
             return_stats=self.return_stats,
+            shift=self.shift,
             backend=self.backend,
         )
 
@@ -300,7 +317,7 @@ class LinearBCEWithLogitsLoss(_LinearLossHead):
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = reduction
         self.chunk_size = chunk_size
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_binary_cross_entropy_with_logits(
@@ -327,9 +344,9 @@ class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def __init__(
         self,
         weight: Tensor | None = None,
-        size_average=None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
-        reduce=None,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -349,7 +366,7 @@ class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.softcap = softcap
         self.z_loss = z_loss
         self.return_stats = return_stats
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
         from .distributed import vocab_parallel_cross_entropy
@@ -421,7 +438,7 @@ class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
         self.softcap = softcap
         self.z_loss = z_loss
         self.return_stats = return_stats
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **kwargs):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import functional, linear
+from .. import _backend, functional, linear, native
 from .._backend import native_available, triton_runs_on
 
 Inputs = tuple[dict[str, Tensor], dict[str, Any]]
@@ -249,6 +249,33 @@ def available_backends(device: torch.device) -> list[str]:
     if device.type == "cpu" and native_available():
         backends.append("native")
     return backends
+
+
+def native_note() -> str:
+    """Which native kernels run here and where they come from (built at install, compiled on
+    first use into a cache), or why none do."""
+    if native_available():
+        return f"native kernels: {native.capability()}, {native.origin()}"
+    return f"native kernels: unavailable: {native.unavailable_reason()}"
+
+
+def triton_note(checked: bool) -> str | None:
+    """Why the Triton kernels were not checked (``checked``: they were, on some device): what
+    is really missing, the package or a device to run it on; None when they were checked."""
+    if checked:
+        return None
+    if not _backend.HAS_TRITON:
+        return (
+            "triton backend not checked: the triton package is not installed "
+            "(pip install 'fused_ce[triton]'; it runs on CUDA GPUs, or on the CPU under "
+            "TRITON_INTERPRET=1)"
+        )
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+    return (
+        f"triton backend not checked: Triton is installed, but there is no CUDA GPU here "
+        f"(torch {torch.__version__}, a {build} build, sees none; TRITON_INTERPRET=1 runs the "
+        f"kernels on the CPU, slowly)"
+    )
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, native
-from .._backend import BACKENDS, native_available, resolve
+from .. import __version__
+from .._backend import BACKENDS, resolve
 from .train import (
     DEFAULT_EPOCHS,
     LOSSES,
@@ -345,7 +345,7 @@ def _report(result: RunResult, out: Path) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import format_table, run_checks
+    from .check import format_table, native_note, run_checks, triton_note
 
     has_cuda = torch.cuda.is_available()
     if args.device == "cuda" and not has_cuda:
@@ -363,13 +363,10 @@ def _check(args: argparse.Namespace) -> int:
     print(format_table(results))
     failed = sum(not r.ok for r in results)
     print(f"{len(results) - failed}/{len(results)} within tolerance")
-    if "triton" not in {r.backend for r in results}:
-        print(
-            "(triton backend not checked: it needs the triton package, pip install "
-            "'fused_ce[triton]', and CUDA, or TRITON_INTERPRET=1 on CPU)"
-        )
-    if not native_available():
-        print(f"(native backend not checked: {native.unavailable_reason()})")
+    triton = triton_note(checked="triton" in {r.backend for r in results})
+    if triton is not None:
+        print(f"({triton})")
+    print(native_note())
     for device in devices:
         print(f"backend='auto' runs {resolve('auto', torch.empty(0, device=device))} on {device}")
     return 1 if failed else 0
