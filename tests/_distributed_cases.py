@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import os
 import traceback
 from collections.abc import Callable, Iterator
@@ -726,6 +727,99 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
     yield "group of one rank", group_of_one
 
 
+# --------------------------------------------------------------------------- edges
+
+
+def _odd_rows_case(
+    rank: int, world: int, *, linear: bool, n_rows: int, dtype, stats: bool, smoothing: float
+) -> None:
+    """A row count whose per-row statistics take a number of bytes that is not a multiple of 8
+    (an odd number of rows and of fp32 columns: 3 without smoothing and stats, 5 with both),
+    in every dtype, with and without the int64 argmax columns: the loss within 2x torch's own
+    error at that dtype (fp64 oracle), the stats as one process's."""
+    from fused_ce import cross_entropy, linear_cross_entropy
+    from fused_ce.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    n_classes = 4 * world
+    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven=world == 3)
+    target = _class_target((n_rows,), n_classes, 131, -100)
+    options = {"reduction": "none", "label_smoothing": smoothing}
+    if linear:
+        x = _randn((n_rows, 3), 132).to(dtype)
+        w = _randn((n_classes, 3), 133).to(dtype)
+        ours = vocab_parallel_linear_cross_entropy(
+            x,
+            w[start : start + size],
+            target,
+            vocab_start_index=vocab_start_index,
+            return_stats=stats,
+            **options,
+        )
+        single = linear_cross_entropy(x, w, target, return_stats=True, backend="torch", **options)
+        logits = F.linear(x, w)
+        oracle_logits = F.linear(x.double(), w.double())
+    else:
+        logits = _randn((n_rows, n_classes), 130, scale=2.0).to(dtype)
+        ours = vocab_parallel_cross_entropy(
+            logits[:, start : start + size],
+            target,
+            vocab_start_index=vocab_start_index,
+            return_stats=stats,
+            **options,
+        )
+        single = cross_entropy(logits, target, return_stats=True, backend="torch", **options)
+        oracle_logits = logits.double()
+    loss = ours.loss if stats else ours
+    assert loss.dtype == dtype, loss.dtype
+    oracle = F.cross_entropy(oracle_logits, target, **options)
+    theirs = F.cross_entropy(logits, target, **options).double()
+    tiny = torch.finfo(dtype).eps * max(float(oracle.abs().max()), 1.0)
+    error = float((loss.double() - oracle).abs().max())
+    bar = 2 * float((theirs - oracle).abs().max()) + tiny
+    assert error <= bar, f"loss: error {error} > 2 x torch's + tiny = {bar}"
+    if stats:
+        tolerance = F64 if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+        for field in ("lse", "entropy"):
+            _close(field, getattr(ours, field), getattr(single, field), **tolerance)
+        _close("accuracy", ours.accuracy, single.accuracy)
+
+
+def _odd_rows_cases(rank: int, world: int) -> Iterator[Case]:
+    """Row counts whose packed statistics are not 8-byte multiples, in every dtype (#23: 5 rows
+    of fp32 raised "storage_offset() must be divisible by 8")."""
+    from fused_ce import cross_entropy
+    from fused_ce.distributed import vocab_parallel_cross_entropy
+
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for linear, n_rows, dtype, stats, smoothing in itertools.product(
+        (False, True), (1, 5), dtypes, (False, True), (0.0, 0.1)
+    ):
+        yield (
+            f"{'linear' if linear else 'ce'} {n_rows} rows {dtype} stats={stats} "
+            f"smoothing={smoothing}",
+            lambda li=linear, n=n_rows, d=dtype, st=stats, sm=smoothing: _odd_rows_case(
+                rank, world, linear=li, n_rows=n, dtype=d, stats=st, smoothing=sm
+            ),
+        )
+
+    def odd_rows_group_of_one():
+        # One rank: the gathered buffer is the rank's own, read back in place.
+        groups = [dist.new_group([r]) for r in range(world)]
+        logits = _randn((5, 6), 134).float()
+        target = _class_target((5,), 6, 135, -100)
+        for stats in (False, True):
+            ours = vocab_parallel_cross_entropy(
+                logits, target, group=groups[rank], return_stats=stats
+            )
+            reference = cross_entropy(logits, target, return_stats=stats, backend="torch")
+            _compare_results(ours, reference, rtol=1e-5, atol=1e-6)
+
+    yield "5 rows fp32, a group of one rank", odd_rows_group_of_one
+
+
 # --------------------------------------------------------------------------- DDP, FSDP2
 
 
@@ -881,10 +975,18 @@ WORLDS: dict[str, tuple[Callable[[int, int], Iterator[Case]], ...]] = {
     "all": (
         _ce_cases,
         _linear_cases,
+        _odd_rows_cases,
         _dtensor_cases,
         _error_cases,
         _module_cases,
         _data_parallel_cases,
     ),
-    "vocab_parallel": (_ce_cases, _linear_cases, _dtensor_cases, _error_cases, _module_cases),
+    "vocab_parallel": (
+        _ce_cases,
+        _linear_cases,
+        _odd_rows_cases,
+        _dtensor_cases,
+        _error_cases,
+        _module_cases,
+    ),
 }

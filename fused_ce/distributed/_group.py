@@ -27,10 +27,18 @@ def _group_layout(group) -> tuple[object, int, int]:
 
 
 def _gather_packed(parts: list[Tensor], group, world: int) -> list[Tensor]:
-    """All-gather several tensors in ONE collective: their bytes travel concatenated (so an
-    int64 column rides bit-exact beside fp32 ones). Returns each part as ``(world, *shape)``.
+    """All-gather several tensors in ONE collective: their bytes travel concatenated, each part
+    padded to a multiple of 8 bytes, so every part starts 8-byte aligned and views back as its
+    own dtype in place (an int64 column rides bit-exact beside fp32 or bf16 ones, for any
+    number of rows). Returns each part as ``(world, *shape)`` (views of the gathered buffer).
     Every rank must pass parts of the same shapes and dtypes."""
-    flat = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
+    pieces = []
+    for part in parts:
+        raw = part.contiguous().view(-1).view(torch.uint8)
+        pieces.append(raw)
+        if raw.numel() % 8:
+            pieces.append(raw.new_zeros(8 - raw.numel() % 8))
+    flat = torch.cat(pieces)
     if world == 1:
         gathered = flat.unsqueeze(0)
     else:
@@ -38,11 +46,14 @@ def _gather_packed(parts: list[Tensor], group, world: int) -> list[Tensor]:
         _all_gather(gathered, flat, group=group)
         gathered = gathered.view(world, -1)
     out, offset = [], 0
-    for p in parts:
-        n_bytes = p.numel() * p.element_size()
-        chunk = gathered[:, offset : offset + n_bytes].contiguous()
-        out.append(chunk.view(p.dtype).view(world, *p.shape))
-        offset += n_bytes
+    for part in parts:
+        n_bytes = part.numel() * part.element_size()
+        if not n_bytes:  # (an empty slice's strides need not be aligned)
+            out.append(part.new_empty(world, *part.shape))
+            continue
+        chunk = gathered[:, offset : offset + n_bytes]
+        out.append(chunk.view(part.dtype).view(world, *part.shape))
+        offset += -(-n_bytes // 8) * 8
     return out
 
 

@@ -56,8 +56,9 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 (x,) = _gather_packed([x], spec.group, spec.world)
             else:
                 x, target = _gather_packed([x, target], spec.group, spec.world)
-                target = target.view(-1)
-            x = x.view(-1, x.shape[-1])
+                target = target.reshape(-1)
+            # (views of the gathered buffer, whose rows also hold the target: a copy)
+            x = x.reshape(-1, x.shape[-1])
         n_rows = x.shape[0]
         floats = x.new_empty(spec.float_columns(), n_rows, dtype=spec.acc)
         ints = x.new_empty(spec.int_columns(), n_rows, dtype=torch.int64)
