@@ -99,10 +99,17 @@ def _upstream(shape, seed: int) -> torch.Tensor:
     return torch.where(torch.rand(shape, generator=gen) < 0.3, -magnitude, magnitude)
 
 
-def _layout(n_classes: int, world: int, rank: int, uneven: bool) -> tuple[int, int, int | None]:
+def _layout(
+    n_classes: int, world: int, rank: int, uneven: bool, empty_last: bool = False
+) -> tuple[int, int, int | None]:
     """``(start, size, vocab_start_index)``: equal shards, or uneven ones passed explicitly
     (rank r gets about (r + 1) / (1 + 2 + ... + world) of the classes, the last rank the
-    rest: 2, 4 and 6 of 12 for 3 ranks)."""
+    rest: 2, 4 and 6 of 12 for 3 ranks); ``empty_last``: the last rank holds no classes
+    (starting at C), the others split them equally."""
+    if empty_last:
+        size = n_classes // (world - 1)
+        start = min(rank * size, n_classes)
+        return start, size if rank < world - 1 else 0, start
     if not uneven:
         size = n_classes // world
         return rank * size, size, None
@@ -163,6 +170,7 @@ def _ce_case(
     *,
     shape: tuple[int, ...] = (6, 12),
     uneven: bool = False,
+    empty_last: bool = False,
     options: dict | None = None,
     prob: bool = False,
     ignored: bool = True,
@@ -179,7 +187,7 @@ def _ce_case(
     class_dim = 0 if len(shape) == 1 else 1
     n_classes = shape[class_dim]
     batch = shape[:class_dim] + shape[class_dim + 1 :]
-    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven)
+    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven, empty_last)
     full = logits if logits is not None else _randn(shape, seed, scale=3.0)
     ignore_index = options.get("ignore_index", -100)
     if prob:
@@ -396,6 +404,7 @@ def _linear_case(
     n_features: int = 5,
     n_classes: int = 12,
     uneven: bool = False,
+    empty_last: bool = False,
     sequence_parallel: bool = False,
     bias: bool = True,
     prob: bool = False,
@@ -407,7 +416,7 @@ def _linear_case(
     from fused_ce.distributed import vocab_parallel_linear_cross_entropy
 
     options = dict(options or {})
-    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven)
+    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven, empty_last)
     x = _randn((n_rows, n_features), seed)
     w = _randn((n_classes, n_features), seed + 1)
     b = _randn(n_classes, seed + 2) if bias else None
@@ -623,6 +632,8 @@ def _dtensor_cases(rank: int, world: int) -> Iterator[Case]:
     yield "dtensor logits, even", lambda: logits_case(4 * world)
     # torch.chunk's split: 7 classes over 2 ranks is 4 + 3, over 3 ranks 3 + 3 + 1.
     yield "dtensor logits, uneven, N-D", lambda: logits_case(7, (2,))
+    # torch.chunk's split of fewer classes: 1 over 2 ranks is 1 + 0, 4 over 3 is 2 + 2 + 0.
+    yield "dtensor logits, the last rank holds none", lambda: logits_case(3 * world - 5)
     yield "dtensor linear head (uneven rows)", head_case
 
 
@@ -820,6 +831,48 @@ def _odd_rows_cases(rank: int, world: int) -> Iterator[Case]:
     yield "5 rows fp32, a group of one rank", odd_rows_group_of_one
 
 
+def _empty_shard_cases(rank: int, world: int) -> Iterator[Case]:
+    """A rank that holds no classes (#23: "cannot reshape tensor of 0 elements"; shard_range
+    gives such ranks when C < world): one process's result."""
+    everything = {
+        "weighted": True,
+        "label_smoothing": 0.1,
+        "logit_scale": 0.8,
+        "softcap": 4.0,
+        "z_loss": 0.02,
+        "return_stats": True,
+    }
+    for reduction in REDUCTIONS:
+        options = {**everything, "reduction": reduction}
+        yield (
+            f"ce, the last rank holds no classes, {reduction}",
+            lambda o=options: _ce_case(rank, world, empty_last=True, options=o),
+        )
+        yield (
+            f"ce prob, the last rank holds no classes, {reduction}",
+            lambda o=options: _ce_case(rank, world, empty_last=True, prob=True, options=o),
+        )
+        for sequence_parallel in (False, True):
+            yield (
+                f"linear, the last rank holds no classes, {reduction} sp={sequence_parallel}",
+                lambda o=options, sp=sequence_parallel: _linear_case(
+                    rank, world, empty_last=True, sequence_parallel=sp, options=o, chunk_size=2
+                ),
+            )
+    yield (
+        "ce N-D, the last rank holds no classes",
+        lambda: _ce_case(
+            rank, world, shape=(3, 12, 2), empty_last=True, options={"return_stats": True}
+        ),
+    )
+    yield (
+        "linear prob, the last rank holds no classes",
+        lambda: _linear_case(
+            rank, world, empty_last=True, prob=True, options={"label_smoothing": 0.1}
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- DDP, FSDP2
 
 
@@ -976,6 +1029,7 @@ WORLDS: dict[str, tuple[Callable[[int, int], Iterator[Case]], ...]] = {
         _ce_cases,
         _linear_cases,
         _odd_rows_cases,
+        _empty_shard_cases,
         _dtensor_cases,
         _error_cases,
         _module_cases,
@@ -985,6 +1039,7 @@ WORLDS: dict[str, tuple[Callable[[int, int], Iterator[Case]], ...]] = {
         _ce_cases,
         _linear_cases,
         _odd_rows_cases,
+        _empty_shard_cases,
         _dtensor_cases,
         _error_cases,
         _module_cases,

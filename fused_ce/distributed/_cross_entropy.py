@@ -178,10 +178,13 @@ def vocab_parallel_cross_entropy(
         acc=acc,
     )
     # (R, C_local) rows: the class dim last (a copy for N-D input; autograd maps the gradient
-    # back through it).
-    rows = input.movedim(class_dim, -1).reshape(-1, n_local)
+    # back through it). R spelled out: a rank may hold no classes.
+    n_rows = batch_shape.numel()
+    rows = input.movedim(class_dim, -1).reshape(n_rows, n_local)
     rows_target = (
-        target.movedim(class_dim, -1).reshape(-1, n_local) if prob_target else target.reshape(-1)
+        target.movedim(class_dim, -1).reshape(n_rows, n_local)
+        if prob_target
+        else target.reshape(n_rows)
     )
     loss, lse, entropy, argmax, target_argmax = _VocabParallelCE.apply(
         rows, rows_target, spec, not prob_target

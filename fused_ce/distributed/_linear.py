@@ -198,7 +198,8 @@ def vocab_parallel_linear_cross_entropy(
     input = _plain("input", input, group)
     target = _plain("target", target, group)
     weight = _plain("weight", weight, group)
-    n_local = check_linear(input, linear_weight, linear_bias)
+    # A rank may hold no classes (shard_range's split of fewer classes than ranks).
+    n_local = check_linear(input, linear_weight, linear_bias, allow_no_classes=True)
     rows_per_chunk = check_chunk_size(chunk_size)
     check_target(target, input)
     if not isinstance(sequence_parallel, bool):
@@ -245,7 +246,12 @@ def vocab_parallel_linear_cross_entropy(
         acc=acc,
     )
     x = input.reshape(-1, input.shape[-1])
-    rows_target = target.reshape(-1, n_local) if prob_target else target.reshape(-1)
+    # Rows spelled out: a rank may hold no classes.
+    rows_target = (
+        target.reshape(torch.Size(prob_batch).numel(), n_local)
+        if prob_target
+        else target.reshape(-1)
+    )
     batch_shape = (world, *local_batch) if sequence_parallel else local_batch
     n_rows = x.shape[0] * (world if sequence_parallel else 1)
     head = _HeadSpec(
