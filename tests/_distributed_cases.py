@@ -696,7 +696,7 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
     yield (
         "error: targets differ across ranks",
         lambda: _expect_error(
-            lambda: vocab_parallel_cross_entropy(logits, (target + rank) % 3), "differ across"
+            lambda: vocab_parallel_cross_entropy(logits, (target + rank) % 3), "differs across"
         ),
     )
     yield (
@@ -712,7 +712,7 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
             lambda: vocab_parallel_cross_entropy(
                 logits, target % 3, weight=torch.ones(3 * world - 1, dtype=torch.float64)
             ),
-            "do not tile",
+            f"weight: should be defined for all {3 * world} classes",
         ),
     )
 
@@ -871,6 +871,121 @@ def _empty_shard_cases(rank: int, world: int) -> Iterator[Case]:
             rank, world, empty_last=True, prob=True, options={"label_smoothing": 0.1}
         ),
     )
+
+
+# --------------------------------------------------------------------------- disagreement
+
+
+def _expect_same_error(fn: Callable[[], object], *fragments: str) -> None:
+    """``fn`` raises on every rank, the same error (type and message), containing
+    ``fragments``; the ranks are still in step afterwards (the comparison is a collective)."""
+    try:
+        fn()
+    except (RuntimeError, ValueError, TypeError) as error:
+        raised = f"{type(error).__name__}: {error}"
+    else:
+        raised = "no error"
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, raised)
+    assert all(text == raised for text in every), f"the ranks raised differently: {every}"
+    for fragment in fragments:
+        assert fragment in raised, f"expected {fragment!r} in the error, got {raised}"
+
+
+def _disagreement_cases(rank: int, world: int) -> Iterator[Case]:
+    """Ranks whose arguments disagree, or of which one rejects its arguments: the same error on
+    every rank, naming the argument (and the rank), where gloo aborted the process (a size it
+    did not expect) or the others waited out the timeout (#23 item 3)."""
+    from fused_ce.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    n_classes = 4 * world
+    logits = _randn((6, 4), 140)
+    target = _class_target((6,), n_classes, 141, -100)
+    x = _randn((6, 3), 142)
+    w = _randn((4, 3), 143)
+
+    def ce(logits=logits, target=target, **options):
+        return lambda: vocab_parallel_cross_entropy(logits, target, **options)
+
+    def linear(x=x, target=target, **options):
+        return lambda: vocab_parallel_linear_cross_entropy(x, w, target, **options)
+
+    first = rank == 0
+    last = rank == world - 1
+    rows = (2, 3) if first else (3, 2)
+    kept = target.clamp(min=0)
+    cases = {
+        "rows": (
+            ce(logits=logits[: 5 + rank], target=target[: 5 + rank]),
+            "input: the number of rows differs",
+        ),
+        "dtype": (ce(logits=logits if first else logits.float()), "input: the dtype differs"),
+        "label_smoothing": (
+            ce(label_smoothing=0.1 if first else 0.0),
+            "label_smoothing: the value differs",
+        ),
+        "return_stats": (ce(return_stats=first), "return_stats: the value differs"),
+        "reduction": (ce(reduction="sum" if first else "mean"), "reduction: the value differs"),
+        "ignore_index": (ce(target=kept, ignore_index=2 + rank), "ignore_index: the value differs"),
+        "softcap": (ce(softcap=None if first else 5.0), "softcap: the value differs"),
+        "N-D shape": (
+            ce(
+                logits=logits.view(*rows, 4).movedim(2, 1),
+                target=target.view(rows),
+            ),
+            "input: the shape outside the class dim differs",
+        ),
+        "class weights": (
+            ce(weight=torch.ones(n_classes, dtype=torch.float64) + rank),
+            "weight: the digest of the values differs",
+        ),
+        "class weights on one rank only": (
+            ce(weight=torch.ones(n_classes, dtype=torch.float64) if first else None),
+            "weight: the dtype differs",
+        ),
+        "targets": (ce(target=(target + rank) % n_classes), "target: the digest"),
+        "target dtype": (
+            ce(target=kept if first else kept.to(torch.uint8)),
+            "target: the dtype differs",
+        ),
+        "a bad vocab_start_index on one rank": (
+            ce(vocab_start_index=-1 if last else None),
+            "vocab_start_index: expected >= 0, got -1",
+            f"raised on rank {world - 1} of the group of {world}",
+        ),
+        "a bad target dtype on rank 0, a bad reduction on rank 1": (
+            ce(target=target.int()) if first else ce(reduction="avg"),
+            "target:",
+            f"raised on ranks {', '.join(map(str, range(world)))}, first rank 0",
+        ),
+        "different functions": (
+            ce() if first else linear(),
+            "group: the ranks of the group called different functions",
+        ),
+        "sequence_parallel, different token counts": (
+            linear(x=x[: 2 + rank], target=target[: 2 + rank], sequence_parallel=True),
+            "input: the number of rows differs",
+        ),
+        "sequence_parallel on one rank only": (
+            linear(sequence_parallel=first),
+            "sequence_parallel: the value differs",
+        ),
+        "linear, label_smoothing": (
+            linear(label_smoothing=0.1 if first else 0.0),
+            "label_smoothing: the value differs",
+        ),
+        "linear, input gradient wanted on one rank only": (
+            linear(x=x.clone().requires_grad_(first)),
+            "input: whether its gradient is wanted differs",
+        ),
+    }
+    for name, (fn, *fragments) in cases.items():
+        yield f"disagree: {name}", lambda f=fn, fr=fragments: _expect_same_error(f, *fr)
+    # Still in step, and a call that agrees works.
+    yield "agree after the disagreements", lambda: ce()()
 
 
 # --------------------------------------------------------------------------- DDP, FSDP2
@@ -1044,4 +1159,6 @@ WORLDS: dict[str, tuple[Callable[[int, int], Iterator[Case]], ...]] = {
         _error_cases,
         _module_cases,
     ),
+    # Apart: before the agreement, a case here could abort a rank (and the whole world).
+    "disagreement": (_disagreement_cases,),
 }

@@ -11,9 +11,11 @@ and every other term of the loss is a sum over classes, so it splits the same wa
 logit is held by one rank, ``sum_c w_c (z_c - M) = sum_r [d_r + W_r (m_r - M)]`` (label
 smoothing, with ``d_r = sum_c w_c (z_c - m_r)`` over the slice), the entropy's
 ``sum_c e^(z_c - M) (z_c - M)`` likewise, and the argmax is the first rank's whose max is ``M``.
-So each rank computes its columns of per-row statistics, one ``all_gather`` exchanges them (with
-a small header: the slice's start and size, and a checksum of the targets), and every rank
-combines them in the same order, so all ranks hold the same bits. The backward needs no
+So each rank computes its columns of per-row statistics, one ``all_gather`` exchanges them, and
+every rank combines them in the same order, so all ranks hold the same bits. Before any of
+that, every call exchanges a fixed-size header (``_protocol``: each rank's slice, its argument
+error if any, and what the ranks must agree on), so that ranks that disagree raise the same
+error together instead of hanging or receiving sizes they did not expect. The backward needs no
 communication for the logits: ``dz = p * coef_p - coef_y * onehot - coef_u * u`` with
 ``p = exp(z - lse)`` and per-row coefficients known on every rank. The linear head adds the
 input gradient's sum over the group (``all_reduce``, or ``reduce_scatter`` with sequence

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -18,8 +20,19 @@ from .._validation import (
 )
 from ..functional import CrossEntropyStats, _ce_divisor, _finish
 from ..torch_impl import CHUNK_ELEMENTS
-from ._dtensor import _from_dtensor, _is_dtensor, _plain
+from ._dtensor import _from_dtensor, _is_dtensor, _mesh_group, _plain
 from ._group import _group_layout, _shard_start
+from ._protocol import (
+    ERROR_TYPES,
+    Agreement,
+    Claim,
+    agree,
+    dtype_field,
+    header_device,
+    int_field,
+    option_fields,
+    shape_field,
+)
 from ._statistics import (
     _NO_INDEX,
     _exchange,
@@ -35,7 +48,7 @@ class _VocabParallelCE(torch.autograd.Function):
     """Per-row loss and lse of ``(R, C_local)`` logits (and stats); backward local."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, spec: _Spec, check_target: bool):
+    def forward(ctx, logits: Tensor, target: Tensor, spec: _Spec):
         n_rows = logits.shape[0]
         floats = logits.new_empty(spec.float_columns(), n_rows, dtype=spec.acc)
         ints = logits.new_empty(spec.int_columns(), n_rows, dtype=torch.int64)
@@ -44,7 +57,7 @@ class _VocabParallelCE(torch.autograd.Function):
             z = _final_chunk(logits[rows], spec)
             _local_statistics(z, target[rows], spec, floats[:, rows], ints[:, rows])
         loss, lse, saved, entropy, argmax, target_argmax, smooth_scale = _exchange(
-            floats, ints, target, spec, check_target
+            floats, ints, target, spec
         )
         ctx.save_for_backward(logits, target, saved, smooth_scale)
         ctx.spec = spec
@@ -83,7 +96,7 @@ class _VocabParallelCE(torch.autograd.Function):
             )
             if not in_place:
                 grad_logits[rows] = grad
-        return grad_logits, grad_target, None, None
+        return grad_logits, grad_target, None
 
 
 def vocab_parallel_cross_entropy(
@@ -113,6 +126,10 @@ def vocab_parallel_cross_entropy(
     (entropy, accuracy with torch's first-index argmax) are combined from per-row statistics
     exchanged in one ``all_gather`` (see docs/distributed.md). The logit gradient is local.
 
+    Before it, the ranks exchange a fixed-size header and agree: ranks whose arguments differ
+    (dtype, rows, options, targets, class weights) or of which one rejects its arguments raise
+    the same error on every rank, naming the argument (and the rank).
+
     Shape:
         - input: this rank's ``(N, C_r)``, ``(C_r)`` or ``(N, C_r, d1..dK)`` slice (class
           dim 1, 0 for 1-D), or a DTensor sharded on the class dim over a 1-D mesh.
@@ -127,8 +144,8 @@ def vocab_parallel_cross_entropy(
         group: the process group the classes are split over (None: the default group; a
             DTensor input brings its mesh's).
         vocab_start_index: this rank's first class; None means equal shards in rank order.
-            The ranks' slices must tile ``[0, C)``: checked on the device after the exchange,
-            so every rank raises the same error.
+            The ranks' slices must tile ``[0, C)`` (checked from the header, on every rank
+            alike); a rank may hold no classes (``C_r = 0``).
         backend: validated as in :func:`fused_ce.cross_entropy`; the per-chunk math of the
             vocab-parallel path is plain torch operations on every backend.
 
@@ -138,6 +155,151 @@ def vocab_parallel_cross_entropy(
         >>> loss = vocab_parallel_cross_entropy(local_logits, target)  # doctest: +SKIP
         >>> loss.backward()  # local_logits.grad: this rank's slice of the gradient
     """
+    group, rank, world = _group_layout(_mesh_group(input, group))
+    claim: Claim | BaseException
+    try:
+        call = _validate(
+            input,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            group=group,
+            rank=rank,
+            vocab_start_index=vocab_start_index,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            z_loss=z_loss,
+            return_stats=return_stats,
+            backend=backend,
+        )
+        claim = call.claim()
+    except ERROR_TYPES as error:
+        call, claim = None, error
+    # Raises the same error on every rank if any rank's claim is an error or they disagree.
+    agreement = agree(
+        "vocab_parallel_cross_entropy",
+        claim,
+        group=group,
+        rank=rank,
+        world=world,
+        device=header_device(input, group),
+    )
+    return call.run(agreement, group=group, rank=rank, world=world)
+
+
+@dataclass
+class _Call:
+    """One rank's validated call, before any communication."""
+
+    rows: Tensor  # (R, C_local) logits, the class dim last
+    rows_target: Tensor  # (R,) class indices, or (R, C_local) probabilities
+    target: Tensor
+    weight: Tensor | None
+    ignore_index: int
+    reduction: str
+    eps: float
+    scale: float
+    cap: float
+    z_loss: float
+    return_stats: bool
+    start: int
+    batch_shape: tuple[int, ...]
+    valid: Tensor | None
+    out_dtype: torch.dtype
+    prob_target: bool
+
+    def claim(self) -> Claim:
+        """What the ranks must agree on: the message sizes (dtypes, rows) and the options."""
+        return Claim(
+            start=self.start,
+            n_local=self.rows.shape[1],
+            fields=[
+                dtype_field("input", "the dtype", self.rows.dtype),
+                int_field("input", "the number of rows", self.rows.shape[0]),
+                shape_field("input", "the shape outside the class dim", self.batch_shape),
+                *option_fields(
+                    target=self.target,
+                    replicated_indices=not self.prob_target,
+                    weight=self.weight,
+                    ignore_index=self.ignore_index,
+                    reduction=self.reduction,
+                    eps=self.eps,
+                    scale=self.scale,
+                    cap=self.cap,
+                    z_loss=self.z_loss,
+                    return_stats=self.return_stats,
+                ),
+            ],
+            weight_length=self.weight.shape[0] if self.weight is not None else None,
+        )
+
+    def run(
+        self, agreement: Agreement, *, group, rank: int, world: int
+    ) -> Tensor | CrossEntropyStats:
+        spec = _make_spec(
+            group=group,
+            rank=rank,
+            world=world,
+            start=self.start,
+            n_local=self.rows.shape[1],
+            agreement=agreement,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            eps=self.eps,
+            scale=self.scale,
+            cap=self.cap,
+            prob_target=self.prob_target,
+            return_stats=self.return_stats,
+            acc=accumulation_dtype(self.rows.dtype, self.target.dtype),
+        )
+        loss, lse, entropy, argmax, target_argmax = _VocabParallelCE.apply(
+            self.rows, self.rows_target, spec
+        )
+        divisor = _ce_divisor(
+            self.reduction,
+            self.valid,
+            self.target,
+            self.weight,
+            self.rows.shape[0],
+            self.rows.dtype,
+        )
+        stats_targets = self.prob_target and self.return_stats
+        return _finish(
+            loss,
+            lse,
+            entropy,
+            argmax,
+            batch_shape=self.batch_shape,
+            valid=self.valid,
+            target_classes=target_argmax.view(self.batch_shape) if stats_targets else self.target,
+            reduction=self.reduction,
+            divisor=divisor,
+            out_dtype=self.out_dtype,
+            z_loss=self.z_loss,
+            return_stats=self.return_stats,
+        )
+
+
+def _validate(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    group,
+    rank: int,
+    vocab_start_index: int | None,
+    logit_scale: float,
+    softcap: float | None,
+    z_loss: float,
+    return_stats: bool,
+    backend: str | None,
+) -> _Call:
+    """This rank's arguments, checked (no communication: an error raised here is agreed on)."""
     check_reduction(reduction)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     if _is_dtensor(input):
@@ -150,7 +312,6 @@ def vocab_parallel_cross_entropy(
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
     resolve(backend, input)
-    group, rank, world = _group_layout(group)
     class_dim = 0 if input.dim() == 1 else 1
     n_local = input.shape[class_dim]
     start = _shard_start(vocab_start_index, rank, n_local)
@@ -161,22 +322,6 @@ def vocab_parallel_cross_entropy(
     eps, out_dtype, valid, prob_target = check_ce_target(
         target, input, weight, ignore_index, label_smoothing, batch_shape, input.shape, n_classes
     )
-    acc = accumulation_dtype(input.dtype, target.dtype)
-    spec = _make_spec(
-        group=group,
-        rank=rank,
-        world=world,
-        start=start,
-        n_local=n_local,
-        weight=weight,
-        ignore_index=ignore_index,
-        eps=eps,
-        scale=scale,
-        cap=cap,
-        prob_target=prob_target,
-        return_stats=return_stats,
-        acc=acc,
-    )
     # (R, C_local) rows: the class dim last (a copy for N-D input; autograd maps the gradient
     # back through it). R spelled out: a rank may hold no classes.
     n_rows = batch_shape.numel()
@@ -186,21 +331,21 @@ def vocab_parallel_cross_entropy(
         if prob_target
         else target.reshape(n_rows)
     )
-    loss, lse, entropy, argmax, target_argmax = _VocabParallelCE.apply(
-        rows, rows_target, spec, not prob_target
-    )
-    divisor = _ce_divisor(reduction, valid, target, weight, rows.shape[0], input.dtype)
-    return _finish(
-        loss,
-        lse,
-        entropy,
-        argmax,
-        batch_shape=batch_shape,
-        valid=valid,
-        target_classes=target_argmax.view(batch_shape) if prob_target and return_stats else target,
+    return _Call(
+        rows=rows,
+        rows_target=rows_target,
+        target=target,
+        weight=weight,
+        ignore_index=ignore_index,
         reduction=reduction,
-        divisor=divisor,
-        out_dtype=out_dtype,
+        eps=eps,
+        scale=scale,
+        cap=cap,
         z_loss=float(z_loss),
         return_stats=return_stats,
+        start=start,
+        batch_shape=batch_shape,
+        valid=valid,
+        out_dtype=out_dtype,
+        prob_target=prob_target,
     )

@@ -46,6 +46,15 @@ def _from_dtensor(name: str, value, shard_dim: int | None, group):
     return value.to_local(), mesh_group, start
 
 
+def _mesh_group(value, group):
+    """The group a call over ``value`` runs in: ``group``, or a DTensor's 1-D mesh's when
+    ``group`` is None. (:func:`_from_dtensor` checks the DTensor later, inside the call's
+    agreement, so a rejected DTensor raises on every rank.)"""
+    if group is None and _is_dtensor(value) and value.device_mesh.ndim == 1:
+        return value.device_mesh.get_group()
+    return group
+
+
 def _plain(name: str, value, group):
     """A replicated DTensor (target, weight) as its local tensor; anything else unchanged."""
     if _is_dtensor(value):

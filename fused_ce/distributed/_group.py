@@ -31,7 +31,8 @@ def _gather_packed(parts: list[Tensor], group, world: int) -> list[Tensor]:
     padded to a multiple of 8 bytes, so every part starts 8-byte aligned and views back as its
     own dtype in place (an int64 column rides bit-exact beside fp32 or bf16 ones, for any
     number of rows). Returns each part as ``(world, *shape)`` (views of the gathered buffer).
-    Every rank must pass parts of the same shapes and dtypes."""
+    Every rank must pass parts of the same shapes and dtypes (the call's header has checked
+    what each rank sends)."""
     pieces = []
     for part in parts:
         raw = part.contiguous().view(-1).view(torch.uint8)

@@ -22,8 +22,20 @@ from .._validation import (
     check_target,
 )
 from ..functional import CrossEntropyStats, _ce_divisor, _finish
-from ._dtensor import _from_dtensor, _is_dtensor, _plain
+from ._dtensor import _from_dtensor, _is_dtensor, _mesh_group, _plain
 from ._group import _gather_packed, _group_layout, _OwnRows, _reduce_scatter, _shard_start
+from ._protocol import (
+    ERROR_TYPES,
+    Agreement,
+    Claim,
+    agree,
+    bool_field,
+    dtype_field,
+    header_device,
+    int_field,
+    option_fields,
+    shape_field,
+)
 from ._statistics import (
     _NO_INDEX,
     _exchange,
@@ -67,9 +79,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             logits = chunk_logits(buffer, x, linear_weight, linear_bias, rows)
             z = _final_chunk(logits, spec)
             _local_statistics(z, target[rows], spec, floats[:, rows], ints[:, rows])
-        check_target = not head.sequence_parallel and not spec.prob_target
         loss, lse, saved, entropy, argmax, target_argmax, smooth_scale = _exchange(
-            floats, ints, target, spec, check_target
+            floats, ints, target, spec
         )
         ctx.save_for_backward(x, linear_weight, linear_bias, target, saved, smooth_scale)
         ctx.spec, ctx.head = spec, head
@@ -161,6 +172,8 @@ def vocab_parallel_linear_cross_entropy(
     :func:`vocab_parallel_cross_entropy`. Gradients: :math:`\partial L/\partial W_r =
     G_r^\top X` is this rank's shard's; :math:`\partial L/\partial x = \sum_r G_r W_r` is summed
     over the group (an ``all_reduce``; a ``reduce_scatter`` with ``sequence_parallel``).
+    Errors: as in :func:`vocab_parallel_cross_entropy`, agreed on by every rank from a header
+    exchanged first; a rank may hold no rows of the head (``V_r = 0``).
 
     Shape:
         - input: ``(..., D)``, the same on every rank; with ``sequence_parallel``, this rank's
@@ -187,6 +200,195 @@ def vocab_parallel_linear_cross_entropy(
         >>> # tensor-parallel rank r holds head.weight[r * V_r : (r + 1) * V_r]
         >>> loss = vocab_parallel_linear_cross_entropy(h, w_local, y)  # doctest: +SKIP
     """
+    group, rank, world = _group_layout(_mesh_group(linear_weight, group))
+    claim: Claim | BaseException
+    try:
+        call = _validate(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            group=group,
+            rank=rank,
+            world=world,
+            vocab_start_index=vocab_start_index,
+            sequence_parallel=sequence_parallel,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            z_loss=z_loss,
+            return_stats=return_stats,
+            chunk_size=chunk_size,
+            backend=backend,
+        )
+        claim = call.claim()
+    except ERROR_TYPES as error:
+        call, claim = None, error
+    # Raises the same error on every rank if any rank's claim is an error or they disagree.
+    agreement = agree(
+        "vocab_parallel_linear_cross_entropy",
+        claim,
+        group=group,
+        rank=rank,
+        world=world,
+        device=header_device(input, group),
+    )
+    return call.run(agreement, group=group, rank=rank, world=world)
+
+
+@dataclass
+class _Call:
+    """One rank's validated call, before any communication."""
+
+    input: Tensor  # as passed (its shape and grad requirement go into the claim)
+    x: Tensor  # (N_r, D)
+    linear_weight: Tensor
+    linear_bias: Tensor | None
+    rows_target: Tensor  # (N_r,) class indices, or (rows, V_r) probabilities
+    target: Tensor
+    weight: Tensor | None
+    ignore_index: int
+    reduction: str
+    eps: float
+    scale: float
+    cap: float
+    z_loss: float
+    return_stats: bool
+    start: int
+    sequence_parallel: bool  # as passed
+    rows_per_chunk: int  # as passed (0: automatic)
+    valid: Tensor | None
+    out_dtype: torch.dtype
+    prob_target: bool
+
+    def claim(self) -> Claim:
+        """What the ranks must agree on: the message sizes (dtypes, rows, the features), whether
+        the backward sums the input gradient, and the options."""
+        replicated = not self.prob_target and not self.sequence_parallel
+        return Claim(
+            start=self.start,
+            n_local=self.linear_weight.shape[0],
+            fields=[
+                dtype_field("input", "the dtype", self.input.dtype),
+                int_field("input", "the number of rows", self.x.shape[0]),
+                shape_field("input", "the shape", self.input.shape),
+                bool_field(
+                    "input",
+                    "whether its gradient is wanted",
+                    torch.is_grad_enabled() and self.input.requires_grad,
+                ),
+                bool_field("sequence_parallel", "the value", self.sequence_parallel),
+                *option_fields(
+                    target=self.target,
+                    replicated_indices=replicated,
+                    weight=self.weight,
+                    ignore_index=self.ignore_index,
+                    reduction=self.reduction,
+                    eps=self.eps,
+                    scale=self.scale,
+                    cap=self.cap,
+                    z_loss=self.z_loss,
+                    return_stats=self.return_stats,
+                ),
+            ],
+            weight_length=self.weight.shape[0] if self.weight is not None else None,
+        )
+
+    def run(
+        self, agreement: Agreement, *, group, rank: int, world: int
+    ) -> Tensor | CrossEntropyStats:
+        n_local = self.linear_weight.shape[0]
+        spec = _make_spec(
+            group=group,
+            rank=rank,
+            world=world,
+            start=self.start,
+            n_local=n_local,
+            agreement=agreement,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            eps=self.eps,
+            scale=self.scale,
+            cap=self.cap,
+            prob_target=self.prob_target,
+            return_stats=self.return_stats,
+            acc=accumulation_dtype(self.x.dtype, self.target.dtype),
+        )
+        sequence_parallel = self.sequence_parallel and world > 1
+        local_batch = self.input.shape[:-1]
+        batch_shape = (world, *local_batch) if sequence_parallel else local_batch
+        n_rows = self.x.shape[0] * (world if sequence_parallel else 1)
+        head = _HeadSpec(
+            rows_per_chunk=chunk_rows(self.rows_per_chunk, n_rows, n_local, self.x),
+            sequence_parallel=sequence_parallel,
+        )
+        loss, lse, entropy, argmax, target_argmax, all_target = _VocabParallelLinearCE.apply(
+            self.x, self.linear_weight, self.linear_bias, self.rows_target, spec, head
+        )
+        target, valid = self.target, self.valid
+        if sequence_parallel:
+            target = all_target.reshape(*batch_shape, *target.shape[len(local_batch) :])
+            valid = None if self.prob_target else target.long() != self.ignore_index
+        divisor = _ce_divisor(self.reduction, valid, target, self.weight, n_rows, self.x.dtype)
+        stats_targets = self.prob_target and self.return_stats
+        result = _finish(
+            loss,
+            lse,
+            entropy,
+            argmax,
+            batch_shape=batch_shape,
+            valid=valid,
+            target_classes=target_argmax.view(batch_shape) if stats_targets else target,
+            reduction=self.reduction,
+            divisor=divisor,
+            out_dtype=self.out_dtype,
+            z_loss=self.z_loss,
+            return_stats=self.return_stats,
+        )
+        if not sequence_parallel:
+            return result
+
+        def own(value: Tensor) -> Tensor:
+            return _OwnRows.apply(value, rank, world, group)
+
+        if not self.return_stats:
+            return own(result) if self.reduction == "none" else result
+        z_rows = own(result.z_loss) if self.reduction == "none" else result.z_loss
+        return CrossEntropyStats(
+            own(result.loss) if self.reduction == "none" else result.loss,
+            own(result.lse),
+            z_rows,
+            own(result.entropy),
+            result.accuracy,
+        )
+
+
+def _validate(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None,
+    group,
+    rank: int,
+    world: int,
+    vocab_start_index: int | None,
+    sequence_parallel: bool,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float | None,
+    z_loss: float,
+    return_stats: bool,
+    chunk_size: int | None,
+    backend: str | None,
+) -> _Call:
+    """This rank's arguments, checked (no communication: an error raised here is agreed on)."""
     check_reduction(reduction)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     if _is_dtensor(linear_weight):
@@ -205,12 +407,10 @@ def vocab_parallel_linear_cross_entropy(
     if not isinstance(sequence_parallel, bool):
         raise TypeError(f"sequence_parallel: expected a bool, got {sequence_parallel!r}")
     resolve(backend, input)
-    group, rank, world = _group_layout(group)
     start = _shard_start(vocab_start_index, rank, n_local)
     local_batch = input.shape[:-1]
-    sequence_parallel = sequence_parallel and world > 1
     prob_batch = local_batch
-    if sequence_parallel:
+    if sequence_parallel and world > 1:
         if input.dim() < 2:
             raise ValueError(
                 "input: sequence_parallel needs token rows, (n, ..., D); got a 1-D input"
@@ -229,22 +429,6 @@ def vocab_parallel_linear_cross_entropy(
         (*prob_batch, n_local),
         n_classes,
     )
-    acc = accumulation_dtype(input.dtype, target.dtype)
-    spec = _make_spec(
-        group=group,
-        rank=rank,
-        world=world,
-        start=start,
-        n_local=n_local,
-        weight=weight,
-        ignore_index=ignore_index,
-        eps=eps,
-        scale=scale,
-        cap=cap,
-        prob_target=prob_target,
-        return_stats=return_stats,
-        acc=acc,
-    )
     x = input.reshape(-1, input.shape[-1])
     # Rows spelled out: a rank may hold no classes.
     rows_target = (
@@ -252,46 +436,25 @@ def vocab_parallel_linear_cross_entropy(
         if prob_target
         else target.reshape(-1)
     )
-    batch_shape = (world, *local_batch) if sequence_parallel else local_batch
-    n_rows = x.shape[0] * (world if sequence_parallel else 1)
-    head = _HeadSpec(
-        rows_per_chunk=chunk_rows(rows_per_chunk, n_rows, n_local, x),
-        sequence_parallel=sequence_parallel,
-    )
-    loss, lse, entropy, argmax, target_argmax, all_target = _VocabParallelLinearCE.apply(
-        x, linear_weight, linear_bias, rows_target, spec, head
-    )
-    if sequence_parallel:
-        target = all_target.view(*batch_shape, *target.shape[len(local_batch) :])
-        valid = None if prob_target else target.long() != ignore_index
-    divisor = _ce_divisor(reduction, valid, target, weight, n_rows, input.dtype)
-    result = _finish(
-        loss,
-        lse,
-        entropy,
-        argmax,
-        batch_shape=batch_shape,
-        valid=valid,
-        target_classes=target_argmax.view(batch_shape) if prob_target and return_stats else target,
+    return _Call(
+        input=input,
+        x=x,
+        linear_weight=linear_weight,
+        linear_bias=linear_bias,
+        rows_target=rows_target,
+        target=target,
+        weight=weight,
+        ignore_index=ignore_index,
         reduction=reduction,
-        divisor=divisor,
-        out_dtype=out_dtype,
+        eps=eps,
+        scale=scale,
+        cap=cap,
         z_loss=float(z_loss),
         return_stats=return_stats,
-    )
-    if not head.sequence_parallel:
-        return result
-
-    def own(value: Tensor) -> Tensor:
-        return _OwnRows.apply(value, rank, world, group)
-
-    if not return_stats:
-        return own(result) if reduction == "none" else result
-    z_rows = own(result.z_loss) if reduction == "none" else result.z_loss
-    return CrossEntropyStats(
-        own(result.loss) if reduction == "none" else result.loss,
-        own(result.lse),
-        z_rows,
-        own(result.entropy),
-        result.accuracy,
+        start=start,
+        sequence_parallel=sequence_parallel,
+        rows_per_chunk=rows_per_chunk,
+        valid=valid,
+        out_dtype=out_dtype,
+        prob_target=prob_target,
     )

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..torch_impl.cross_entropy import _final_logits_
 from ._group import _gather_packed
-from ._protocol import _check_layout, _target_checksum
+from ._protocol import Agreement
 
 # An argmax index no real class has: loses every "first index" comparison.
 _NO_INDEX = torch.iinfo(torch.int64).max
@@ -26,6 +26,8 @@ class _Spec:
     world: int
     start: int  # this rank's first global class
     n_local: int  # C_local
+    n_classes: int  # C, over all the ranks
+    layout: Tensor  # (world, 2) int64 on the device: every rank's (start, C_local)
     weight: Tensor | None  # full (C,), accumulation dtype
     weight_local: Tensor | None  # this rank's (C_local,) slice of it
     ignore_index: int
@@ -53,6 +55,7 @@ def _make_spec(
     world: int,
     start: int,
     n_local: int,
+    agreement: Agreement,
     weight: Tensor | None,
     ignore_index: int,
     eps: float,
@@ -62,22 +65,17 @@ def _make_spec(
     return_stats: bool,
     acc: torch.dtype,
 ) -> _Spec:
+    # The agreement has checked that the slices tile [0, C) and that weight has C entries.
     weight_acc = weight.to(acc) if weight is not None else None
-    weight_local = None
-    if weight_acc is not None:
-        if start + n_local > weight_acc.shape[0]:
-            # Every rank sees the same weight, so a slice past its end is a layout error; keep
-            # this rank in the collective with zeros and let the gathered header's check raise
-            # the same error on every rank instead of leaving the others waiting.
-            weight_local = weight_acc.new_zeros(n_local)
-        else:
-            weight_local = weight_acc[start : start + n_local]
+    weight_local = weight_acc[start : start + n_local] if weight_acc is not None else None
     return _Spec(
         group=group,
         rank=rank,
         world=world,
         start=start,
         n_local=n_local,
+        n_classes=agreement.n_classes,
+        layout=agreement.layout,
         weight=weight_acc,
         weight_local=weight_local,
         ignore_index=ignore_index,
@@ -146,20 +144,11 @@ def _local_statistics(z: Tensor, target: Tensor, spec: _Spec, floats: Tensor, in
             ints[1] = t_argmax
 
 
-def _combine(
-    floats: Tensor,
-    ints: Tensor,
-    header: Tensor,
-    target: Tensor,
-    spec: _Spec,
-    check_target: bool,
-) -> tuple[Tensor, ...]:
+def _combine(floats: Tensor, ints: Tensor, target: Tensor, spec: _Spec) -> tuple[Tensor, ...]:
     """Every rank's statistics ``(world, k, R)`` -> per-row ``(loss, lse, saved, entropy,
     argmax, target_argmax)``, ``saved = (M', log S, U)`` for the backward, plus ``eps / C``
     (0-d). The same arithmetic in the same order on every rank."""
-    n_weight = spec.weight.shape[0] if spec.weight is not None else None
-    n_classes = _check_layout(header, spec, n_weight, check_target)
-    starts, sizes = header[:, 0], header[:, 1]
+    starts, sizes = spec.layout.unbind(1)
     cols = iter(floats.unbind(1))
     m = next(cols)
     s = next(cols)
@@ -179,7 +168,7 @@ def _combine(
         rank_weight = sizes.to(acc)
     rank_weight = rank_weight[:, None]
     total_weight = rank_weight.sum()
-    smooth_scale = spec.eps / n_classes.to(acc)  # eps / C, 0-d
+    smooth_scale = spec.eps / floats.new_full((), spec.n_classes)  # eps / C, 0-d
     if spec.prob_target:
         a, b = next(cols), next(cols)
         u_sum = a.sum(0)
@@ -197,7 +186,7 @@ def _combine(
         target_logit = torch.where(owner, t + shift, 0.0).sum(0)  # z_y - M'
         valid = y != spec.ignore_index
         torch._assert_async(
-            ((y >= 0) & (y < n_classes) | ~valid).all(),
+            ((y >= 0) & (y < spec.n_classes) | ~valid).all(),
             "target: a class index is out of bounds (expected values in [0, C), C the number "
             "of classes over all ranks, or ignore_index)",
         )
@@ -222,7 +211,7 @@ def _combine(
             t_winners = t_max == t_max.amax(0)
             target_argmax = torch.where(t_winners, ints[:, 1], _NO_INDEX).amin(0)
     saved = torch.stack([row_max, log_sum, u_sum])
-    return loss, lse, saved, entropy, argmax, target_argmax, smooth_scale.to(acc)
+    return loss, lse, saved, entropy, argmax, target_argmax, smooth_scale
 
 
 def _local_gradient_(
@@ -300,15 +289,8 @@ def _final_chunk(logits: Tensor, spec: _Spec) -> Tensor:
     return z
 
 
-def _exchange(
-    floats: Tensor, ints: Tensor, target: Tensor, spec: _Spec, check_target: bool
-) -> tuple[Tensor, ...]:
-    """The one collective of the forward, then :func:`_combine`."""
-    # Filled on the device (no host-to-device copy, which can wait on the stream).
-    header = torch.zeros(3, dtype=torch.int64, device=floats.device)
-    header[0] = spec.start
-    header[1] = spec.n_local
-    if check_target:
-        header[2:] = _target_checksum(target)
-    floats, ints, header = _gather_packed([floats, ints, header], spec.group, spec.world)
-    return _combine(floats, ints, header, target, spec, check_target)
+def _exchange(floats: Tensor, ints: Tensor, target: Tensor, spec: _Spec) -> tuple[Tensor, ...]:
+    """The forward's exchange of statistics (sizes agreed by the header), then
+    :func:`_combine`."""
+    floats, ints = _gather_packed([floats, ints], spec.group, spec.world)
+    return _combine(floats, ints, target, spec)
