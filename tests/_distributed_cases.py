@@ -896,6 +896,7 @@ def _disagreement_cases(rank: int, world: int) -> Iterator[Case]:
     """Ranks whose arguments disagree, or of which one rejects its arguments: the same error on
     every rank, naming the argument (and the rank), where gloo aborted the process (a size it
     did not expect) or the others waited out the timeout (#23 item 3)."""
+    from fused_ce import cross_entropy
     from fused_ce.distributed import (
         vocab_parallel_cross_entropy,
         vocab_parallel_linear_cross_entropy,
@@ -984,8 +985,14 @@ def _disagreement_cases(rank: int, world: int) -> Iterator[Case]:
     }
     for name, (fn, *fragments) in cases.items():
         yield f"disagree: {name}", lambda f=fn, fr=fragments: _expect_same_error(f, *fr)
-    # Still in step, and a call that agrees works.
-    yield "agree after the disagreements", lambda: ce()()
+
+    def agreeing_call():
+        # Still in step, and a call that agrees gives one process's loss (every rank holds the
+        # same 4 classes' logits, so the full logits repeat them).
+        full = torch.cat([logits] * world, 1)
+        _close("loss", ce()(), cross_entropy(full, target, backend="torch"))
+
+    yield "agree after the disagreements", agreeing_call
 
 
 # --------------------------------------------------------------------------- DDP, FSDP2
