@@ -693,6 +693,19 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
         "error: unequal shards without vocab_start_index",
         lambda: _expect_error(lambda: vocab_parallel_cross_entropy(uneven, target), "do not tile"),
     )
+    last = rank == world - 1
+    yield (
+        "error: a rank holding no classes starts past C",
+        lambda: _expect_error(
+            lambda: vocab_parallel_cross_entropy(
+                logits[:, :0] if last else logits,
+                target % 3,
+                weight=torch.ones(3 * world - 3, dtype=torch.float64),
+                vocab_start_index=100 if last else None,
+            ),
+            "do not tile",
+        ),
+    )
     yield (
         "error: targets differ across ranks",
         lambda: _expect_error(

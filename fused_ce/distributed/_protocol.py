@@ -331,20 +331,22 @@ def _check_fields_and_layout(table: list[list[int]], claim: Claim) -> int:
                 f"{item.argument}: {item.what} differs across the ranks of the group ({shown}); "
                 "every rank must pass the same"
             )
-    # A rank holding no classes may give any start.
-    slices = sorted((row[_START], row[_SIZE], r) for r, row in enumerate(table) if row[_SIZE])
+    # The slices holding classes must follow each other from 0; an empty one (a rank holding
+    # no classes) may start anywhere in [0, C].
     end = 0
-    for start, size, _ in slices:
+    for start, size in sorted((row[_START], row[_SIZE]) for row in table if row[_SIZE]):
         if start != end:
-            held = ", ".join(
-                f"rank {r} [{row[_START]}, {row[_START] + row[_SIZE]})"
-                for r, row in enumerate(table)
-            )
-            raise ValueError(
-                f"vocab_start_index: the ranks' class slices do not tile [0, C) without gaps or "
-                f"overlaps ({held}); shards of different sizes need vocab_start_index"
-            )
+            end = -1
+            break
         end = start + size
+    if end < 0 or any(not row[_SIZE] and row[_START] > end for row in table):
+        held = ", ".join(
+            f"rank {r} [{row[_START]}, {row[_START] + row[_SIZE]})" for r, row in enumerate(table)
+        )
+        raise ValueError(
+            f"vocab_start_index: the ranks' class slices do not tile [0, C) without gaps or "
+            f"overlaps ({held}); shards of different sizes need vocab_start_index"
+        )
     if claim.weight_length is not None and claim.weight_length != end:
         raise RuntimeError(
             f"weight: should be defined for all {end} classes of the group's slices but got "
