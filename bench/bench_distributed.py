@@ -13,9 +13,9 @@ forward + backward with ``reduction='mean'``:
   classes, timed on rank 0 between barriers (so it includes waiting for the slowest rank and
   the collectives).
 
-The best of ``--repeats`` calls after a warm-up is reported, with the bytes the forward's one
-all-gather moves per rank. On a shared machine the figures are noisy: compare columns of one
-run only.
+The best of ``--repeats`` calls after a warm-up is reported, with the bytes the forward's two
+all-gathers (the fixed-size header, then the statistics) move per rank. On a shared machine
+the figures are noisy: compare columns of one run only.
 """
 
 from __future__ import annotations
@@ -151,9 +151,12 @@ def main() -> None:
             f"| {workload} {shape} | vocab-parallel, {args.world} ranks "
             f"({args.device}) | {seconds * 1e3:.1f} |"
         )
-    # One fp32 all-gather of 3 statistics per row plus a 24-byte header, per rank.
-    per_rank = args.rows * 3 * 4 + 24
-    print(f"\nforward exchange: one all_gather of {per_rank} bytes per rank ({args.rows} rows)")
+    # Per rank: the 512-byte header, then 3 fp32 statistics per row (padded to 8 bytes).
+    statistics = -(-args.rows * 3 * 4 // 8) * 8
+    print(
+        f"\nforward exchange: two all_gathers per rank, a 512-byte header and {statistics} "
+        f"bytes of statistics ({args.rows} rows)"
+    )
 
 
 if __name__ == "__main__":

@@ -302,8 +302,15 @@ def check_inplace(input: Tensor) -> None:
         )
 
 
-def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> int:
-    """Validate the ``F.linear`` operands; return the number of classes (out_features)."""
+def check_linear(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    *,
+    allow_no_classes: bool = False,
+) -> int:
+    """Validate the ``F.linear`` operands; return the number of classes (out_features), which
+    may be 0 with ``allow_no_classes`` (a vocab-parallel rank's empty shard)."""
     check_floating("input", input)
     check_floating("linear_weight", linear_weight)
     if input.dim() == 0:
@@ -314,7 +321,7 @@ def check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | Non
             f"linear_weight: expected shape (out_features, {n_features}) for input of shape "
             f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
         )
-    if linear_weight.shape[0] == 0:
+    if linear_weight.shape[0] == 0 and not allow_no_classes:
         raise ValueError("linear_weight: expected at least one output feature (class), got 0")
     for name, tensor in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if tensor is None:

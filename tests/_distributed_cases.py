@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import os
 import traceback
 from collections.abc import Callable, Iterator
@@ -98,10 +99,17 @@ def _upstream(shape, seed: int) -> torch.Tensor:
     return torch.where(torch.rand(shape, generator=gen) < 0.3, -magnitude, magnitude)
 
 
-def _layout(n_classes: int, world: int, rank: int, uneven: bool) -> tuple[int, int, int | None]:
+def _layout(
+    n_classes: int, world: int, rank: int, uneven: bool, empty_last: bool = False
+) -> tuple[int, int, int | None]:
     """``(start, size, vocab_start_index)``: equal shards, or uneven ones passed explicitly
     (rank r gets about (r + 1) / (1 + 2 + ... + world) of the classes, the last rank the
-    rest: 2, 4 and 6 of 12 for 3 ranks)."""
+    rest: 2, 4 and 6 of 12 for 3 ranks); ``empty_last``: the last rank holds no classes
+    (starting at C), the others split them equally."""
+    if empty_last:
+        size = n_classes // (world - 1)
+        start = min(rank * size, n_classes)
+        return start, size if rank < world - 1 else 0, start
     if not uneven:
         size = n_classes // world
         return rank * size, size, None
@@ -162,6 +170,7 @@ def _ce_case(
     *,
     shape: tuple[int, ...] = (6, 12),
     uneven: bool = False,
+    empty_last: bool = False,
     options: dict | None = None,
     prob: bool = False,
     ignored: bool = True,
@@ -178,7 +187,7 @@ def _ce_case(
     class_dim = 0 if len(shape) == 1 else 1
     n_classes = shape[class_dim]
     batch = shape[:class_dim] + shape[class_dim + 1 :]
-    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven)
+    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven, empty_last)
     full = logits if logits is not None else _randn(shape, seed, scale=3.0)
     ignore_index = options.get("ignore_index", -100)
     if prob:
@@ -395,6 +404,7 @@ def _linear_case(
     n_features: int = 5,
     n_classes: int = 12,
     uneven: bool = False,
+    empty_last: bool = False,
     sequence_parallel: bool = False,
     bias: bool = True,
     prob: bool = False,
@@ -406,7 +416,7 @@ def _linear_case(
     from fused_ce.distributed import vocab_parallel_linear_cross_entropy
 
     options = dict(options or {})
-    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven)
+    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven, empty_last)
     x = _randn((n_rows, n_features), seed)
     w = _randn((n_classes, n_features), seed + 1)
     b = _randn(n_classes, seed + 2) if bias else None
@@ -622,6 +632,8 @@ def _dtensor_cases(rank: int, world: int) -> Iterator[Case]:
     yield "dtensor logits, even", lambda: logits_case(4 * world)
     # torch.chunk's split: 7 classes over 2 ranks is 4 + 3, over 3 ranks 3 + 3 + 1.
     yield "dtensor logits, uneven, N-D", lambda: logits_case(7, (2,))
+    # torch.chunk's split of fewer classes: 1 over 2 ranks is 1 + 0, 4 over 3 is 2 + 2 + 0.
+    yield "dtensor logits, the last rank holds none", lambda: logits_case(3 * world - 5)
     yield "dtensor linear head (uneven rows)", head_case
 
 
@@ -681,10 +693,23 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
         "error: unequal shards without vocab_start_index",
         lambda: _expect_error(lambda: vocab_parallel_cross_entropy(uneven, target), "do not tile"),
     )
+    last = rank == world - 1
+    yield (
+        "error: a rank holding no classes starts past C",
+        lambda: _expect_error(
+            lambda: vocab_parallel_cross_entropy(
+                logits[:, :0] if last else logits,
+                target % 3,
+                weight=torch.ones(3 * world - 3, dtype=torch.float64),
+                vocab_start_index=100 if last else None,
+            ),
+            "do not tile",
+        ),
+    )
     yield (
         "error: targets differ across ranks",
         lambda: _expect_error(
-            lambda: vocab_parallel_cross_entropy(logits, (target + rank) % 3), "differ across"
+            lambda: vocab_parallel_cross_entropy(logits, (target + rank) % 3), "differs across"
         ),
     )
     yield (
@@ -700,7 +725,7 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
             lambda: vocab_parallel_cross_entropy(
                 logits, target % 3, weight=torch.ones(3 * world - 1, dtype=torch.float64)
             ),
-            "do not tile",
+            f"weight: should be defined for all {3 * world} classes",
         ),
     )
 
@@ -724,6 +749,263 @@ def _error_cases(rank: int, world: int) -> Iterator[Case]:
         _close("loss", ours, cross_entropy(full, tgt, z_loss=0.1, backend="torch"))
 
     yield "group of one rank", group_of_one
+
+
+# --------------------------------------------------------------------------- edges
+
+
+def _odd_rows_case(
+    rank: int, world: int, *, linear: bool, n_rows: int, dtype, stats: bool, smoothing: float
+) -> None:
+    """A row count whose per-row statistics take a number of bytes that is not a multiple of 8
+    (an odd number of rows and of fp32 columns: 3 without smoothing and stats, 5 with both),
+    in every dtype, with and without the int64 argmax columns: the loss within 2x torch's own
+    error at that dtype (fp64 oracle), the stats as one process's."""
+    from fused_ce import cross_entropy, linear_cross_entropy
+    from fused_ce.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    n_classes = 4 * world
+    start, size, vocab_start_index = _layout(n_classes, world, rank, uneven=world == 3)
+    target = _class_target((n_rows,), n_classes, 131, -100)
+    options = {"reduction": "none", "label_smoothing": smoothing}
+    if linear:
+        x = _randn((n_rows, 3), 132).to(dtype)
+        w = _randn((n_classes, 3), 133).to(dtype)
+        ours = vocab_parallel_linear_cross_entropy(
+            x,
+            w[start : start + size],
+            target,
+            vocab_start_index=vocab_start_index,
+            return_stats=stats,
+            **options,
+        )
+        single = linear_cross_entropy(x, w, target, return_stats=True, backend="torch", **options)
+        logits = F.linear(x, w)
+        oracle_logits = F.linear(x.double(), w.double())
+    else:
+        logits = _randn((n_rows, n_classes), 130, scale=2.0).to(dtype)
+        ours = vocab_parallel_cross_entropy(
+            logits[:, start : start + size],
+            target,
+            vocab_start_index=vocab_start_index,
+            return_stats=stats,
+            **options,
+        )
+        single = cross_entropy(logits, target, return_stats=True, backend="torch", **options)
+        oracle_logits = logits.double()
+    loss = ours.loss if stats else ours
+    assert loss.dtype == dtype, loss.dtype
+    oracle = F.cross_entropy(oracle_logits, target, **options)
+    theirs = F.cross_entropy(logits, target, **options).double()
+    tiny = torch.finfo(dtype).eps * max(float(oracle.abs().max()), 1.0)
+    error = float((loss.double() - oracle).abs().max())
+    bar = 2 * float((theirs - oracle).abs().max()) + tiny
+    assert error <= bar, f"loss: error {error} > 2 x torch's + tiny = {bar}"
+    if stats:
+        tolerance = F64 if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+        for field in ("lse", "entropy"):
+            _close(field, getattr(ours, field), getattr(single, field), **tolerance)
+        _close("accuracy", ours.accuracy, single.accuracy)
+
+
+def _odd_rows_cases(rank: int, world: int) -> Iterator[Case]:
+    """Row counts whose packed statistics are not 8-byte multiples, in every dtype (#23: 5 rows
+    of fp32 raised "storage_offset() must be divisible by 8")."""
+    from fused_ce import cross_entropy
+    from fused_ce.distributed import vocab_parallel_cross_entropy
+
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for linear, n_rows, dtype, stats, smoothing in itertools.product(
+        (False, True), (1, 5), dtypes, (False, True), (0.0, 0.1)
+    ):
+        yield (
+            f"{'linear' if linear else 'ce'} {n_rows} rows {dtype} stats={stats} "
+            f"smoothing={smoothing}",
+            lambda li=linear, n=n_rows, d=dtype, st=stats, sm=smoothing: _odd_rows_case(
+                rank, world, linear=li, n_rows=n, dtype=d, stats=st, smoothing=sm
+            ),
+        )
+
+    def odd_rows_group_of_one():
+        # One rank: the gathered buffer is the rank's own, read back in place.
+        groups = [dist.new_group([r]) for r in range(world)]
+        logits = _randn((5, 6), 134).float()
+        target = _class_target((5,), 6, 135, -100)
+        for stats in (False, True):
+            ours = vocab_parallel_cross_entropy(
+                logits, target, group=groups[rank], return_stats=stats
+            )
+            reference = cross_entropy(logits, target, return_stats=stats, backend="torch")
+            _compare_results(ours, reference, rtol=1e-5, atol=1e-6)
+
+    yield "5 rows fp32, a group of one rank", odd_rows_group_of_one
+
+
+def _empty_shard_cases(rank: int, world: int) -> Iterator[Case]:
+    """A rank that holds no classes (#23: "cannot reshape tensor of 0 elements"; shard_range
+    gives such ranks when C < world): one process's result."""
+    everything = {
+        "weighted": True,
+        "label_smoothing": 0.1,
+        "logit_scale": 0.8,
+        "softcap": 4.0,
+        "z_loss": 0.02,
+        "return_stats": True,
+    }
+    for reduction in REDUCTIONS:
+        options = {**everything, "reduction": reduction}
+        yield (
+            f"ce, the last rank holds no classes, {reduction}",
+            lambda o=options: _ce_case(rank, world, empty_last=True, options=o),
+        )
+        yield (
+            f"ce prob, the last rank holds no classes, {reduction}",
+            lambda o=options: _ce_case(rank, world, empty_last=True, prob=True, options=o),
+        )
+        for sequence_parallel in (False, True):
+            yield (
+                f"linear, the last rank holds no classes, {reduction} sp={sequence_parallel}",
+                lambda o=options, sp=sequence_parallel: _linear_case(
+                    rank, world, empty_last=True, sequence_parallel=sp, options=o, chunk_size=2
+                ),
+            )
+    yield (
+        "ce N-D, the last rank holds no classes",
+        lambda: _ce_case(
+            rank, world, shape=(3, 12, 2), empty_last=True, options={"return_stats": True}
+        ),
+    )
+    yield (
+        "linear prob, the last rank holds no classes",
+        lambda: _linear_case(
+            rank, world, empty_last=True, prob=True, options={"label_smoothing": 0.1}
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- disagreement
+
+
+def _expect_same_error(fn: Callable[[], object], *fragments: str) -> None:
+    """``fn`` raises on every rank, the same error (type and message), containing
+    ``fragments``; the ranks are still in step afterwards (the comparison is a collective)."""
+    try:
+        fn()
+    except (RuntimeError, ValueError, TypeError) as error:
+        raised = f"{type(error).__name__}: {error}"
+    else:
+        raised = "no error"
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, raised)
+    assert all(text == raised for text in every), f"the ranks raised differently: {every}"
+    for fragment in fragments:
+        assert fragment in raised, f"expected {fragment!r} in the error, got {raised}"
+
+
+def _disagreement_cases(rank: int, world: int) -> Iterator[Case]:
+    """Ranks whose arguments disagree, or of which one rejects its arguments: the same error on
+    every rank, naming the argument (and the rank), where gloo aborted the process (a size it
+    did not expect) or the others waited out the timeout (#23 item 3)."""
+    from fused_ce import cross_entropy
+    from fused_ce.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    n_classes = 4 * world
+    logits = _randn((6, 4), 140)
+    target = _class_target((6,), n_classes, 141, -100)
+    x = _randn((6, 3), 142)
+    w = _randn((4, 3), 143)
+
+    def ce(logits=logits, target=target, **options):
+        return lambda: vocab_parallel_cross_entropy(logits, target, **options)
+
+    def linear(x=x, target=target, **options):
+        return lambda: vocab_parallel_linear_cross_entropy(x, w, target, **options)
+
+    first = rank == 0
+    last = rank == world - 1
+    rows = (2, 3) if first else (3, 2)
+    kept = target.clamp(min=0)
+    cases = {
+        "rows": (
+            ce(logits=logits[: 5 + rank], target=target[: 5 + rank]),
+            "input: the number of rows differs",
+        ),
+        "dtype": (ce(logits=logits if first else logits.float()), "input: the dtype differs"),
+        "label_smoothing": (
+            ce(label_smoothing=0.1 if first else 0.0),
+            "label_smoothing: the value differs",
+        ),
+        "return_stats": (ce(return_stats=first), "return_stats: the value differs"),
+        "reduction": (ce(reduction="sum" if first else "mean"), "reduction: the value differs"),
+        "ignore_index": (ce(target=kept, ignore_index=2 + rank), "ignore_index: the value differs"),
+        "softcap": (ce(softcap=None if first else 5.0), "softcap: the value differs"),
+        "N-D shape": (
+            ce(
+                logits=logits.view(*rows, 4).movedim(2, 1),
+                target=target.view(rows),
+            ),
+            "input: the shape outside the class dim differs",
+        ),
+        "class weights": (
+            ce(weight=torch.ones(n_classes, dtype=torch.float64) + rank),
+            "weight: the digest of the values differs",
+        ),
+        "class weights on one rank only": (
+            ce(weight=torch.ones(n_classes, dtype=torch.float64) if first else None),
+            "weight: the dtype differs",
+        ),
+        "targets": (ce(target=(target + rank) % n_classes), "target: the digest"),
+        "target dtype": (
+            ce(target=kept if first else kept.to(torch.uint8)),
+            "target: the dtype differs",
+        ),
+        "a bad vocab_start_index on one rank": (
+            ce(vocab_start_index=-1 if last else None),
+            "vocab_start_index: expected >= 0, got -1",
+            f"raised on rank {world - 1} of the group of {world}",
+        ),
+        "a bad target dtype on rank 0, a bad reduction on rank 1": (
+            ce(target=target.int()) if first else ce(reduction="avg"),
+            "target:",
+            f"raised on ranks {', '.join(map(str, range(world)))}, first rank 0",
+        ),
+        "different functions": (
+            ce() if first else linear(),
+            "group: the ranks of the group called different functions",
+        ),
+        "sequence_parallel, different token counts": (
+            linear(x=x[: 2 + rank], target=target[: 2 + rank], sequence_parallel=True),
+            "input: the number of rows differs",
+        ),
+        "sequence_parallel on one rank only": (
+            linear(sequence_parallel=first),
+            "sequence_parallel: the value differs",
+        ),
+        "linear, label_smoothing": (
+            linear(label_smoothing=0.1 if first else 0.0),
+            "label_smoothing: the value differs",
+        ),
+        "linear, input gradient wanted on one rank only": (
+            linear(x=x.clone().requires_grad_(first)),
+            "input: whether its gradient is wanted differs",
+        ),
+    }
+    for name, (fn, *fragments) in cases.items():
+        yield f"disagree: {name}", lambda f=fn, fr=fragments: _expect_same_error(f, *fr)
+
+    def agreeing_call():
+        # Still in step, and a call that agrees gives one process's loss (every rank holds the
+        # same 4 classes' logits, so the full logits repeat them).
+        full = torch.cat([logits] * world, 1)
+        _close("loss", ce()(), cross_entropy(full, target, backend="torch"))
+
+    yield "agree after the disagreements", agreeing_call
 
 
 # --------------------------------------------------------------------------- DDP, FSDP2
@@ -881,10 +1163,22 @@ WORLDS: dict[str, tuple[Callable[[int, int], Iterator[Case]], ...]] = {
     "all": (
         _ce_cases,
         _linear_cases,
+        _odd_rows_cases,
+        _empty_shard_cases,
         _dtensor_cases,
         _error_cases,
         _module_cases,
         _data_parallel_cases,
     ),
-    "vocab_parallel": (_ce_cases, _linear_cases, _dtensor_cases, _error_cases, _module_cases),
+    "vocab_parallel": (
+        _ce_cases,
+        _linear_cases,
+        _odd_rows_cases,
+        _empty_shard_cases,
+        _dtensor_cases,
+        _error_cases,
+        _module_cases,
+    ),
+    # Apart: before the agreement, a case here could abort a rank (and the whole world).
+    "disagreement": (_disagreement_cases,),
 }
