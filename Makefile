@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint train bench
+.PHONY: setup test lint train bench docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,11 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(shell find csrc -type f 2>/dev
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q setuptools wheel ninja
 	# No build isolation: setup.py builds the native kernels (csrc/) against this torch.
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train,triton,hf]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,train,triton,hf,docs]"
 	touch $@
 
 setup: $(STAMP)
 
+# tests/test_docs.py builds the docs site too (warnings as errors).
 test: setup
 	$(BIN)/ruff check fused_ce tests bench examples
 	$(BIN)/python -m pytest -q tests
@@ -44,3 +45,10 @@ bench: setup
 	$(BIN)/python -m pytest bench --benchmark-only -v --benchmark-quiet \
 		--benchmark-json=$(BENCH_OUT)/bench.json $(BENCH_ARGS)
 	$(BIN)/python bench/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT) --print
+
+# The docs site: the pages of docs/ and the API reference from the docstrings (docs/conf.py),
+# rebuilt from scratch (-E) with warnings as errors; open out/docs/index.html.
+DOCS_OUT ?= out/docs
+docs: setup
+	$(BIN)/python -m sphinx -E -W --keep-going -q -b html docs $(DOCS_OUT)
+	@echo "docs: $(DOCS_OUT)/index.html"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fused_ce
-from fused_ce._backend import native_available
+from fused_ce._backend import native_available, resolve
 from fused_ce._memory import peak_bytes
 
 CUDA = torch.cuda.is_available()
@@ -489,6 +489,8 @@ def device_info(commit: str) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "cache_bytes": cache_bytes(),
         "peers": peer_status(),
+        # What a user's call runs here: the provider the report judges.
+        "auto_backend": resolve("auto", torch.empty(0, device=DEVICE)),
     }
     try:
         info["triton"] = importlib.metadata.version("triton")

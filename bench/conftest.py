@@ -7,7 +7,8 @@ commit and ceilings to the machine info of the results JSON.
 
 Options: ``--bench-full-cpu`` adds the slow CPU shapes (linear 8192 x 512 x 32768);
 ``--bench-budget-s S`` skips the cases that would start after S seconds, so that a capped run
-still ends normally and writes its JSON.
+still ends normally and writes its JSON. The cases left out, and why, go to the terminal
+summary and to the machine info, where bench/report.py reads them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import pytest
 import torch
 from benchlib import CUDA, PRIORITY, Ceilings, configure_compile, device_info, git_commit
+from report import deselection_text
 
 _session: dict[str, object] = {}
 
@@ -56,9 +58,11 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m: count only the cases those selected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not CUDA and not config.getoption("--bench-full-cpu"):
         deselected = [item for item in items if item.get_closest_marker("full_cpu")]
+        _session["deselected"] = [_case_name(item) for item in deselected]
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if not item.get_closest_marker("full_cpu")]
@@ -74,6 +78,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
 
     items.sort(key=priority)  # stable: file and parameter order within a key
+
+
+def _case_name(item: pytest.Item) -> dict[str, str]:
+    """The case (its pytest-benchmark group, as the report names a row) and the provider."""
+    params = item.callspec.params
+    return {"case": params["case"].group, "provider": params["provider"]}
+
+
+FULL_CPU_REASON = "slow on a CPU (minutes per case); --bench-full-cpu runs them"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    # pytest only counts the deselected cases: say which, and why.
+    text = deselection_text({"runs": _session.get("deselected", []), "reason": FULL_CPU_REASON})
+    if text:
+        terminalreporter.write_line(f"fused_ce benchmarks: {text}")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -99,6 +119,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     info["loadavg_1_5_15_start"] = _session.get("loadavg_start", [])
     info["loadavg_1_5_15_end"] = _loadavg()
+    info["duration_s"] = round(time.monotonic() - _session["start"], 1)
+    info["deselected"] = {"runs": _session.get("deselected", []), "reason": FULL_CPU_REASON}
     machine_info["fused_ce"] = info
 
 

@@ -2,11 +2,17 @@
 
     python bench/report.py results.json --out DIR
 
-writes ``DIR/bench.md`` (header with device, date, commit, versions, ceilings and command; the
-issue's goals with the numbers that meet or miss them; one table per loss family),
-``DIR/ce_time.png`` (CE time against C per provider) and ``DIR/frac_bw.png`` (fraction of the
-copy-bandwidth bound per provider), and prints the tables and the goals. Every number comes
-from the one JSON: one run, one device.
+writes ``DIR/bench.md`` (header with device, date, commit, versions, ceilings and command; a
+summary table; one table per loss family; the issue's goals with the numbers that meet or miss
+them), ``DIR/ce_time.png`` (CE time against C per provider) and ``DIR/frac_bw.png`` (fraction
+of the copy-bandwidth bound per provider). With ``--print`` it also prints a digest for the
+terminal: what ran and what did not (absent peers, deselected cases), the summary table, one
+line per goal and where the full report is. Every number comes from the one JSON: one run, one
+device.
+
+The goals and the bound column are judged on the provider ``backend="auto"`` runs on the
+benchmarked machine (recorded in the machine info; Triton on a GPU, the native kernels on a CPU
+where they are built, else the torch path), the one a user's call gets.
 
 A case's time is its fastest round. A case whose median round is more than
 ``UNSTABLE_SPREAD`` above that, or that ran fewer than ``MIN_ROUNDS`` rounds, is marked
@@ -25,6 +31,7 @@ from pathlib import Path
 PROVIDER_ORDER = (
     "fused_ce-triton",
     "fused_ce-triton-fused",
+    "fused_ce-native",
     "fused_ce-torch",
     "torch-eager",
     "torch-compile",
@@ -37,6 +44,14 @@ FAMILY_TITLES = {
     "ce": "Softmax + CE on logits",
     "linear_ce": "Fused linear + CE",
     "linear_bce": "Fused linear + BCE",
+}
+# The providers of backend="auto", in the order it prefers them (fused_ce/_backend.py).
+AUTO_PREFERENCE = ("fused_ce-triton", "fused_ce-native", "fused_ce-torch")
+# The peers of machine_info["fused_ce"]["peers"]: the provider each one is, and where it runs.
+PEERS = {
+    "liger-kernel": ("liger", "CUDA only"),
+    "cut-cross-entropy": ("cce", "CUDA only"),
+    "torch.nn.functional.linear_cross_entropy": ("torch-chunked", "torch >= 2.13"),
 }
 GOAL_FRACTION = 0.85
 MAJORITY_SLACK = 1.2
@@ -87,10 +102,53 @@ def card_name(device: str, threads: int | None) -> str:
     return match.group(1).lower() if match else re.sub(r"\W+", "-", device.lower()).strip("-")
 
 
-def fused_provider(records: list[dict]) -> str:
-    """The fused_ce path the goals are judged on: Triton where it ran, else the torch path."""
+def fused_provider(data: dict, records: list[dict]) -> str:
+    """The fused_ce provider the goals and the bound column are judged on: the one
+    ``backend="auto"`` ran on the benchmarked machine (``auto_backend`` in the machine info);
+    in results from before that was recorded, the first of auto's preferences that ran."""
     providers = {r["provider"] for r in records}
-    return "fused_ce-triton" if "fused_ce-triton" in providers else "fused_ce-torch"
+    auto = data["machine_info"].get("fused_ce", {}).get("auto_backend")
+    if auto and f"fused_ce-{auto}" in providers:
+        return f"fused_ce-{auto}"
+    return next((p for p in AUTO_PREFERENCE if p in providers), "fused_ce-torch")
+
+
+def absent_peers(info: dict) -> list[str]:
+    """``"name (why)"`` for each peer that did not run: not installed, or not for this device."""
+    absent = []
+    cpu = info.get("device") == "cpu"
+    for name, status in info.get("peers", {}).items():
+        _, where = PEERS.get(name, (name, ""))
+        reasons = []
+        if cpu and where == "CUDA only":
+            reasons.append(where)
+        if status.startswith(("un", "ab")):
+            reasons.append("not installed" if "ModuleNotFoundError" in status else status)
+        if reasons:
+            absent.append(f"{name} ({'; '.join(reasons)})")
+    return absent
+
+
+def deselected_runs(info: dict) -> dict:
+    """The machine info's ``deselected``; for a CPU run from before it was recorded, a note on
+    the slow shapes such a run leaves out unless ``--bench-full-cpu`` is given."""
+    if "deselected" in info:
+        return info["deselected"]
+    if info.get("device") == "cpu" and info.get("full_cpu") is False:
+        return {"note": "the slow CPU shapes were deselected (--bench-full-cpu runs them)"}
+    return {}
+
+
+def deselection_text(deselected: dict) -> str:
+    """One line on the cases the suite left out (``deselected`` in the machine info: the runs,
+    each a case and a provider, and the reason); empty when none were."""
+    runs = deselected.get("runs", [])
+    if not runs:
+        return deselected.get("note", "")
+    cases = sorted({run["case"] for run in runs})
+    return f"{len(runs)} runs of {len(cases)} cases deselected ({'; '.join(cases)}): " + (
+        deselected.get("reason", "?")
+    )
 
 
 def _key(r: dict) -> tuple:
@@ -161,23 +219,34 @@ def header(data: dict, records: list[dict]) -> list[str]:
             f"| load average (1, 5, 15 min) | start {info.get('loadavg_1_5_15_start')}, "
             f"end {info.get('loadavg_1_5_15_end')} |"
         )
-    absent = [f"{name}: {v}" for name, v in peers.items() if v.startswith(("un", "ab"))]
+    absent = absent_peers(info)
     if absent:
-        lines.append(f"| not run | {'; '.join(absent)} |")
+        lines.append(f"| peers not run | {'; '.join(absent)} |")
+    deselected = deselection_text(deselected_runs(info))
+    if deselected:
+        lines.append(f"| deselected | {deselected} |")
+    if info.get("duration_s") is not None:
+        lines.append(f"| run time | {info['duration_s'] / 60:.1f} min (pytest session) |")
     lines.append(f"| records | {len(records)} |")
     return lines
 
 
-def goals(records: list[dict]) -> list[str]:
-    """The issue's targets, judged on this run's numbers (visible here, never asserted)."""
-    fused = fused_provider(records)
+def goals(records: list[dict], fused: str) -> tuple[list[str], list[str]]:
+    """The issue's targets, judged on ``fused``'s numbers in this run (visible here, never
+    asserted): the markdown section, and one line per goal with its count for the terminal."""
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
         by_key[_key(r)][r["provider"]] = r
-    lines = ["## Goals", "", f"Judged on `{fused}` (the fused path this device runs)."]
+    lines = [
+        "## Goals",
+        "",
+        f'Judged on `{fused}`: what `backend="auto"` runs on this device.',
+    ]
+    brief = []
 
     def fraction_goal(title: str, family: str, passes: tuple[str, ...], dtypes: tuple) -> None:
         rows = []
+        met = judged = 0
         for key, provs in sorted(by_key.items()):
             fam, workload, shape, dtype, pass_name = key
             if fam != family or workload != "grid" or pass_name not in passes or fused not in provs:
@@ -187,6 +256,8 @@ def goals(records: list[dict]) -> list[str]:
             record = provs[fused]
             frac = record.get("frac_copy_bw")
             ok = frac is not None and frac >= GOAL_FRACTION
+            judged += stable(record)
+            met += ok and stable(record)
             verdict = ("met" if ok else "missed") if stable(record) else unstable_text(record)
             shown = fmt_pct(frac) if stable(record) else "-"
             rows.append(
@@ -200,6 +271,7 @@ def goals(records: list[dict]) -> list[str]:
             lines.extend(rows)
         else:
             lines.append("no records")
+        brief.append(f"{title}: {met} of {judged} met" if rows else f"{title}: no records")
 
     fraction_goal(
         f"CE forward+backward on bf16 logits at >= {GOAL_FRACTION:.0%} of the bound "
@@ -210,7 +282,8 @@ def goals(records: list[dict]) -> list[str]:
     )
     fraction_goal(f"BCE at >= {GOAL_FRACTION:.0%} of its bound", "bce", ("fwd", "fwd+bwd"), ())
 
-    lines.extend(["", "**Ahead of torch.compile and Liger-Kernel wherever they ran**", ""])
+    title = "Ahead of torch.compile and Liger-Kernel wherever they ran"
+    lines.extend(["", f"**{title}**", ""])
     rows = []
     unstable = 0
     for key, provs in sorted(by_key.items()):
@@ -224,11 +297,10 @@ def goals(records: list[dict]) -> list[str]:
             else:
                 unstable += 1
     behind = [row for row in rows if row[2] <= 1.0]
-    lines.append(
-        f"{len(rows) - len(behind)} of {len(rows)} comparisons ahead "
-        "(ratio = peer time / fused_ce time; > 1 is ahead)"
-        + (f"; {unstable} left out, a time in them unstable." if unstable else ".")
-    )
+    ahead = f"{len(rows) - len(behind)} of {len(rows)} comparisons ahead"
+    left_out = f"; {unstable} left out, a time in them unstable" if unstable else ""
+    lines.append(f"{ahead} (ratio = peer time / fused_ce time; > 1 is ahead){left_out}.")
+    brief.append(f"{title}: {ahead}{left_out}")
     if behind:
         lines += ["", "| case | peer | ratio |", "| --- | --- | --- |"]
         for key, peer, ratio in behind:
@@ -236,15 +308,17 @@ def goals(records: list[dict]) -> list[str]:
             case = f"{fam} {workload} {'x'.join(map(str, shape))} {dtype} {pass_name}"
             lines.append(f"| {case} | {peer} | {ratio:.2f} |")
 
+    title = f"Majority-bits step within {MAJORITY_SLACK} x torch's per-call time"
     lines.extend(
         [
             "",
-            f"**Majority-bits step within {MAJORITY_SLACK} x torch's per-call time**",
+            f"**{title}**",
             "",
             "| case | fused_ce | torch eager | ratio | goal |",
             "| --- | --- | --- | --- | --- |",
         ]
     )
+    met = judged = 0
     for key, provs in sorted(by_key.items()):
         fam, workload, shape, dtype, pass_name = key
         if workload != "majority-bits" or fused not in provs or "torch-eager" not in provs:
@@ -258,17 +332,19 @@ def goals(records: list[dict]) -> list[str]:
             lines.append(f"| {case} | {texts[0]} | {texts[1]} | - | unstable |")
             continue
         ratio = ours["time_s"] / eager["time_s"]
+        judged += 1
+        met += ratio <= MAJORITY_SLACK
         lines.append(
             f"| {case} | {fmt_time(ours['time_s'])} | {fmt_time(eager['time_s'])} | "
             f"{ratio:.2f} | {'met' if ratio <= MAJORITY_SLACK else 'missed'} |"
         )
-    return lines
+    brief.append(f"{title}: {met} of {judged} met")
+    return lines, brief
 
 
-def summary(records: list[dict]) -> list[str]:
-    """Providers side by side: one row per case, each provider's time per call, and the fused
-    path's fraction of the bound (bytes for the losses, FLOPs for the fused linear ops)."""
-    fused = fused_provider(records)
+def summary(records: list[dict], fused: str) -> list[str]:
+    """Providers side by side: one row per case, each provider's time per call, and ``fused``'s
+    fraction of the bound (bytes for the losses, FLOPs for the fused linear ops)."""
     providers = sorted({r["provider"] for r in records}, key=_provider_rank)
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
@@ -277,11 +353,12 @@ def summary(records: list[dict]) -> list[str]:
         "## Summary",
         "",
         f"Time per call (fastest round); the last column is `{fused}`'s fraction of the bound "
-        "(copy bandwidth for the losses, matmul rate for the fused linear ops). Fastest time "
+        "(copy bandwidth for the losses, matmul rate for the fused linear ops): "
+        f'`{fused}` is what `backend="auto"` runs on this device. Fastest time '
         "in bold; `unstable`: too few rounds, or a median round more than "
         f"{UNSTABLE_SPREAD:.0%} slower than the fastest (no result).",
         "",
-        "| case | " + " | ".join(providers) + " | of bound |",
+        "| case | " + " | ".join(providers) + f" | {fused} of bound |",
         "| --- |" + " --: |" * (len(providers) + 1),
     ]
     order = list(FAMILY_TITLES)
@@ -434,27 +511,59 @@ def plot(records: list[dict], device: str, out: Path) -> list[Path]:
     return written
 
 
+def digest(data: dict, records: list[dict], fused: str, goal_lines: list[str]) -> list[str]:
+    """What the terminal gets: what ran and what did not, the summary table, the goals' counts."""
+    info = data["machine_info"].get("fused_ce", {})
+    device = info.get("device", "?")
+    card = card_name(device, info.get("torch_threads"))
+    providers = sorted({r["provider"] for r in records}, key=_provider_rank)
+    took = f" in {info['duration_s'] / 60:.1f} min" if info.get("duration_s") else ""
+    lines = [
+        f"fused_ce benchmarks on {device} ({card}): {len(records)} records{took}, of "
+        f"{', '.join(providers)}",
+        f"judged on {fused}: what backend='auto' runs here",
+    ]
+    absent = absent_peers(info)
+    if absent:
+        lines.append(f"peers not run: {'; '.join(absent)}")
+    deselected = deselection_text(deselected_runs(info))
+    if deselected:
+        lines.append(deselected)
+    unstable = sum(not stable(r) for r in records)
+    if unstable:
+        lines.append(
+            f"unstable: {unstable} records (too few rounds or a median round more than "
+            f"{UNSTABLE_SPREAD:.0%} above the fastest; no result)"
+        )
+    lines += ["", *summary(records, fused)[4:], "", "Goals:"]
+    lines += [f"- {line}" for line in goal_lines]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="JSON written by --benchmark-json")
     parser.add_argument("--out", type=Path, required=True, help="folder for bench.md and PNGs")
     parser.add_argument(
-        "--print", action="store_true", help="also print the tables and the goals (make bench)"
+        "--print",
+        action="store_true",
+        help="also print a digest: what ran, the summary table, the goals (make bench)",
     )
     args = parser.parse_args(argv)
     data, records = load(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     device = data["machine_info"].get("fused_ce", {}).get("device", "?")
+    fused = fused_provider(data, records)
     written = plot(records, device, args.out)
+    goal_sections, goal_lines = goals(records, fused)
     lines = header(data, records)
     lines += ["", *(f"![{p.stem}]({p.name})" for p in written)]
-    sections = [*summary(records), "", *tables(records), "", *goals(records)]
-    lines += ["", *sections, ""]
-    (args.out / "bench.md").write_text("\n".join(lines))
-    card = card_name(device, data["machine_info"].get("fused_ce", {}).get("torch_threads"))
+    lines += ["", *summary(records, fused), "", *tables(records), "", *goal_sections, ""]
+    report = args.out / "bench.md"
+    report.write_text("\n".join(lines))
     if args.print:
-        print("\n".join(sections), end="\n\n")
-    print(f"wrote {args.out / 'bench.md'} and {len(written)} plots; card: {card}")
+        print("\n".join(digest(data, records, fused, goal_lines)), end="\n\n")
+    print(f"full report (all tables, goals, plots): {report}; {len(written)} plots")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=None, help="fused_ce backend: auto, triton, torch")
+    parser.add_argument(
+        "--backend", default=None, help="fused_ce backend: auto, triton, native, torch"
+    )
     args = parser.parse_args(argv)
 
     model = build_model(args.arch, vocab=args.vocab, hidden=args.hidden, seed=args.seed)

@@ -1,8 +1,9 @@
 """fused_ce: fused sigmoid + BCE and softmax + CE losses for PyTorch.
 
 Drop-in replacements for ``torch.nn.functional.cross_entropy`` and
-``torch.nn.functional.binary_cross_entropy_with_logits``, backed by Triton kernels on CUDA and
-by a chunked plain-PyTorch path elsewhere.
+``torch.nn.functional.binary_cross_entropy_with_logits``, backed by Triton kernels on CUDA, by
+native C++ kernels on the CPU where they are built, and by a chunked plain-PyTorch path
+elsewhere.
 """
 
 from . import nn

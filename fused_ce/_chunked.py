@@ -40,8 +40,11 @@ CPU_CHUNK_BYTES = 16 << 20
 # The native kernels make no temporaries (the loss and dL/dz are computed in place in the chunk
 # buffer), so on their path a chunk can be larger: that gives the dW GEMM (K = rows per chunk)
 # a deeper K. Measured at N 1024, D 512, V 32768 fp32 on a loaded 2-core box: 128-row chunks
-# (16 MiB) took 1.3x the time of the three GEMMs, 512-row chunks (64 MiB) 1.05x.
+# (16 MiB) took 1.3x the time of the three GEMMs, 512-row chunks (64 MiB) 1.05x. A chunk holds
+# at most a quarter of the N x V logits, though (not less than CPU_CHUNK_BYTES): 64 MiB is all
+# of a small batch's logits (512 x 32000 fp32 is 62.5 MiB), and the op would then save nothing.
 NATIVE_CPU_CHUNK_BYTES = 64 << 20
+NATIVE_CPU_CHUNK_FRACTION = 4
 
 
 def chunk_rows(
@@ -57,8 +60,12 @@ def chunk_rows(
         rows = rows - rows % 64 if rows >= 64 else rows
     else:
         # The torch path computes in fp32 (fp64 for fp64) whatever the input dtype.
-        budget = NATIVE_CPU_CHUNK_BYTES if backend == "native" else CPU_CHUNK_BYTES
-        rows = budget // (max(input.element_size(), 4) * max(n_classes, 1))
+        row_bytes = max(input.element_size(), 4) * max(n_classes, 1)
+        budget = CPU_CHUNK_BYTES
+        if backend == "native":
+            share = n_rows * row_bytes // NATIVE_CPU_CHUNK_FRACTION
+            budget = min(NATIVE_CPU_CHUNK_BYTES, max(CPU_CHUNK_BYTES, share))
+        rows = budget // row_bytes
     return max(1, min(rows, n_rows))
 
 

@@ -139,8 +139,9 @@ def vocab_parallel_cross_entropy(
         - output: as :func:`fused_ce.cross_entropy`'s, the same on every rank.
 
     Args:
-        input, target, weight, ignore_index, reduction, label_smoothing, logit_scale, softcap,
-            z_loss, return_stats: as in :func:`fused_ce.cross_entropy`, over the global classes.
+        input, target, weight, ignore_index, reduction, label_smoothing: as in
+            :func:`fused_ce.cross_entropy`, over the global classes.
+        logit_scale, softcap, z_loss, return_stats: likewise.
         group: the process group the classes are split over (None: the default group; a
             DTensor input brings its mesh's).
         vocab_start_index: this rank's first class; None means equal shards in rank order.
