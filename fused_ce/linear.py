@@ -25,6 +25,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_cast, autocast_dtype
 from ._backend import resolve
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
@@ -53,6 +54,22 @@ def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
     """Which operands want a gradient from this call (no host sync: Python attributes)."""
     enabled = torch.is_grad_enabled()
     return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+def _autocast_operands(
+    input: Tensor, linear_operands: tuple[Tensor | None, ...], loss_operands: tuple
+) -> tuple[Tensor, tuple, tuple, bool]:
+    """Under ``torch.autocast`` (for ``input``'s device), what ``F.linear`` followed by torch's
+    loss would compute on: the linear operands in the autocast dtype (the GEMMs run in it),
+    the loss's floating operands (class weights, ``pos_weight``, a floating target) in fp32
+    (torch's autocast runs both losses in fp32). Outside autocast, all as given. The last item
+    says whether autocast is on."""
+    dtype = autocast_dtype(input) if isinstance(input, Tensor) else None
+    if dtype is None:
+        return input, linear_operands, loss_operands, False
+    linear_operands = tuple(autocast_cast(t, dtype) for t in linear_operands)
+    loss_operands = tuple(autocast_cast(t, torch.float32) for t in loss_operands)
+    return autocast_cast(input, dtype), linear_operands, loss_operands, True
 
 
 def _as_rows(input: Tensor) -> Tensor:
@@ -209,6 +226,9 @@ def linear_cross_entropy(
     """
     check_reduction(reduction)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
+    input, (linear_weight, linear_bias), (target, weight), autocast = _autocast_operands(
+        input, (linear_weight, linear_bias), (target, weight)
+    )
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
     check_target(target, input)
@@ -229,6 +249,7 @@ def linear_cross_entropy(
         (*batch_shape, n_classes),
         n_classes,
         all_valid_as_none=one_sweep and any(wants),
+        weight_dtype=torch.float32 if autocast else None,
     )
     prob_target = checked.prob_target
     eps = checked.label_smoothing
@@ -273,7 +294,7 @@ def linear_cross_entropy(
             backend,
             *wants,
         )
-        return loss.to(checked.out_dtype)
+        return loss  # in the accumulation dtype, as _finish below
     loss, lse, _, entropy, argmax = linear_ce_forward_call(
         x,
         linear_weight,
@@ -299,7 +320,7 @@ def linear_cross_entropy(
         target_classes=target.argmax(-1) if prob_target and return_stats else target,
         reduction=reduction,
         divisor=divisor,
-        out_dtype=checked.out_dtype,
+        out_dtype=acc,
         z_loss=float(z_loss),
         return_stats=return_stats,
     )
@@ -368,6 +389,9 @@ def linear_binary_cross_entropy_with_logits(
         0.6931
     """
     check_reduction(reduction)
+    input, (linear_weight, linear_bias), (target, weight, pos_weight), _ = _autocast_operands(
+        input, (linear_weight, linear_bias), (target, weight, pos_weight)
+    )
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
     check_target(target, input)
@@ -405,7 +429,7 @@ def linear_binary_cross_entropy_with_logits(
             backend,
             *wants,
         )
-        return loss.to(target.dtype)
+        return loss
     loss = linear_bce_forward_call(
         x,
         linear_weight,
@@ -418,4 +442,4 @@ def linear_binary_cross_entropy_with_logits(
     )
     if reduction == "none":
         return loss.view(logits_shape)
-    return _reduce(loss, reduction, rows_target.numel(), target.dtype)
+    return _reduce(loss, reduction, rows_target.numel(), acc)

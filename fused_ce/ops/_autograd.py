@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 import torch
 from torch._C import _functions
+from torch.autograd import forward_ad
+
+from .._autocast import any_autocast_enabled
 
 
 def double_backward_message(loss_name: str, torch_name: str) -> str:
@@ -47,6 +50,7 @@ def eager_function(
     double_backward_error: str,
     refuse_create_graph: Callable | None = None,
     returned: int | None = None,
+    jvp: Callable | None = None,
 ) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` with an op's forward body, ``setup_context`` and backward
     (``backward`` calls the bodies of the backward ops directly when ``ctx.eager``).
@@ -56,17 +60,43 @@ def eager_function(
     ``refuse_create_graph(ctx)``, when given, may raise at once instead. With ``returned``,
     only the forward's first ``returned`` outputs come back (as a tuple): the others exist for
     ``setup_context`` to save, and autograd need not wrap them.
+
+    ``jvp(inputs, output, tangents)``, when given, is the forward-mode derivative: the
+    tangents of the returned outputs (None for non-differentiable ones) from the forward's
+    ``inputs``, its full ``output`` and the inputs' ``tangents`` (None where an input has
+    none). Forward-mode AD calls it right after the forward.
     """
 
     # Old-style forward(ctx, *args): autograd.Function.apply binds the arguments to the
     # forward's signature (inspect.signature, about 20 us) whenever a setup_context is defined.
     def eager_forward(ctx, *inputs):
-        output = forward(*inputs)
+        if any_autocast_enabled():
+            # The bodies choose their precision themselves (the public functions already cast
+            # by autocast's policy); autocast must not recast their GEMMs and dot products.
+            with torch._C._DisableAutocast():
+                output = forward(*inputs)
+        else:
+            output = forward(*inputs)
         ctx.eager = True
         setup_context(ctx, inputs, output)
+        if forward_ad._current_level >= 0:  # forward_ad_active(), inlined
+            ctx.jvp_args = (inputs, output)
         return output if returned is None else output[:returned]
 
+    def eager_jvp(ctx, *tangents):
+        # Called by the same apply, right after the forward: drop the references at once (the
+        # outputs hold ctx as their grad_fn).
+        inputs, output = ctx.jvp_args
+        del ctx.jvp_args
+        return jvp(inputs, output, tangents)
+
     def guarded_backward(ctx, *grads):
+        if any_autocast_enabled():  # a backward called inside an autocast region
+            with torch._C._DisableAutocast():
+                return _guarded_backward(ctx, *grads)
+        return _guarded_backward(ctx, *grads)
+
+    def _guarded_backward(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
         if refuse_create_graph is not None:
@@ -86,35 +116,53 @@ def eager_function(
             linked = (linked,)
         return tuple(linked[: len(outputs)])
 
-    return type(
-        name,
-        (torch.autograd.Function,),
-        {"forward": staticmethod(eager_forward), "backward": staticmethod(guarded_backward)},
-    )
+    methods = {"forward": staticmethod(eager_forward), "backward": staticmethod(guarded_backward)}
+    if jvp is not None:
+        methods["jvp"] = staticmethod(eager_jvp)
+    return type(name, (torch.autograd.Function,), methods)
 
 
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
+def forward_ad_active() -> bool:
+    """A forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): inputs may
+    be dual tensors. One read of a module global, cheap enough for every call."""
+    return forward_ad._current_level >= 0
+
+
 def is_eager() -> bool:
-    """Neither ``torch.compile`` tracing nor a functorch transform (vmap, grad) is active: the
-    eager fast paths (this module's ``autograd.Function``s, the native C++ scalar ops) may run
-    instead of the registered custom ops."""
-    return not (_is_compiling() or _transforms_active())
+    """Neither ``torch.compile`` tracing, nor a functorch transform (vmap, grad), nor a
+    forward-mode AD level is active: the eager fast paths that need none of them (the native
+    C++ ops, whose C++ autograd has no forward-mode derivative, and the gradients made during
+    the forward) may run instead of the registered custom ops. ``dispatch`` routes forward AD
+    to the ``autograd.Function``s, whose ``jvp`` gives the tangent."""
+    return not (_is_compiling() or _transforms_active() or forward_ad._current_level >= 0)
 
 
-def dispatch(op, function: type[torch.autograd.Function]) -> Callable:
-    """``op`` (the registered custom op) while ``torch.compile`` traces or a functorch
-    transform (vmap, grad) is active, ``function``'s apply (the eager fast path, same bodies)
-    otherwise.
+def dispatch(
+    op,
+    function: type[torch.autograd.Function],
+    composite: Callable,
+    *,
+    composite_for_forward_ad: bool = False,
+) -> Callable:
+    """``op`` (the registered custom op) while ``torch.compile`` traces; ``composite`` (the
+    op's outputs from differentiable torch ops, see ``fused_ce.ops._composite``) while a
+    functorch transform (vmap, grad, jvp) is active, since functorch can neither batch the
+    kernels nor differentiate a custom op, and with ``composite_for_forward_ad`` under
+    forward-mode AD too (for a ``function`` without a ``jvp``); ``function``'s apply (the
+    eager fast path, same bodies as ``op``) otherwise.
 
     The apply is entered below ``Function.apply``'s Python wrapper, which only binds arguments
     for a ``setup_context`` (not used here) and unwraps functorch wrappers (none here)."""
     apply = super(torch.autograd.function._SingleLevelFunction, function).apply
 
     def call(*args):
-        if _is_compiling() or _transforms_active():
+        if _transforms_active() or (composite_for_forward_ad and forward_ad._current_level >= 0):
+            return composite(*args)
+        if _is_compiling():
             return op(*args)
         return apply(*args)
 
