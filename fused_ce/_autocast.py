@@ -6,8 +6,8 @@ is cast to fp32 first, so the loss comes back in fp32 and the class weights may 
 floating dtype. ``F.linear`` is on its lower-precision list: its operands are cast to the
 autocast dtype (fp64 excepted). The public functions apply the same casts when autocast is on
 for their input's device, so under autocast fused_ce returns what torch returns: the losses
-through :func:`autocast_cast` to fp32, the fused linear heads with their GEMMs in the autocast dtype and
-their loss in fp32.
+(operands cast to fp32 by :func:`autocast_cast`), and the fused linear heads with their GEMMs
+in the autocast dtype and their loss in fp32.
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ def _backward(ctx, grad):
 bce_forward.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(bce_backward, *_DOUBLE_BACKWARD)
 
+
 def _upcast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return tensor.to(dtype) if tensor is not None else None
 
@@ -278,6 +279,7 @@ def _scalar_backward(ctx, grad_loss, *unused):
 
 bce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
 forbid_double_backward(bce_scalar_backward, *_DOUBLE_BACKWARD)
+
 
 def _scalar_jvp(inputs, output, tangents):
     """Forward-mode derivative of ``bce_scalar``: ``sum(G dx + H dt)`` with the gradients of

@@ -551,6 +551,7 @@ def _scalar_backward(ctx, grad_loss, *unused):
 ce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
 forbid_double_backward(ce_scalar_backward, *_DOUBLE_BACKWARD)
 
+
 def _scalar_jvp(inputs, output, tangents):
     """Forward-mode derivative of ``ce_scalar``: ``sum(G * dlogits) + sum(H * dtarget)``, with
     ``G``, ``H`` the loss's gradients (as its backward makes them for an upstream gradient of
