@@ -245,7 +245,8 @@ def softmax_cross_entropy(
 
     Returns:
         Tensor: the loss, in ``input``'s dtype (the promoted dtype of input and target for
-        probability targets); computed in fp32 (fp64 for fp64 operands).
+        probability targets); computed in fp32 (fp64 for fp64 operands). Under
+        ``torch.autocast``, fp32 (torch's autocast runs this loss in fp32).
         CrossEntropyStats: with ``return_stats=True``, whose ``loss`` is that loss.
 
     Shape:
@@ -436,7 +437,7 @@ def sigmoid_binary_cross_entropy(
 
     Returns:
         Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
-        operands).
+        operands). Under ``torch.autocast``, fp32 (torch's autocast runs this loss in fp32).
 
     Shape:
         - Input: :math:`(*)`, any number of dimensions.

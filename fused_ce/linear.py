@@ -198,9 +198,11 @@ def linear_cross_entropy(
             ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        Tensor: the loss in ``input``'s dtype (the promoted dtype of input and target for
-        probability targets), computed in fp32 (fp64 for fp64 operands). ``dW`` and ``db`` are
-        accumulated in fp32 across chunks and rounded once.
+        Tensor: the loss, accumulated and returned in fp32 (fp64 when an operand is fp64), for
+        every reduction: fp16/bf16 heads give an fp32 loss, as transformers' own loss and the
+        other fused heads do. ``dW`` and ``db`` are accumulated in fp32 across chunks and
+        rounded once to their operands' dtypes. Under ``torch.autocast`` the GEMMs run in the
+        autocast dtype and the loss in fp32, as ``F.linear`` then ``F.cross_entropy`` would.
         CrossEntropyStats: with ``return_stats=True``, whose ``loss`` is that loss.
 
     Shape:
@@ -370,8 +372,8 @@ def linear_binary_cross_entropy_with_logits(
             per-chunk BCE kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
-        operands).
+        Tensor: the loss, accumulated and returned in fp32 (fp64 when an operand is fp64), for
+        every reduction (see :func:`linear_cross_entropy`; under ``torch.autocast`` likewise).
 
     Shape:
         - Input: :math:`(*, D)`; linear weight :math:`(C, D)`; linear bias :math:`(C)`.
