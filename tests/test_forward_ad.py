@@ -10,6 +10,8 @@ the error of torch's own bf16 tangent.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -337,3 +339,57 @@ def test_out_of_range_target_under_vmap_raises(backend_device):
 
     with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
         torch.func.vmap(torch.func.grad(ours))(batch)
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "ce-none", "bce-mean", "bce-none"])
+def test_dual_input_that_requires_grad(backend_device, loss):
+    """A dual input that also requires grad: the tangent, then the backward's gradient, are
+    torch's; differentiating the tangent itself (reverse over forward) raises, since it comes
+    from the backward kernels, which have no derivative."""
+    backend, device = backend_device
+    x = randn((N_ROWS, N_CLASSES), 1, device, torch.float64)
+    dx = randn(x.shape, 2, device, torch.float64)
+    kind, reduction = loss.split("-")
+    if kind == "ce":
+        target = torch.randint(0, N_CLASSES, (N_ROWS,), generator=generator(3)).to(device)
+        ours_fn, torch_fn = fused_ce.softmax_cross_entropy, F.cross_entropy
+    else:
+        target = torch.rand(x.shape, generator=generator(3), dtype=torch.float64).to(device)
+        ours_fn, torch_fn = (
+            fused_ce.sigmoid_binary_cross_entropy,
+            F.binary_cross_entropy_with_logits,
+        )
+    results = []
+    for fn, options in ((ours_fn, {"backend": backend}), (torch_fn, {})):
+        leaf = x.clone().requires_grad_()
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(leaf, dx), target, reduction=reduction, **options)
+            primal, tangent_value = fwAD.unpack_dual(out)
+        primal.sum().backward()
+        results.append((primal.detach(), tangent_value.detach(), leaf.grad))
+        if fn is ours_fn:
+            with pytest.raises(RuntimeError, match="double backward"):
+                torch.autograd.grad(tangent_value.sum(), leaf)
+    for ours, theirs in zip(*results, strict=True):
+        assert_close(ours, theirs, torch.float64)
+
+
+def test_vmap_over_logits_and_targets(backend_device):
+    """vmap over both logits and class indices (and probabilities), every reduction, with a
+    class weight, ignored rows and label smoothing: the per-sample losses."""
+    backend, device = backend_device
+    batch = randn((3, N_ROWS, N_CLASSES), 1, device, torch.float64)
+    targets = torch.randint(0, N_CLASSES, (3, N_ROWS), generator=generator(2)).to(device)
+    targets[:, ::4] = -100
+    probs = torch.softmax(randn(batch.shape, 3, device, torch.float64), -1)
+    weight = positive((N_CLASSES,), 4, device, torch.float64)
+    for reduction in REDUCTIONS:
+        options = {"weight": weight, "reduction": reduction, "label_smoothing": 0.1}
+        for target in (targets, probs):
+            ours = torch.func.vmap(
+                functools.partial(fused_ce.softmax_cross_entropy, backend=backend, **options)
+            )(batch, target)
+            theirs = torch.stack(
+                [F.cross_entropy(z, t, **options) for z, t in zip(batch, target, strict=True)]
+            )
+            assert_close(ours, theirs, torch.float64)

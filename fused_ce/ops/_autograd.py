@@ -88,7 +88,20 @@ def eager_function(
         # outputs hold ctx as their grad_fn).
         inputs, output = ctx.jvp_args
         del ctx.jvp_args
-        return jvp(inputs, output, tangents)
+        with torch.no_grad():
+            results = jvp(inputs, output, tangents)
+        if not torch.is_grad_enabled():
+            return results
+        # The tangents come from the backward kernels, which have no derivative: reverse mode
+        # through them (a tangent's gradient) must raise, not see a constant.
+        anchors = [
+            t for t in (*inputs, *tangents) if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
+        if not anchors:
+            return results
+        if isinstance(results, torch.Tensor):  # the tangent of a single output
+            return _raising_when_differentiated((results,), anchors, double_backward_error)[0]
+        return _raising_when_differentiated(results, anchors, double_backward_error)
 
     def guarded_backward(ctx, *grads):
         if any_autocast_enabled():  # a backward called inside an autocast region
@@ -104,22 +117,31 @@ def eager_function(
         with torch.no_grad():
             outputs = backward(ctx, *grads)
         # create_graph=True: hand out the gradients through a node that raises when it is
-        # differentiated. Its extra input, a saved operand, links it to the forward's inputs,
-        # so that differentiating towards them reaches it (and raises) instead of finding no
-        # path.
-        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad][:1]
-        error = _functions.DelayedError(double_backward_error.encode(), len(outputs) + len(anchors))
-        linked = error(
-            *[o.detach().requires_grad_() if o is not None else None for o in outputs], *anchors
-        )
-        if isinstance(linked, torch.Tensor):  # a single output comes back unwrapped
-            linked = (linked,)
-        return tuple(linked[: len(outputs)])
+        # differentiated, linked to the forward's inputs by a saved operand.
+        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        return _raising_when_differentiated(outputs, anchors, double_backward_error)
 
     methods = {"forward": staticmethod(eager_forward), "backward": staticmethod(guarded_backward)}
     if jvp is not None:
         methods["jvp"] = staticmethod(eager_jvp)
     return type(name, (torch.autograd.Function,), methods)
+
+
+def _raising_when_differentiated(
+    values: tuple[torch.Tensor | None, ...], anchors: list[torch.Tensor], message: str
+) -> tuple[torch.Tensor | None, ...]:
+    """``values`` (None entries kept) handed out through one node that raises ``message`` when
+    differentiated. Its extra input, the first of ``anchors`` (a tensor that requires grad),
+    links it to the forward's inputs, so that differentiating towards them reaches it (and
+    raises) instead of finding no path."""
+    anchors = anchors[:1]
+    error = _functions.DelayedError(message.encode(), len(values) + len(anchors))
+    linked = error(
+        *[v.detach().requires_grad_() if v is not None else None for v in values], *anchors
+    )
+    if isinstance(linked, torch.Tensor):  # a single output comes back unwrapped
+        linked = (linked,)
+    return tuple(linked[: len(values)])
 
 
 _is_compiling = torch.compiler.is_compiling
