@@ -21,9 +21,7 @@ any_autocast_enabled = torch._C._is_any_autocast_enabled
 
 def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     """The lower-precision dtype of the autocast region ``tensor``'s device is in, or None
-    outside one."""
-    if not any_autocast_enabled():
-        return None
+    outside one. Callers ask :data:`any_autocast_enabled` first (cheaper, inlined)."""
     device_type = tensor.device.type
     if not torch.is_autocast_enabled(device_type):
         return None

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 from torch import Tensor
 
-from ._autocast import autocast_cast, autocast_dtype
+from ._autocast import any_autocast_enabled, autocast_cast, autocast_dtype
 from ._backend import resolve
 from ._common import CEOptions, accumulation_dtype, class_rows
 from ._docs import share_ce_math
@@ -272,7 +272,8 @@ def softmax_cross_entropy(
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     check_floating("input", input)
     check_target(target, input)
-    if autocast_dtype(input) is not None:  # torch's autocast runs this loss in fp32
+    # torch's autocast runs this loss in fp32.
+    if any_autocast_enabled() and autocast_dtype(input) is not None:
         input, target, weight = (autocast_cast(t, torch.float32) for t in (input, target, weight))
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
@@ -461,7 +462,8 @@ def sigmoid_binary_cross_entropy(
             f"target: Target size ({target.shape}) must be the same as input size ({input.shape})"
         )
     check_floating("target", target)
-    if autocast_dtype(input) is not None:  # torch's autocast runs this loss in fp32
+    # torch's autocast runs this loss in fp32.
+    if any_autocast_enabled() and autocast_dtype(input) is not None:
         input, target, weight, pos_weight = (
             autocast_cast(t, torch.float32) for t in (input, target, weight, pos_weight)
         )

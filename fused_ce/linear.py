@@ -25,7 +25,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from ._autocast import autocast_cast, autocast_dtype
+from ._autocast import any_autocast_enabled, autocast_cast, autocast_dtype
 from ._backend import resolve
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
@@ -64,7 +64,8 @@ def _autocast_operands(
     the loss's floating operands (class weights, ``pos_weight``, a floating target) in fp32
     (torch's autocast runs both losses in fp32). Outside autocast, all as given. The last item
     says whether autocast is on."""
-    dtype = autocast_dtype(input) if isinstance(input, Tensor) else None
+    autocast = any_autocast_enabled() and isinstance(input, Tensor)
+    dtype = autocast_dtype(input) if autocast else None
     if dtype is None:
         return input, linear_operands, loss_operands, False
     linear_operands = tuple(autocast_cast(t, dtype) for t in linear_operands)
