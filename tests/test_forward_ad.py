@@ -330,9 +330,10 @@ def test_functional_call_of_modules(backend_device):
 
 
 # CPU only: on CUDA torch's check is a device-side assert, which poisons the process.
-@pytest.mark.parametrize(
-    ("backend", "device"), [c for c in backend_cases() if c[1] == "cpu"], ids="-".join
-)
+CPU_CASES = [c for c in backend_cases() if c[1] == "cpu"]
+
+
+@pytest.mark.parametrize(("backend", "device"), CPU_CASES, ids=[f"{b}-{d}" for b, d in CPU_CASES])
 def test_out_of_range_target_under_vmap_raises(backend, device):
     """Under vmap the class indices are checked by torch's own loss (no corrupt result)."""
     batch = randn((2, N_ROWS, N_CLASSES), 1, device, torch.float64)
