@@ -63,8 +63,9 @@ def eager_function(
 
     ``jvp(inputs, output, tangents)``, when given, is the forward-mode derivative: the
     tangents of the returned outputs (None for non-differentiable ones) from the forward's
-    ``inputs``, its full ``output`` and the inputs' ``tangents`` (None where an input has
-    none). Forward-mode AD calls it right after the forward.
+    ``inputs``, its ``output`` (the outputs marked non-differentiable or not returned; None in
+    place of the others, which hold ctx as their grad_fn) and the inputs' ``tangents`` (None
+    where an input has none). Forward-mode AD calls it right after the forward.
     """
 
     # Old-style forward(ctx, *args): autograd.Function.apply binds the arguments to the
@@ -80,12 +81,11 @@ def eager_function(
         ctx.eager = True
         setup_context(ctx, inputs, output)
         if forward_ad._current_level >= 0:  # forward_ad_active(), inlined
-            ctx.jvp_args = (inputs, output)
+            ctx.jvp_args = (inputs, _outputs_off_graph(ctx, output, returned))
         return output if returned is None else output[:returned]
 
     def eager_jvp(ctx, *tangents):
-        # Called by the same apply, right after the forward: drop the references at once (the
-        # outputs hold ctx as their grad_fn).
+        # Called by the same apply, right after the forward (not at all when no input is dual).
         inputs, output = ctx.jvp_args
         del ctx.jvp_args
         with torch.no_grad():
@@ -125,6 +125,17 @@ def eager_function(
     if jvp is not None:
         methods["jvp"] = staticmethod(eager_jvp)
     return type(name, (torch.autograd.Function,), methods)
+
+
+def _outputs_off_graph(ctx, output, returned: int | None) -> tuple | None:
+    """``output`` with the outputs autograd attaches to ``ctx`` (returned and differentiable)
+    replaced by None: what ctx may keep for the jvp without a reference cycle through its
+    outputs' grad_fn."""
+    if isinstance(output, torch.Tensor):
+        return None
+    n_returned = len(output) if returned is None else returned
+    detached = {id(t) for t in getattr(ctx, "non_differentiable", ())}
+    return tuple(o if i >= n_returned or id(o) in detached else None for i, o in enumerate(output))
 
 
 def _raising_when_differentiated(

@@ -138,7 +138,7 @@ def _jvp(inputs, output, tangents):
         return _backward_op(ones, *operands, backend, input_wanted, target_wanted)
 
     tangent = _tangent(input, target, weight, pos_weight, tangents, gradients)
-    return tangent.expand(input.shape).to(output.dtype)
+    return tangent.expand(input.shape).to(target.dtype)  # the loss's dtype
 
 
 bce_forward_call = dispatch(
