@@ -11,6 +11,7 @@ the error of torch's own bf16 tangent.
 from __future__ import annotations
 
 import functools
+import gc
 
 import pytest
 import torch
@@ -398,3 +399,33 @@ def test_vmap_over_logits_and_targets(backend_device):
                 [F.cross_entropy(z, t, **options) for z, t in zip(batch, target, strict=True)]
             )
             assert_close(ours, theirs, torch.float64)
+
+
+def _live_nodes() -> int:
+    """How many autograd contexts of fused_ce's eager Functions are alive."""
+    return sum(
+        type(o).__name__.endswith("FunctionBackward") and "CrossEntropy" in type(o).__name__
+        for o in gc.get_objects()
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_reference_cycle_under_a_dual_level(backend_device, reduction):
+    """Inside a dual level a loss of non-dual inputs is freed by reference counting alone (the
+    jvp's state on the autograd context keeps no output that holds the context)."""
+    backend, device = backend_device
+    x = randn((N_ROWS, N_CLASSES), 1, device).requires_grad_()
+    target = torch.randint(0, N_CLASSES, (N_ROWS,), generator=generator(2)).to(device)
+    gc.collect()
+    gc.disable()
+    try:
+        before = _live_nodes()
+        with fwAD.dual_level():
+            loss = fused_ce.softmax_cross_entropy(
+                x, target, reduction=reduction, return_stats=True, backend=backend
+            )
+            assert _live_nodes() == before + 1
+            del loss
+            assert _live_nodes() == before
+    finally:
+        gc.enable()
