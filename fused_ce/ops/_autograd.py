@@ -6,7 +6,9 @@ on a 2-core CPU (dispatch plus the generated autograd wrapper), which is more th
 of torch eager's cross-entropy on small problems. ``torch.compile`` needs the registered ops
 (they trace as one node with a fake kernel); eager code does not, so :func:`dispatch` calls an
 ``autograd.Function`` built from the very same forward body, ``setup_context`` and backward:
-one set of code, two entry points, identical results.
+one set of code, two entry points, identical results. That ``Function`` also carries the op's
+forward-mode derivative (``jvp``); under functorch transforms, which can use neither entry
+point, :func:`dispatch` calls the op's torch-op composite (``fused_ce.ops._composite``).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def eager_function(
             output = forward(*inputs)
         ctx.eager = True
         setup_context(ctx, inputs, output)
-        if forward_ad._current_level >= 0:  # forward_ad_active(), inlined
+        # A forward-mode AD level is open (one read of a module global): inputs may be dual.
+        if forward_ad._current_level >= 0:
             ctx.jvp_args = (inputs, _outputs_off_graph(ctx, output, returned))
         return output if returned is None else output[:returned]
 
@@ -157,12 +160,6 @@ def _raising_when_differentiated(
 
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
-
-
-def forward_ad_active() -> bool:
-    """A forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): inputs may
-    be dual tensors. One read of a module global, cheap enough for every call."""
-    return forward_ad._current_level >= 0
 
 
 def is_eager() -> bool:
