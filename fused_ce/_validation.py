@@ -151,6 +151,7 @@ def check_ce_target(
     *,
     all_valid_as_none: bool = False,
     indices_checked_by_op: bool = False,
+    weight_dtype: torch.dtype | None = None,
 ) -> CETarget:
     """The checks :func:`softmax_cross_entropy` and ``linear_cross_entropy`` share after the
     logits' own: ``label_smoothing``, the class ``weight`` and the ``target``, class indices of
@@ -161,7 +162,10 @@ def check_ce_target(
     With ``all_valid_as_none``, class indices that :func:`all_in_range_on_host` finds valid
     (none ignored) come back with ``valid=None``: the caller knows every row counts. With
     ``indices_checked_by_op``, the range of the class indices is left to the op the caller
-    runs (the native scalar op checks it on its one read of them), and ``valid`` is None."""
+    runs (the native scalar op checks it on its one read of them), and ``valid`` is None.
+    ``weight_dtype`` is the dtype a class weight must have with class indices: the input's
+    (torch's rule) unless given (fp32 for the linear heads under autocast, whose loss runs in
+    fp32 on bf16/fp16 logits)."""
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing: must be between 0.0 and 1.0. Got: {label_smoothing}")
     # Like torch, a negative (or NaN) smoothing acts as none.
@@ -194,9 +198,11 @@ def check_ce_target(
             f"target: expected shape {tuple(batch_shape)} (one class index per row) for input "
             f"of shape {tuple(input.shape)}, got {tuple(target.shape)}"
         )
-    if weight is not None and weight.dtype != input.dtype:
+    if weight_dtype is None:
+        weight_dtype = input.dtype
+    if weight is not None and weight.dtype != weight_dtype:
         raise RuntimeError(
-            f"weight: expected dtype {input.dtype} (the input's), got {weight.dtype}"
+            f"weight: expected dtype {weight_dtype} (the input's), got {weight.dtype}"
         )
     if indices_checked_by_op or (
         all_valid_as_none and all_in_range_on_host(target, n_classes, ignore_index)
@@ -225,13 +231,16 @@ def check_ce_target(
                 "(expected values in [0, C), C the number of classes, or ignore_index)"
             )
         return CETarget(eps, input.dtype, valid, False)
-    # A constant message: under torch.compile with dynamic shapes, n_classes and
-    # ignore_index may be SymInts, and formatting them breaks the graph.
-    torch._assert_async(
-        all_in_range,
-        "target: a class index is out of bounds (expected values in [0, C), C the number of "
-        "classes, or ignore_index)",
-    )
+    # Under a functorch transform, torch's own loss checks the indices (fused_ce.ops.
+    # _composite): _assert_async has no batching rule.
+    if not torch._C._are_functorch_transforms_active():
+        # A constant message: under torch.compile with dynamic shapes, n_classes and
+        # ignore_index may be SymInts, and formatting them breaks the graph.
+        torch._assert_async(
+            all_in_range,
+            "target: a class index is out of bounds (expected values in [0, C), C the number "
+            "of classes, or ignore_index)",
+        )
     return CETarget(eps, input.dtype, valid, False)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 from torch import Tensor
 
+from ._autocast import any_autocast_enabled, autocast_cast, autocast_dtype
 from ._backend import resolve
 from ._common import CEOptions, accumulation_dtype, class_rows
 from ._docs import share_ce_math
@@ -272,7 +273,8 @@ def softmax_cross_entropy(
 
     Returns:
         Tensor: the loss, in ``input``'s dtype (the promoted dtype of input and target for
-        probability targets); computed in fp32 (fp64 for fp64 operands).
+        probability targets); computed in fp32 (fp64 for fp64 operands). Under
+        ``torch.autocast``, fp32 (torch's autocast runs this loss in fp32).
         CrossEntropyStats: with ``return_stats=True``, whose ``loss`` is that loss.
 
     Shape:
@@ -302,6 +304,9 @@ def softmax_cross_entropy(
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
     check_floating("input", input)
     check_target(target, input)
+    # torch's autocast runs this loss in fp32.
+    if any_autocast_enabled() and autocast_dtype(input) is not None:
+        input, target, weight = (autocast_cast(t, torch.float32) for t in (input, target, weight))
     if input.dim() == 0:
         raise ValueError("input: expected at least 1 dimension (the class dim), got a 0-d tensor")
     if input.dim() == 1 and target.shape == (1,) and not target.is_floating_point():
@@ -483,7 +488,7 @@ def sigmoid_binary_cross_entropy(
 
     Returns:
         Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
-        operands).
+        operands). Under ``torch.autocast``, fp32 (torch's autocast runs this loss in fp32).
 
     Shape:
         - Input: :math:`(*)`, any number of dimensions.
@@ -510,6 +515,11 @@ def sigmoid_binary_cross_entropy(
             f"target: Target size ({target.shape}) must be the same as input size ({input.shape})"
         )
     check_floating("target", target)
+    # torch's autocast runs this loss in fp32.
+    if any_autocast_enabled() and autocast_dtype(input) is not None:
+        input, target, weight, pos_weight = (
+            autocast_cast(t, torch.float32) for t in (input, target, weight, pos_weight)
+        )
     check_bce_weights(weight, pos_weight, input, input.shape, "input's shape")
     backend = resolve(backend, input)
     native_op = backend == "native" and is_eager()

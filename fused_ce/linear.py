@@ -25,6 +25,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from ._autocast import any_autocast_enabled, autocast_cast, autocast_dtype
 from ._backend import resolve
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
@@ -54,6 +55,23 @@ def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
     """Which operands want a gradient from this call (no host sync: Python attributes)."""
     enabled = torch.is_grad_enabled()
     return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+def _autocast_operands(
+    input: Tensor, linear_operands: tuple[Tensor | None, ...], loss_operands: tuple
+) -> tuple[Tensor, tuple, tuple, bool]:
+    """Under ``torch.autocast`` (for ``input``'s device), what ``F.linear`` followed by torch's
+    loss would compute on: the linear operands in the autocast dtype (the GEMMs run in it),
+    the loss's floating operands (class weights, ``pos_weight``, a floating target) in fp32
+    (torch's autocast runs both losses in fp32). Outside autocast, all as given. The last item
+    says whether autocast is on."""
+    autocast = any_autocast_enabled() and isinstance(input, Tensor)
+    dtype = autocast_dtype(input) if autocast else None
+    if dtype is None:
+        return input, linear_operands, loss_operands, False
+    linear_operands = tuple(autocast_cast(t, dtype) for t in linear_operands)
+    loss_operands = tuple(autocast_cast(t, torch.float32) for t in loss_operands)
+    return autocast_cast(input, dtype), linear_operands, loss_operands, True
 
 
 def _as_rows(input: Tensor) -> Tensor:
@@ -209,9 +227,11 @@ def linear_cross_entropy(
             ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        Tensor: the loss in ``input``'s dtype (the promoted dtype of input and target for
-        probability targets), computed in fp32 (fp64 for fp64 operands). ``dW`` and ``db`` are
-        accumulated in fp32 across chunks and rounded once.
+        Tensor: the loss, accumulated and returned in fp32 (fp64 when an operand is fp64), for
+        every reduction: fp16/bf16 heads give an fp32 loss, as transformers' own loss and the
+        other fused heads do. ``dW`` and ``db`` are accumulated in fp32 across chunks and
+        rounded once to their operands' dtypes. Under ``torch.autocast`` the GEMMs run in the
+        autocast dtype and the loss in fp32, as ``F.linear`` then ``F.cross_entropy`` would.
         CrossEntropyStats: with ``return_stats=True``, whose ``loss`` is that loss.
 
     Shape:
@@ -238,6 +258,9 @@ def linear_cross_entropy(
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
     scale, cap = check_options(logit_scale, softcap, z_loss, return_stats)
+    input, (linear_weight, linear_bias), (target, weight), autocast = _autocast_operands(
+        input, (linear_weight, linear_bias), (target, weight)
+    )
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
     check_target(target, input)
@@ -260,6 +283,7 @@ def linear_cross_entropy(
         (*batch_shape, n_classes),
         n_classes,
         all_valid_as_none=one_sweep and any(wants),
+        weight_dtype=torch.float32 if autocast else None,
     )
     prob_target = checked.prob_target
     eps = checked.label_smoothing
@@ -304,7 +328,7 @@ def linear_cross_entropy(
             backend,
             *wants,
         )
-        return loss.to(checked.out_dtype)
+        return loss  # in the accumulation dtype, as _finish below
     loss, lse, _, entropy, argmax = linear_ce_forward_call(
         x,
         linear_weight,
@@ -330,7 +354,7 @@ def linear_cross_entropy(
         target_classes=target.argmax(-1) if prob_target and return_stats else target,
         reduction=reduction,
         divisor=divisor,
-        out_dtype=checked.out_dtype,
+        out_dtype=acc,
         z_loss=float(z_loss),
         return_stats=return_stats,
     )
@@ -380,8 +404,8 @@ def linear_binary_cross_entropy_with_logits(
             per-chunk BCE kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
 
     Returns:
-        Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
-        operands).
+        Tensor: the loss, accumulated and returned in fp32 (fp64 when an operand is fp64), for
+        every reduction (see :func:`linear_cross_entropy`; under ``torch.autocast`` likewise).
 
     Shape:
         - Input: :math:`(*, D)`; linear weight :math:`(C, D)`; linear bias :math:`(C)`.
@@ -399,6 +423,9 @@ def linear_binary_cross_entropy_with_logits(
         0.6931
     """
     check_reduction(reduction)
+    input, (linear_weight, linear_bias), (target, weight, pos_weight), _ = _autocast_operands(
+        input, (linear_weight, linear_bias), (target, weight, pos_weight)
+    )
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
     check_target(target, input)
@@ -436,7 +463,7 @@ def linear_binary_cross_entropy_with_logits(
             backend,
             *wants,
         )
-        return loss.to(target.dtype)
+        return loss
     loss = linear_bce_forward_call(
         x,
         linear_weight,
@@ -449,4 +476,4 @@ def linear_binary_cross_entropy_with_logits(
     )
     if reduction == "none":
         return loss.view(logits_shape)
-    return _reduce(loss, reduction, rows_target.numel(), target.dtype)
+    return _reduce(loss, reduction, rows_target.numel(), acc)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .._common import accumulation_dtype
 from .._outputs import gradient_buffers as _grad_buffers
+from . import _composite
 from ._autograd import (
     dispatch,
     double_backward_message,
@@ -104,6 +106,41 @@ def _backward(ctx, grad):
 bce_forward.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(bce_backward, *_DOUBLE_BACKWARD)
 
+
+def _upcast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return tensor.to(dtype) if tensor is not None else None
+
+
+def _tangent(input, target, weight, pos_weight, tangents, gradients) -> torch.Tensor:
+    """``G dx + H dt`` elementwise (``G``, ``H`` the loss's gradients ``gradients(dtype,
+    operands, input_wanted, target_wanted)`` makes, on operands upcast to the accumulation
+    dtype), in that dtype."""
+    d_input, d_target = tangents[0], tangents[1]
+    dtype = accumulation_dtype(input.dtype, target.dtype)
+    operands = [_upcast(t, dtype) for t in (input, target, weight, pos_weight)]
+    grad_input, grad_target = gradients(dtype, operands, d_input is not None, d_target is not None)
+    tangent = torch.zeros((), dtype=dtype, device=input.device)
+    if d_input is not None:
+        tangent = tangent + grad_input * d_input.to(dtype)
+    if d_target is not None:
+        tangent = tangent + grad_target * d_target.to(dtype)
+    return tangent
+
+
+def _jvp(inputs, output, tangents):
+    """Forward-mode derivative of ``bce_forward``: elementwise ``dl = G dx + H dt`` with ``G =
+    w (((pw-1)t+1) sigmoid(x) - pw t)``, ``H = w (-x - (pw-1) log sigmoid(x))`` from the
+    backward kernel (unit upstream gradient), rounded once to the loss's dtype."""
+    input, target, weight, pos_weight, backend = inputs
+
+    def gradients(dtype, operands, input_wanted, target_wanted):
+        ones = torch.ones((), dtype=dtype, device=input.device).expand(input.shape)
+        return _backward_op(ones, *operands, backend, input_wanted, target_wanted)
+
+    tangent = _tangent(input, target, weight, pos_weight, tangents, gradients)
+    return tangent.expand(input.shape).to(target.dtype)  # the loss's dtype
+
+
 bce_forward_call = dispatch(
     bce_forward,
     eager_function(
@@ -112,7 +149,9 @@ bce_forward_call = dispatch(
         _setup_context,
         _backward,
         double_backward_message(*_DOUBLE_BACKWARD),
+        jvp=_jvp,
     ),
+    _composite.bce_forward,
 )
 
 
@@ -241,6 +280,21 @@ def _scalar_backward(ctx, grad_loss, *unused):
 bce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
 forbid_double_backward(bce_scalar_backward, *_DOUBLE_BACKWARD)
 
+
+def _scalar_jvp(inputs, output, tangents):
+    """Forward-mode derivative of ``bce_scalar``: ``sum(G dx + H dt)`` with the gradients of
+    its loss (``grad_scale`` included) for an upstream gradient of 1."""
+    input, target, weight, pos_weight, grad_scale, backend, _, _ = inputs
+
+    def gradients(dtype, operands, input_wanted, target_wanted):
+        upstream = torch.ones((), dtype=dtype, device=input.device)
+        return _scalar_backward_op(
+            upstream, *operands, grad_scale, backend, input_wanted, target_wanted
+        )
+
+    return (_tangent(input, target, weight, pos_weight, tangents, gradients).sum(),)
+
+
 bce_scalar_call = dispatch(
     bce_scalar,
     eager_function(
@@ -250,7 +304,9 @@ bce_scalar_call = dispatch(
         _scalar_backward,
         double_backward_message(*_DOUBLE_BACKWARD),
         returned=1,
+        jvp=_scalar_jvp,
     ),
+    _composite.bce_scalar,
 )
 
 

@@ -21,6 +21,7 @@ import torch
 from .._common import CEOptions, accumulation_dtype, class_rows
 from .._outputs import forward_outputs
 from ..torch_impl import cross_entropy as torch_impl
+from . import _composite
 from ._autograd import (
     dispatch,
     double_backward_message,
@@ -280,6 +281,53 @@ def _backward(ctx, grad_loss, grad_lse, *unused):
 ce_forward.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(ce_backward, *_DOUBLE_BACKWARD)
 
+
+def _upcast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A floating operand in ``dtype`` (exact: the kernels upcast every load to it anyway)."""
+    if tensor is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def _row_dot(grad: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """``sum_c grad[:, c, :] * tangent[:, c, :]`` of ``(n_outer, C, n_inner)`` tensors, flat
+    over the rows, in ``grad``'s dtype."""
+    return (grad * tangent.to(grad.dtype)).sum(1).reshape(-1)
+
+
+def _jvp(inputs, output, tangents):
+    """Forward-mode derivative of ``ce_forward``: the tangent of each row's loss is
+    ``sum_c G_c dz_c + sum_c H_c dt_c`` with ``G = dloss_n/dlogits`` and ``H = dloss_n/dtarget``
+    (the backward kernel's gradients for a unit upstream gradient per row, made from the saved
+    statistics on the operands upcast to the accumulation dtype, so rounded only in that
+    dtype), and that of the row's lse ``sum_c p_c dz_c`` (the backward kernel's gradient for a
+    unit ``grad_lse``). The logit scale and the soft cap are inside ``G`` and ``p``."""
+    logits, target, weight, *options, _with_stats, _inplace, backend = inputs
+    saved = output[2]
+    d_logits, d_target = tangents[0], tangents[1]
+    dtype = saved.dtype
+    n_rows = saved.shape[1]
+    target_tangent = target.is_floating_point() and d_target is not None
+    args = (
+        logits.to(dtype),
+        _upcast(target, dtype),
+        _upcast(weight, dtype),
+        saved,
+        *options,
+        backend,
+    )
+    ones = saved.new_ones(n_rows)
+    grad_logits, grad_target = _backward_op(ones, None, *args, target_tangent)
+    d_loss = _row_dot(grad_logits, d_logits) if d_logits is not None else saved.new_zeros(n_rows)
+    if target_tangent:
+        d_loss = d_loss + _row_dot(grad_target, d_target)
+    d_lse = None
+    if d_logits is not None:
+        softmax, _ = _backward_op(saved.new_zeros(n_rows), ones, *args, False)
+        d_lse = _row_dot(softmax, d_logits)
+    return d_loss, d_lse, None, None, None
+
+
 ce_forward_call = dispatch(
     ce_forward,
     eager_function(
@@ -289,7 +337,9 @@ ce_forward_call = dispatch(
         _backward,
         double_backward_message(*_DOUBLE_BACKWARD),
         refuse_create_graph=_refuse_graph_of_inplace,
+        jvp=_jvp,
     ),
+    _composite.ce_forward,
 )
 
 
@@ -501,6 +551,36 @@ def _scalar_backward(ctx, grad_loss, *unused):
 ce_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
 forbid_double_backward(ce_scalar_backward, *_DOUBLE_BACKWARD)
 
+
+def _scalar_jvp(inputs, output, tangents):
+    """Forward-mode derivative of ``ce_scalar``: ``sum(G * dlogits) + sum(H * dtarget)``, with
+    ``G``, ``H`` the loss's gradients (as its backward makes them for an upstream gradient of
+    1, on operands upcast to the accumulation dtype)."""
+    logits, target, weight, _valid, grad_scale, *options, backend, _, _ = inputs
+    saved = output[1]
+    d_logits, d_target = tangents[0], tangents[1]
+    dtype = saved.dtype
+    target_tangent = target.is_floating_point() and d_target is not None
+    grad_logits, grad_target = _scalar_backward_op(
+        saved.new_ones(()),
+        logits.to(dtype),
+        _upcast(target, dtype),
+        _upcast(weight, dtype),
+        saved,
+        grad_scale,
+        *options,
+        backend,
+        d_logits is not None,
+        target_tangent,
+    )
+    d_loss = saved.new_zeros(())
+    if d_logits is not None:
+        d_loss = d_loss + (grad_logits * d_logits.to(dtype)).sum()
+    if target_tangent:
+        d_loss = d_loss + (grad_target * d_target.to(dtype)).sum()
+    return (d_loss,)
+
+
 ce_scalar_call = dispatch(
     ce_scalar,
     eager_function(
@@ -510,7 +590,9 @@ ce_scalar_call = dispatch(
         _scalar_backward,
         double_backward_message(*_DOUBLE_BACKWARD),
         returned=1,
+        jvp=_scalar_jvp,
     ),
+    _composite.ce_scalar,
 )
 
 

@@ -26,6 +26,7 @@ import torch
 from .. import _chunked as chunked
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
+from . import _composite
 from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
 from ._impl import implementation
 
@@ -383,9 +384,9 @@ def _linear_bce_forward(
     backend: str,
     row_sums: bool,
 ) -> torch.Tensor:
-    """The ``(N, C)`` elementwise loss (``target``'s dtype) of ``binary_cross_entropy_with_
-    logits(input @ linear_weight.T + linear_bias, target)``, or with ``row_sums`` its ``(N,)``
-    row sums in the accumulation dtype, with no ``N x C`` buffer. ``target``, ``weight`` and
+    """The ``(N, C)`` elementwise loss of ``binary_cross_entropy_with_logits(input @
+    linear_weight.T + linear_bias, target)``, or with ``row_sums`` its ``(N,)`` row sums, in
+    the accumulation dtype, with no ``N x C`` buffer. ``target``, ``weight`` and
     ``pos_weight`` are ``(N, C)`` (broadcast weights as stride-0 views)."""
     loss = _bce_loss_buffer(input, linear_weight, target, row_sums)
     chunked.binary_cross_entropy(
@@ -403,9 +404,12 @@ def _linear_bce_forward(
 
 
 def _bce_loss_buffer(input, linear_weight, target, row_sums):
+    """The loss in the accumulation dtype: ``(N,)`` row sums, or the ``(N, C)`` elementwise loss
+    (fp32 for half-precision operands, as the reduced loss)."""
+    dtype = accumulation_dtype(input.dtype, target.dtype)
     if row_sums:
-        return input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype, target.dtype))
-    return torch.empty(target.shape, dtype=target.dtype, device=target.device)
+        return input.new_empty(input.shape[0], dtype=dtype)
+    return torch.empty(target.shape, dtype=dtype, device=target.device)
 
 
 linear_bce_forward = torch.library.custom_op(
@@ -650,6 +654,8 @@ linear_ce_forward_call = dispatch(
         _ce_backward,
         _CE_NAMES,
     ),
+    _composite.linear_ce_forward,
+    composite_for_forward_ad=True,
 )
 linear_ce_scalar_call = dispatch(
     linear_ce_scalar,
@@ -660,6 +666,8 @@ linear_ce_scalar_call = dispatch(
         _scalar_backward,
         _CE_NAMES,
     ),
+    _composite.linear_ce_scalar,
+    composite_for_forward_ad=True,
 )
 linear_bce_forward_call = dispatch(
     linear_bce_forward,
@@ -670,6 +678,8 @@ linear_bce_forward_call = dispatch(
         _bce_backward,
         _BCE_NAMES,
     ),
+    _composite.linear_bce_forward,
+    composite_for_forward_ad=True,
 )
 linear_bce_scalar_call = dispatch(
     linear_bce_scalar,
@@ -680,4 +690,6 @@ linear_bce_scalar_call = dispatch(
         _scalar_backward,
         _BCE_NAMES,
     ),
+    _composite.linear_bce_scalar,
+    composite_for_forward_ad=True,
 )
