@@ -6,6 +6,7 @@ by a chunked plain-PyTorch path elsewhere.
 """
 
 from . import nn
+from .distill import jsd_with_logits, kl_div_with_logits
 from .functional import (
     CrossEntropyStats,
     binary_cross_entropy_with_logits,
@@ -19,6 +20,8 @@ __all__ = [
     "CrossEntropyStats",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "jsd_with_logits",
+    "kl_div_with_logits",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
     "nn",
