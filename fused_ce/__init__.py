@@ -6,7 +6,7 @@ by a chunked plain-PyTorch path elsewhere.
 """
 
 from . import nn
-from .distill import jsd_with_logits, kl_div_with_logits
+from .distill import jsd_with_logits, kl_div_with_logits, linear_jsd, linear_kl_div
 from .functional import (
     CrossEntropyStats,
     binary_cross_entropy_with_logits,
@@ -24,6 +24,8 @@ __all__ = [
     "kl_div_with_logits",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "linear_jsd",
+    "linear_kl_div",
     "nn",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
