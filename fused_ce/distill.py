@@ -52,6 +52,11 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
 
 
+def _check_ce_weight(ce_weight: float) -> None:
+    if not isinstance(ce_weight, (int, float)) or not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight: expected a number in [0, 1], got {ce_weight!r}")
+
+
 def _check_pair(student: Tensor, teacher: Tensor, names: tuple[str, str]) -> None:
     check_floating(names[0], student)
     check_floating(names[1], teacher)
@@ -377,8 +382,7 @@ def _linear_divergence(
         )
     _check_reduction(reduction)
     _check_temperature(temperature)
-    if not isinstance(ce_weight, (int, float)) or not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight: expected a number in [0, 1], got {ce_weight!r}")
+    _check_ce_weight(ce_weight)
     if ce_weight > 0.0 and target is None:
         raise ValueError("target: ce_weight > 0 needs the hard labels (target)")
     chunk = check_chunk_size(chunk_size)

@@ -354,14 +354,69 @@ def test_bad_operands():
         fused_ce.jsd_with_logits(torch.randn(4, 0), torch.randn(4, 0))
 
 
-@pytest.mark.parametrize("function", [fused_ce.kl_div_with_logits, fused_ce.jsd_with_logits])
+FUNCTIONS = [
+    fused_ce.kl_div_with_logits,
+    fused_ce.jsd_with_logits,
+    fused_ce.linear_kl_div,
+    fused_ce.linear_jsd,
+]
+MODULES = [
+    fused_ce.nn.KLDivWithLogitsLoss,
+    fused_ce.nn.JSDWithLogitsLoss,
+    fused_ce.nn.LinearKLDivLoss,
+    fused_ce.nn.LinearJSDLoss,
+]
+
+
+@pytest.mark.parametrize("function", FUNCTIONS + MODULES, ids=lambda f: f.__name__)
 def test_docstring(function):
     """torch's sections are there and the example runs and prints what it says."""
     doc = function.__doc__
-    for section in ("Args:", "Returns:", "Shape:", "Examples::"):
+    sections = ("Shape:", "Examples::") + (("Args:", "Returns:") if function in FUNCTIONS else ())
+    for section in sections:
         assert f"\n    {section}\n" in doc, section
     torch.manual_seed(0)
-    (test,) = doctest.DocTestFinder().find(function, globs={})
+    finder = doctest.DocTestFinder()
+    (test,) = finder.find(function, globs={"torch": torch, "fused_ce": fused_ce})
     runner = doctest.DocTestRunner()
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_modules_match_the_functions():
+    student = randn((2, 3, 11), 30, "cpu")
+    teacher = randn((2, 3, 11), 31, "cpu")
+    target = labels((2, 3), "cpu")
+    kl = fused_ce.nn.KLDivWithLogitsLoss(temperature=2.0, direction="reverse", reduction="mean")
+    expected = fused_ce.kl_div_with_logits(
+        student, teacher, temperature=2.0, direction="reverse", target=target, reduction="mean"
+    )
+    assert torch.equal(kl(student, teacher, target), expected)
+    jsd = fused_ce.nn.JSDWithLogitsLoss(beta=0.2, reduction="none")
+    mask = target != -100
+    expected = fused_ce.jsd_with_logits(student, teacher, beta=0.2, mask=mask, reduction="none")
+    assert torch.equal(jsd(student, teacher, mask=mask), expected)
+    hs, ws = randn((2, 3, 4), 32, "cpu"), randn((11, 4), 33, "cpu")
+    ht, wt = randn((2, 3, 6), 34, "cpu"), randn((11, 6), 35, "cpu")
+    linear = fused_ce.nn.LinearKLDivLoss(ce_weight=0.3, chunk_size=2)
+    expected = fused_ce.linear_kl_div(hs, ws, ht, wt, target=target, ce_weight=0.3, chunk_size=2)
+    assert torch.equal(linear(hs, ws, ht, wt, target), expected)
+    linear = fused_ce.nn.LinearJSDLoss(beta=0.7, temperature=3.0)
+    expected = fused_ce.linear_jsd(hs, ws, ht, wt, beta=0.7, temperature=3.0)
+    assert torch.equal(linear(hs, ws, ht, wt), expected)
+
+
+@pytest.mark.parametrize(
+    "module, kwargs, match",
+    [
+        (fused_ce.nn.KLDivWithLogitsLoss, {"temperature": -2.0}, "temperature"),
+        (fused_ce.nn.KLDivWithLogitsLoss, {"direction": "up"}, "direction"),
+        (fused_ce.nn.JSDWithLogitsLoss, {"beta": -0.1}, "beta"),
+        (fused_ce.nn.JSDWithLogitsLoss, {"reduction": "elementwise_mean"}, "reduction"),
+        (fused_ce.nn.LinearKLDivLoss, {"ce_weight": 2.0}, "ce_weight"),
+        (fused_ce.nn.LinearJSDLoss, {"chunk_size": -1}, "chunk_size"),
+    ],
+)
+def test_modules_check_options_at_construction(module, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        module(**kwargs)
