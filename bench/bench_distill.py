@@ -94,7 +94,9 @@ def logits_rows(n: int, v: int, dtype: torch.dtype, device: str, backend: str) -
     }
 
 
-def linear_rows(n: int, d: int, v: int, dtype: torch.dtype, device: str, backend: str) -> dict:
+def linear_rows(
+    n: int, d: int, v: int, dtype: torch.dtype, device: str, backend: str, formula: bool
+) -> dict:
     gen = torch.Generator().manual_seed(1)
 
     def randn(*shape, scale=1.0):
@@ -120,7 +122,7 @@ def linear_rows(n: int, d: int, v: int, dtype: torch.dtype, device: str, backend
         torch.mm(logits, ws)
         torch.mm(logits.t(), hs)
 
-    return {
+    rows = {
         f"linear_kl_div ({backend})": call(
             lambda x, w: fused_ce.linear_kl_div(
                 x, w, ht, wt, temperature=TEMPERATURE, backend=backend
@@ -134,6 +136,9 @@ def linear_rows(n: int, d: int, v: int, dtype: torch.dtype, device: str, backend
         ),
         "the 4 GEMMs (logits x 2, dX, dW)": gemms,
     }
+    if not formula:
+        del rows["plain formula: F.linear x 2 + F.kl_div"]
+    return rows
 
 
 def report(title: str, rows: dict, rounds: int, memory: bool) -> None:
@@ -173,6 +178,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", default=None, help="fused_ce backend (default: auto)")
     parser.add_argument("--skip-linear", action="store_true")
+    parser.add_argument(
+        "--skip-linear-formula",
+        action="store_true",
+        help="no unfused linear row (it holds several N x V tensors: GiBs at the default shape)",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = args.backend or ("triton" if device == "cuda" else "native")
@@ -195,7 +205,7 @@ def main() -> None:
         n, d, v = linear_shape
         report(
             f"linear form, fp32, N x D x V = {n} x {d} x {v}, student grads, forward + backward",
-            linear_rows(n, d, v, torch.float32, device, backend),
+            linear_rows(n, d, v, torch.float32, device, backend, not args.skip_linear_formula),
             args.rounds,
             memory=True,
         )

@@ -105,7 +105,7 @@ def valid_rows(
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor, got dtype {mask.dtype}")
-        return mask.reshape(-1)
+        return mask.reshape(-1).contiguous()  # the Triton kernels read it with unit stride
     return None
 
 
@@ -151,7 +151,7 @@ def _divergence(
         rows_s, rows_t = rows_t, rows_s
     resolved = resolve(backend, student)
     loss, _ = distill_forward_call(rows_s, rows_t, valid, float(temperature), float(beta), resolved)
-    size0 = student.shape[0] if student.dim() > 0 else 1
+    size0 = student.shape[0]  # at least 1-D (checked); V for a single row, as kl_div
     return reduce_rows(loss, reduction, batch_shape, valid, size0)
 
 
@@ -412,7 +412,8 @@ def _linear_divergence(
         rows,
         resolved,
     )
-    size0 = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
+    # The logits' size(0), as kl_div's 'batchmean' (V for a single row of hidden states).
+    size0 = student_hidden.shape[0] if student_hidden.dim() > 1 else student_weight.shape[0]
     if reduction == "none":
         loss = linear_distill_rows(*heads, labels, valid, *options)
         return reduce_rows(loss, reduction, batch_shape, valid, size0)

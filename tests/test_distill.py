@@ -208,6 +208,21 @@ def test_masked_rows(backend_device):
     assert mean.isnan() and torch.equal(grad, torch.zeros_like(grad))
 
 
+def test_strided_mask_and_single_row(backend_device):
+    """A mask that is a strided view (every other column of a larger one) selects the rows it
+    says; 1-D logits are one row, and 'batchmean' divides by their size(0), as kl_div."""
+    backend, device = backend_device
+    student = randn((2, 3, 8), 40, device)
+    teacher = randn((2, 3, 8), 41, device)
+    wide = torch.tensor([[1, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.bool, device=device)
+    mask = wide[:, ::2]
+    assert not mask.is_contiguous()
+    kwargs = {"beta": 0.5, "mask": mask, "reduction": "none"}
+    check(fused_ce.jsd_with_logits, reference, (student, teacher), kwargs, (0,), backend)
+    row = (student[0, 0], teacher[0, 0])
+    check(fused_ce.kl_div_with_logits, reference, row, {"reduction": "batchmean"}, (0,), backend)
+
+
 def test_empty_batch(backend_device):
     backend, device = backend_device
     student = torch.zeros(0, 5, device=device, requires_grad=True)
