@@ -226,6 +226,7 @@ def test_compile_fullgraph(backend_device):
         ({"ce_weight": 0.5}, "target"),
         ({"ce_weight": 1.5, "target": torch.zeros(N_ROWS, dtype=torch.long)}, "ce_weight"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"ce_weight": 0.5, "target": torch.full((N_ROWS,), VOCABULARY)}, "out of range"),
         ({"temperature": -1.0}, "temperature"),
     ],
 )
