@@ -107,10 +107,12 @@ def distill_forward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
+    saved_stride_64 = tl.cast(saved_stride, tl.int64)  # k * stride may pass 2^31
     in_use = _rows_in_use(valid_ptr, rows, row_mask, HAS_VALID)
     temperature = _option(temperature_hi, temperature_lo, ACC_DTYPE)
     beta = _option(beta_hi, beta_lo, ACC_DTYPE)
-    cols = tl.arange(0, BLOCK_C)
+    # int64 class offsets: a transposed operand's class stride times V may pass 2^31.
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
     max_x = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
     max_y = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
     sum_x = tl.zeros((BLOCK_R,), ACC_DTYPE)
@@ -181,11 +183,11 @@ def distill_forward_kernel(
         loss = beta * c_p + (1.0 - beta) * c_q
     tl.store(loss_ptr + rows, tl.where(in_use, loss, 0.0), row_mask)
     tl.store(saved_ptr + rows, max_x, row_mask)
-    tl.store(saved_ptr + saved_stride + rows, log_s_x, row_mask)
-    tl.store(saved_ptr + 2 * saved_stride + rows, max_y, row_mask)
-    tl.store(saved_ptr + 3 * saved_stride + rows, log_s_y, row_mask)
-    tl.store(saved_ptr + 4 * saved_stride + rows, c_q, row_mask)
-    tl.store(saved_ptr + 5 * saved_stride + rows, c_p, row_mask)
+    tl.store(saved_ptr + saved_stride_64 + rows, log_s_x, row_mask)
+    tl.store(saved_ptr + 2 * saved_stride_64 + rows, max_y, row_mask)
+    tl.store(saved_ptr + 3 * saved_stride_64 + rows, log_s_y, row_mask)
+    tl.store(saved_ptr + 4 * saved_stride_64 + rows, c_q, row_mask)
+    tl.store(saved_ptr + 5 * saved_stride_64 + rows, c_p, row_mask)
 
 
 @triton.jit
@@ -226,15 +228,16 @@ def distill_backward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
+    saved_stride_64 = tl.cast(saved_stride, tl.int64)  # k * stride may pass 2^31
     in_use = _rows_in_use(valid_ptr, rows, row_mask, HAS_VALID)
     temperature = _option(temperature_hi, temperature_lo, ACC_DTYPE)
     beta = _option(beta_hi, beta_lo, ACC_DTYPE)
     max_x = tl.load(saved_ptr + rows, row_mask, 0.0).to(ACC_DTYPE)
-    log_s_x = tl.load(saved_ptr + saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
-    max_y = tl.load(saved_ptr + 2 * saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
-    log_s_y = tl.load(saved_ptr + 3 * saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
-    c_q = tl.load(saved_ptr + 4 * saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
-    c_p = tl.load(saved_ptr + 5 * saved_stride + rows, row_mask, 0.0).to(ACC_DTYPE)
+    log_s_x = tl.load(saved_ptr + saved_stride_64 + rows, row_mask, 0.0).to(ACC_DTYPE)
+    max_y = tl.load(saved_ptr + 2 * saved_stride_64 + rows, row_mask, 0.0).to(ACC_DTYPE)
+    log_s_y = tl.load(saved_ptr + 3 * saved_stride_64 + rows, row_mask, 0.0).to(ACC_DTYPE)
+    c_q = tl.load(saved_ptr + 4 * saved_stride_64 + rows, row_mask, 0.0).to(ACC_DTYPE)
+    c_p = tl.load(saved_ptr + 5 * saved_stride_64 + rows, row_mask, 0.0).to(ACC_DTYPE)
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, row_mask, 0.0).to(ACC_DTYPE)
     g = g / temperature
     if JSD:
@@ -243,7 +246,8 @@ def distill_backward_kernel(
     else:
         coef_student = g
         coef_teacher = g
-    cols = tl.arange(0, BLOCK_C)
+    # int64 class offsets: a transposed operand's class stride times V may pass 2^31.
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
     for start in range(0, n_classes, BLOCK_C):
         c = start + cols
         mask = row_mask[:, None] & (c < n_classes)[None, :]
