@@ -243,3 +243,36 @@ def test_bad_arguments(change, match):
             student_bias=operands["bs"],
             **options,
         )
+
+
+def test_opcheck(backend_device):
+    """The three custom ops pass torch.library.opcheck (schema, fakes, autograd
+    registration), with a bias on the student only and the hard-label term on."""
+    from fused_ce.ops.linear_distill import (
+        linear_distill_rows,
+        linear_distill_rows_backward,
+        linear_distill_scalar,
+    )
+
+    backend, device = backend_device
+    hs, ws, ht, wt, bs = heads(device, torch.float64, (4,))
+    for operand in (hs, ws, bs, wt):  # the flags below: the teacher's hidden states need none
+        operand.requires_grad_()
+    target = torch.tensor([1, -100, 3, 0], device=device)
+    valid = target != -100
+    operands = (hs, ws, bs, ht, wt, None)
+    options = (1.5, 0.25, False, 0.3, -100, 3, backend)
+    scale = torch.tensor(0.25, dtype=torch.float64, device=device)
+    flags = [True, True, True, False, True, False]
+    torch.library.opcheck(linear_distill_scalar, (*operands, target, valid, scale, *options, flags))
+    torch.library.opcheck(linear_distill_rows, (*operands, target, valid, *options))
+    with pytest.raises(RuntimeError, match="flags"):  # a gradient the forward did not make
+        loss, *_ = linear_distill_scalar(
+            *operands, target, valid, scale, *options, [False, True, True, False, True, False]
+        )
+        loss.backward()
+    grad_rows = randn((4,), 7, device, torch.float64)
+    detached = tuple(t.detach() if t is not None else None for t in operands)
+    torch.library.opcheck(
+        linear_distill_rows_backward, (grad_rows, *detached, target, valid, *options, flags)
+    )

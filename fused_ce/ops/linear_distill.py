@@ -133,6 +133,7 @@ def _(sh, sw, sb, th, tw, tb, target, valid, grad_scale, *options_and_flags):
 
 def _scalar_setup(ctx, inputs, output):
     _, *grads = output
+    ctx.operand_sizes = [t.numel() if t is not None else 0 for t in inputs[:_N_OPERANDS]]
     ctx.mark_non_differentiable(*grads)
     ctx.save_for_backward(*grads)
     ctx.set_materialize_grads(False)
@@ -142,6 +143,12 @@ def _scalar_backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 17
     wanted = ctx.needs_input_grad[:_N_OPERANDS]
+    for index, (saved, w) in enumerate(zip(ctx.saved_tensors, wanted, strict=True)):
+        if w and saved.numel() == 0 and ctx.operand_sizes[index] != 0:
+            raise RuntimeError(
+                f"fused_ce::linear_distill_scalar: operand {index} needs a gradient its flags "
+                "did not ask the forward to make (the flags must match requires_grad)"
+            )
     with torch.no_grad():
         grads = [
             saved * grad_loss.to(saved.dtype) if w else None
