@@ -12,6 +12,7 @@
 
 #include "bce.h"
 #include "cross_entropy.h"
+#include "distill.h"
 #include "memory.h"
 
 TORCH_LIBRARY(fused_ce_native, m) {
@@ -56,6 +57,16 @@ TORCH_LIBRARY(fused_ce_native, m) {
   // A new uninitialised contiguous tensor like `like`, in 2 MiB pages when it is large (see
   // memory.h): the native ops' large outputs, allocated by their callers.
   m.def("empty_output(Tensor like) -> Tensor");
+  // Distillation (distill.h): per-row KL(teacher || student) (beta 0) or generalized JSD
+  // (0 < beta < 1) of (N, V) logits at a temperature, with the saved (6, N) statistics; the
+  // backward writes the gradients of sum_n grad_loss_n * loss_n (grad_student may be student).
+  m.def(
+      "distill_forward(Tensor student, Tensor teacher, Tensor? valid, float temperature, "
+      "float beta, Tensor(a!) loss, Tensor(b!) saved) -> ()");
+  m.def(
+      "distill_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? valid, "
+      "Tensor saved, float temperature, float beta, Tensor(a!)? grad_student, "
+      "Tensor(b!)? grad_teacher) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {
@@ -63,4 +74,6 @@ TORCH_LIBRARY_IMPL(fused_ce_native, CPU, m) {
   m.impl("ce_backward", &fused_ce_native::ce_backward);
   m.impl("bce", &fused_ce_native::bce);
   m.impl("empty_output", &fused_ce_native::empty_output);
+  m.impl("distill_forward", &fused_ce_native::distill_forward);
+  m.impl("distill_backward", &fused_ce_native::distill_backward);
 }

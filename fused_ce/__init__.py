@@ -7,6 +7,7 @@ elsewhere.
 """
 
 from . import nn
+from .distill import jsd_with_logits, kl_div_with_logits, linear_jsd, linear_kl_div
 from .functional import (
     CrossEntropyStats,
     binary_cross_entropy_with_logits,
@@ -20,8 +21,12 @@ __all__ = [
     "CrossEntropyStats",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "jsd_with_logits",
+    "kl_div_with_logits",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "linear_jsd",
+    "linear_kl_div",
     "nn",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 
 from ._backend import BACKENDS
+from ._distill_modules import (  # noqa: F401  (re-exported: the distillation losses)
+    JSDWithLogitsLoss,
+    KLDivWithLogitsLoss,
+    LinearJSDLoss,
+    LinearKLDivLoss,
+)
 from ._validation import check_options
 from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy

@@ -234,10 +234,45 @@ def _linear_calls() -> Iterator[None]:
         yield
 
 
+def _distill_calls() -> Iterator[None]:
+    from fused_ce.launch import distill
+
+    factors = {
+        "student_dtype": [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+        "teacher_dtype": [torch.float32, torch.bfloat16],
+        "beta": [0.0, 0.5],
+        "valid": [False, True],
+        "grads": ["student", "teacher", "both"],
+        "layout": ["contiguous", "transposed"],
+    }
+    for case in covering(factors):
+        shape = (5, 37)
+        student = _randn(*shape, dtype=case["student_dtype"])
+        teacher = _randn(*shape, dtype=case["teacher_dtype"])
+        if case["layout"] == "transposed":
+            student = _randn(shape[1], shape[0], dtype=case["student_dtype"]).t()
+        valid = torch.ones(shape[0], dtype=torch.bool) if case["valid"] else None
+        loss, saved = distill.forward(student, teacher, valid, 2.0, case["beta"])
+        grads = case["grads"]
+        distill.backward(
+            torch.ones(shape[0], dtype=saved.dtype),
+            student,
+            teacher,
+            valid,
+            saved,
+            2.0,
+            case["beta"],
+            torch.empty_like(student) if grads != "teacher" else None,
+            torch.empty_like(teacher) if grads != "student" else None,
+        )
+        yield
+
+
 LAUNCH_CALLS = {
     "cross_entropy": _ce_calls,
     "bce": _bce_calls,
     "linear_cross_entropy": _linear_calls,
+    "distill": _distill_calls,
 }
 
 
@@ -247,10 +282,10 @@ LAUNCH_CALLS = {
 def _kernels() -> list:
     from triton.runtime.jit import JITFunction
 
-    from fused_ce.kernels import bce, cross_entropy, linear_cross_entropy
+    from fused_ce.kernels import bce, cross_entropy, distill, linear_cross_entropy
 
     found = []
-    for module in (cross_entropy, bce, linear_cross_entropy):
+    for module in (cross_entropy, bce, linear_cross_entropy, distill):
         for value in vars(module).values():
             if (
                 isinstance(value, JITFunction)

@@ -42,6 +42,8 @@ def test_kernels_compile_for_cuda_targets_without_i32_offsets():
         "lce_forward_kernel",
         "lce_backward_input_kernel",
         "lce_backward_weight_kernel",
+        "distill_forward_kernel",
+        "distill_backward_kernel",
     }
     for name, entry in report["kernels"].items():
         assert entry["variants"] >= 4, name  # one per dtype at least
