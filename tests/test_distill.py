@@ -435,3 +435,30 @@ def test_modules_match_the_functions():
 def test_modules_check_options_at_construction(module, kwargs, match):
     with pytest.raises(ValueError, match=match):
         module(**kwargs)
+
+
+@pytest.mark.parametrize("beta", [None, 0.3])
+def test_forward_ad_and_torch_func(backend_device, beta):
+    """Forward-mode AD and torch.func run the loss (through its torch-op composite) and give
+    the tangent and gradient of the plain formula, in float64."""
+    import torch.autograd.forward_ad as fwAD
+
+    backend, device = backend_device
+    student = randn((4, 9), 1, device, scale=2.0).double()
+    teacher = randn((4, 9), 2, device, scale=2.0).double()
+    tangent = randn((4, 9), 3, device).double()
+    mask = torch.tensor([True, False, True, True], device=device)
+    kwargs = {"temperature": 1.5, "mask": mask}
+    if beta is None:
+        ours = lambda s: fused_ce.kl_div_with_logits(s, teacher, backend=backend, **kwargs)  # noqa: E731
+    else:
+        ours = lambda s: fused_ce.jsd_with_logits(s, teacher, beta=beta, backend=backend, **kwargs)  # noqa: E731
+    theirs = lambda s: reference(s, teacher, beta=beta, **kwargs)  # noqa: E731
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(ours(fwAD.make_dual(student, tangent)))
+    _, expected_tangent = torch.func.jvp(theirs, (student,), (tangent,))
+    assert out.tangent is not None
+    torch.testing.assert_close(out.tangent, expected_tangent)
+    torch.testing.assert_close(torch.func.grad(ours)(student), torch.func.grad(theirs)(student))
+    batch = torch.stack((student, student.flip(0)))
+    torch.testing.assert_close(torch.func.vmap(ours)(batch), torch.func.vmap(theirs)(batch))

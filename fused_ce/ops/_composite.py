@@ -15,6 +15,8 @@ through them (see ``fused_ce.ops.linear``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -241,3 +243,34 @@ def linear_bce_scalar(
     loss = _bce(F.linear(input, linear_weight, linear_bias), target, weight, pos_weight)
     loss = loss.sum() * scale.to(loss.dtype)
     return (loss, *_no_linear_grads(input, linear_weight, linear_bias, target))
+
+
+def _where_weighted(prob: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``prob * value`` summed over the class dim, 0 where ``prob`` is 0 (its log may be -inf)."""
+    return torch.where(prob > 0.0, prob * value, 0.0).sum(1)
+
+
+def distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor | None,
+    temperature: float,
+    beta: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused_ce::distill_forward``'s per-row loss (the math of ``torch_impl.distill``), with
+    zero saved statistics: the transform differentiates the loss itself."""
+    dtype = accumulation_dtype(student.dtype, teacher.dtype)
+    log_q = torch.log_softmax(student.to(dtype) / temperature, 1)  # the student
+    log_p = torch.log_softmax(teacher.to(dtype) / temperature, 1)  # the teacher
+    p = log_p.exp()
+    if beta == 0.0:
+        loss = _where_weighted(p, log_p - log_q)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        loss = beta * _where_weighted(p, log_p - log_m) + (1.0 - beta) * _where_weighted(
+            log_q.exp(), log_q - log_m
+        )
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
+    return loss, loss.new_zeros((6, student.shape[0]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._common import accumulation_dtype
+from . import _composite
 from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
 from ._impl import implementation
 
@@ -130,4 +131,7 @@ distill_forward_call = dispatch(
         _backward,
         double_backward_message(*_DOUBLE_BACKWARD),
     ),
+    _composite.distill_forward,
+    # The eager Function has no jvp: forward-mode AD runs the composite too.
+    composite_for_forward_ad=True,
 )
