@@ -548,9 +548,10 @@ def linear_jsd(
     ``ce_weight`` :math:`\alpha`.
 
     Args:
-        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-            teacher_bias, temperature, target, ignore_index, mask, ce_weight, reduction,
-            chunk_size, backend: as in :func:`linear_kl_div`.
+        student_hidden, student_weight, teacher_hidden, teacher_weight: as in
+            :func:`linear_kl_div`.
+        student_bias, teacher_bias, temperature, target, ignore_index, mask: likewise.
+        ce_weight, reduction, chunk_size, backend: likewise.
         beta: the teacher's weight in the mixture, in ``[0, 1]``.
 
     Returns:
