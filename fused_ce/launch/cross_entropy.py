@@ -11,7 +11,33 @@ from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
-from ._common import Launch, cdiv, launch_arguments, tile, tl_dtype, unit_stride_class_weight
+from ._common import (
+    MAX_BLOCK_C,
+    Launch,
+    cdiv,
+    launch_arguments,
+    next_power_of_2,
+    tile,
+    tl_dtype,
+    unit_stride_class_weight,
+)
+
+# The scalar-loss forward's schedule (loss and gradient from one launch; issue 22, see
+# docs/perf-notes.md for the bytes each moves and its predicted H200 time):
+#   "loop"        the default: MAX_BLOCK_C-wide blocks; the gradient pass re-reads each row
+#                 from its start, the block the forward read first (the first to leave L2).
+#   "row_on_chip" a row of at most ROW_ON_CHIP_MAX_C classes is one block, kept in registers
+#                 between the forward and gradient passes: the logits are read once. Longer
+#                 rows take "l2".
+#   "l2"          one row per program in L2_BLOCK_C-wide blocks, re-read from its end (the
+#                 blocks read last first), so the re-read hits L2 while the rows in flight
+#                 (SMs x resident programs x row bytes) fit in it.
+# Opt-in until an H200 run of bench/ce_schedules.py shows a win: without a GPU this session
+# none could be measured. Every schedule writes the same bits.
+SCALAR_SCHEDULES = ("loop", "row_on_chip", "l2")
+scalar_schedule = "loop"
+ROW_ON_CHIP_MAX_C = 1 << 15
+L2_BLOCK_C = MAX_BLOCK_C
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
@@ -104,6 +130,7 @@ def forward(
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
     launch = _forward_launch(
+        scalar_schedule if grad_scale is not None else "loop",
         logits.shape,
         logits.stride(),
         target.stride(),
@@ -175,8 +202,29 @@ _BACKWARD_POINTERS = (
 )
 
 
+def _scalar_tile(schedule: str, n_rows: int, n_classes: int) -> tuple[int, int, int, bool, bool]:
+    """``(BLOCK_R, BLOCK_C, num_warps, ROW_ON_CHIP, REVERSE_SECOND_READ)`` of a scalar-loss
+    forward under ``schedule`` (see ``SCALAR_SCHEDULES``)."""
+    if schedule not in SCALAR_SCHEDULES:
+        raise ValueError(f"scalar_schedule must be one of {SCALAR_SCHEDULES}, got {schedule!r}")
+    if schedule == "row_on_chip" and n_classes <= ROW_ON_CHIP_MAX_C:
+        # The whole row in one block, several short rows per program as tile() gives them;
+        # 32 values a thread (the spill-free load tile() uses) up to 32 warps at 2^15 classes.
+        block_c = next_power_of_2(max(n_classes, 1))
+        block_r = tile(n_rows, n_classes, max_block_c=block_c)[0]
+        num_warps = min(32, max(4, block_r * block_c // 1024))
+        return block_r, block_c, num_warps, True, False
+    if schedule == "loop":
+        return (*tile(n_rows, n_classes), False, False)
+    block_c = min(next_power_of_2(max(n_classes, 1)), L2_BLOCK_C)
+    _, _, num_warps = tile(1, block_c)
+    # One row per program: the in-flight set is a row per resident program.
+    return 1, block_c, num_warps, False, n_classes > block_c
+
+
 @functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
 def _forward_launch(
+    schedule: str,
     shape: torch.Size,
     logits_strides: tuple[int, ...],
     target_strides: tuple[int, ...],
@@ -190,12 +238,13 @@ def _forward_launch(
     logits_grad: bool,
     target_grad: bool,
 ) -> Launch:
-    """The cached part of :func:`forward`'s launch; no grid when there is no row."""
+    """The cached part of :func:`forward`'s launch (``schedule``: the scalar-loss forward's,
+    "loop" for a forward without gradients); no grid when there is no row."""
     n_outer, n_classes, n_inner = shape
     n_rows = n_outer * n_inner
     if n_rows == 0:
         return Launch(None, 0, ())
-    block_r, block_c, num_warps = tile(n_rows, n_classes)
+    block_r, block_c, num_warps, row_on_chip, reverse = _scalar_tile(schedule, n_rows, n_classes)
     named = {
         "n_rows": n_rows,
         "n_classes": n_classes,
@@ -209,6 +258,8 @@ def _forward_launch(
         "WITH_STATS": with_stats,
         "LOGITS_GRAD": logits_grad,
         "TARGET_GRAD": target_grad,
+        "ROW_ON_CHIP": row_on_chip,
+        "REVERSE_SECOND_READ": reverse,
         "ACC_DTYPE": tl_dtype(dtype),
         "BLOCK_R": block_r,
         "BLOCK_C": block_c,
