@@ -97,8 +97,13 @@ def _ce_calls() -> Iterator[None]:
         "logits_grad": [False, True],
         # (n_outer, C, n_inner): one row, short rows (many per program), long rows, NCHW.
         "shape": [(1, 1, 1), (64, 11, 1), (2, 5000, 1), (2, 3, 4)],
+        # The scalar-loss forward's schedules (issue 22), in an order that meets the scalar
+        # path in the default covering's rows: row_on_chip at row 0, l2 with a row longer than
+        # its block (reversed re-read) at row 2. The LLM row on chip follows the covering rows.
+        "schedule": ["row_on_chip", "loop", "l2", "loop"],
     }
     for case in covering(factors):
+        ce.scalar_schedule = case["schedule"]
         n_outer, n_classes, n_inner = case["shape"]
         logits = _randn(n_outer, n_classes, n_inner, dtype=case["dtype"])
         prob = case["target"] == "prob"
@@ -141,6 +146,20 @@ def _ce_calls() -> Iterator[None]:
             upstream=torch.ones((), dtype=acc) if scalar else None,
         )
         yield
+    # The LLM rows on chip: 2^15 classes in one block (32 warps), bf16 and fp32.
+    ce.scalar_schedule = "row_on_chip"
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = _randn(1, 1 << 15, 1, dtype=dtype)
+        ce.forward(
+            logits,
+            torch.zeros(1, 1, dtype=torch.int64),
+            None,
+            CEOptions(),
+            grad_scale=torch.ones((), dtype=torch.float32),
+            grad_logits=torch.empty_like(logits),
+        )
+        yield
+    ce.scalar_schedule = "loop"
 
 
 def _bce_calls() -> Iterator[None]:
