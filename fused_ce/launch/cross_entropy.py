@@ -31,13 +31,27 @@ from ._common import (
 #                 rows take "l2".
 #   "l2"          one row per program in L2_BLOCK_C-wide blocks, re-read from its end (the
 #                 blocks read last first), so the re-read hits L2 while the rows in flight
-#                 (SMs x resident programs x row bytes) fit in it.
+#                 (SMs x resident programs x row bytes) fit in it: num_warps is raised so
+#                 that fewer programs are resident, until those rows fill half the L2 (the
+#                 other half serves the gradient's write stream).
 # Opt-in until an H200 run of bench/ce_schedules.py shows a win: without a GPU this session
 # none could be measured. Every schedule writes the same bits.
 SCALAR_SCHEDULES = ("loop", "row_on_chip", "l2")
 scalar_schedule = "loop"
 ROW_ON_CHIP_MAX_C = 1 << 15
 L2_BLOCK_C = MAX_BLOCK_C
+# Where no CUDA device answers (the interpreter, the GPU-compile test): an H200's.
+_H200_CACHES = (132, 60 << 20)
+_WARPS_PER_SM = 64  # 2048 resident threads
+
+
+@functools.cache
+def _device_caches(device: torch.device) -> tuple[int, int]:
+    """``(multiprocessors, L2 bytes)`` of ``device``, the H200's off CUDA."""
+    if device.type != "cuda":
+        return _H200_CACHES
+    props = torch.cuda.get_device_properties(device.index or 0)
+    return props.multi_processor_count, props.L2_cache_size
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
@@ -129,8 +143,12 @@ def forward(
     # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
+    schedule = scalar_schedule if grad_scale is not None else "loop"
     launch = _forward_launch(
-        scalar_schedule if grad_scale is not None else "loop",
+        schedule,
+        # Only the l2 schedule sizes its tiles by the device's caches and the element size.
+        _device_caches(logits.device) if schedule != "loop" else None,
+        logits.element_size(),
         logits.shape,
         logits.stride(),
         target.stride(),
@@ -202,9 +220,16 @@ _BACKWARD_POINTERS = (
 )
 
 
-def _scalar_tile(schedule: str, n_rows: int, n_classes: int) -> tuple[int, int, int, bool, bool]:
+def _scalar_tile(
+    schedule: str,
+    caches: tuple[int, int] | None,
+    element_size: int,
+    n_rows: int,
+    n_classes: int,
+) -> tuple[int, int, int, bool, bool]:
     """``(BLOCK_R, BLOCK_C, num_warps, ROW_ON_CHIP, REVERSE_SECOND_READ)`` of a scalar-loss
-    forward under ``schedule`` (see ``SCALAR_SCHEDULES``)."""
+    forward under ``schedule`` (see ``SCALAR_SCHEDULES``; ``caches``: the device's
+    ``(multiprocessors, L2 bytes)``)."""
     if schedule not in SCALAR_SCHEDULES:
         raise ValueError(f"scalar_schedule must be one of {SCALAR_SCHEDULES}, got {schedule!r}")
     if schedule == "row_on_chip" and n_classes <= ROW_ON_CHIP_MAX_C:
@@ -217,14 +242,20 @@ def _scalar_tile(schedule: str, n_rows: int, n_classes: int) -> tuple[int, int, 
     if schedule == "loop":
         return (*tile(n_rows, n_classes), False, False)
     block_c = min(next_power_of_2(max(n_classes, 1)), L2_BLOCK_C)
-    _, _, num_warps = tile(1, block_c)
-    # One row per program: the in-flight set is a row per resident program.
+    # One row per program: the in-flight set is a row per resident program. Resident programs
+    # per SM whose rows fill half the L2 (at least 1), as a power-of-two warp count.
+    multiprocessors, l2_bytes = caches
+    resident = (l2_bytes // 2) // (multiprocessors * max(n_classes * element_size, 1))
+    warps = _WARPS_PER_SM // max(1, min(resident, 16))
+    num_warps = max(tile(1, block_c)[2], min(32, 1 << (warps.bit_length() - 1)))
     return 1, block_c, num_warps, False, n_classes > block_c
 
 
 @functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
 def _forward_launch(
     schedule: str,
+    caches: tuple[int, int] | None,
+    element_size: int,
     shape: torch.Size,
     logits_strides: tuple[int, ...],
     target_strides: tuple[int, ...],
@@ -244,7 +275,9 @@ def _forward_launch(
     n_rows = n_outer * n_inner
     if n_rows == 0:
         return Launch(None, 0, ())
-    block_r, block_c, num_warps, row_on_chip, reverse = _scalar_tile(schedule, n_rows, n_classes)
+    block_r, block_c, num_warps, row_on_chip, reverse = _scalar_tile(
+        schedule, caches, element_size, n_rows, n_classes
+    )
     named = {
         "n_rows": n_rows,
         "n_classes": n_classes,
