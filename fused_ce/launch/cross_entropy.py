@@ -243,7 +243,9 @@ def _scalar_tile(
         return (*tile(n_rows, n_classes), False, False)
     block_c = min(next_power_of_2(max(n_classes, 1)), L2_BLOCK_C)
     # One row per program: the in-flight set is a row per resident program. Resident programs
-    # per SM whose rows fill half the L2 (at least 1), as a power-of-two warp count.
+    # per SM whose rows fill half the L2, as a power-of-two warp count. At most 32 warps:
+    # with the ~32 registers these programs take, an SM still holds two of them (a persistent
+    # grid of one program per SM would be the way to one; docs/perf-notes.md, issue 22).
     multiprocessors, l2_bytes = caches
     resident = (l2_bytes // 2) // (multiprocessors * max(n_classes * element_size, 1))
     warps = _WARPS_PER_SM // max(1, min(resident, 16))
