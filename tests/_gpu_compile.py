@@ -98,8 +98,8 @@ def _ce_calls() -> Iterator[None]:
         # (n_outer, C, n_inner): one row, short rows (many per program), long rows, NCHW.
         "shape": [(1, 1, 1), (64, 11, 1), (2, 5000, 1), (2, 3, 4)],
         # The scalar-loss forward's schedules (issue 22), in an order that meets the scalar
-        # path in the default covering's rows: row_on_chip at row 0, l2 with a row longer than
-        # its block (reversed re-read) at row 2. The LLM row on chip follows the covering rows.
+        # path in the default covering's rows (row_on_chip at row 0, l2 at row 2). Their LLM
+        # rows (on chip; longer than an l2 block, re-read reversed) follow the covering rows.
         "schedule": ["row_on_chip", "loop", "l2", "loop"],
     }
     for case in covering(factors):
@@ -146,10 +146,13 @@ def _ce_calls() -> Iterator[None]:
             upstream=torch.ones((), dtype=acc) if scalar else None,
         )
         yield
-    # The LLM rows on chip: 2^15 classes in one block (32 warps), bf16 and fp32.
-    ce.scalar_schedule = "row_on_chip"
-    for dtype in (torch.bfloat16, torch.float32):
-        logits = _randn(1, 1 << 15, 1, dtype=dtype)
+    # The LLM rows: 2^15 classes on chip in one block (32 warps), 2^17 under l2 (blocks of
+    # 2^14 re-read from the row's end), bf16 and fp32.
+    for schedule, n_classes, dtype in itertools.product(
+        ("row_on_chip", "l2"), (1 << 15, 1 << 17), (torch.bfloat16, torch.float32)
+    ):
+        ce.scalar_schedule = schedule
+        logits = _randn(1, n_classes, 1, dtype=dtype)
         ce.forward(
             logits,
             torch.zeros(1, 1, dtype=torch.int64),

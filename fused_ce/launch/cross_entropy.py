@@ -12,7 +12,6 @@ from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ._common import (
-    MAX_BLOCK_C,
     Launch,
     cdiv,
     launch_arguments,
@@ -34,12 +33,13 @@ from ._common import (
 #                 (SMs x resident programs x row bytes) fit in it: num_warps is raised so
 #                 that fewer programs are resident, until those rows fill half the L2 (the
 #                 other half serves the gradient's write stream).
-# Opt-in until an H200 run of bench/ce_schedules.py shows a win: without a GPU this session
-# none could be measured. Every schedule writes the same bits.
+# Opt-in until an H200 run of bench/issue22.py shows a win: without a GPU this session none
+# could be measured. Each element's arithmetic is the same under every schedule (the same bits
+# over the same class blocks; the online sums round block by block).
 SCALAR_SCHEDULES = ("loop", "row_on_chip", "l2")
 scalar_schedule = "loop"
 ROW_ON_CHIP_MAX_C = 1 << 15
-L2_BLOCK_C = MAX_BLOCK_C
+L2_BLOCK_C = 1 << 14
 # Where no CUDA device answers (the interpreter, the GPU-compile test): an H200's.
 _H200_CACHES = (132, 60 << 20)
 _WARPS_PER_SM = 64  # 2048 resident threads
@@ -243,9 +243,9 @@ def _scalar_tile(
         return (*tile(n_rows, n_classes), False, False)
     block_c = min(next_power_of_2(max(n_classes, 1)), L2_BLOCK_C)
     # One row per program: the in-flight set is a row per resident program. Resident programs
-    # per SM whose rows fill half the L2, as a power-of-two warp count. At most 32 warps:
-    # with the ~32 registers these programs take, an SM still holds two of them (a persistent
-    # grid of one program per SM would be the way to one; docs/perf-notes.md, issue 22).
+    # per SM whose rows fill half the L2, as a power-of-two warp count (at most 32). At 2^14-wide
+    # blocks the sm_90 cubin takes 43-76 registers a thread (bench/ce_schedule_resources.py),
+    # so 16 or 32 warps leave one program per SM.
     multiprocessors, l2_bytes = caches
     resident = (l2_bytes // 2) // (multiprocessors * max(n_classes * element_size, 1))
     warps = _WARPS_PER_SM // max(1, min(resident, 16))
