@@ -144,11 +144,13 @@ def forward(
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
     schedule = scalar_schedule if grad_scale is not None else "loop"
+    # Only the opt-in schedules size their tiles by the device's caches and the element size:
+    # the default's call does no more host work than before.
+    opt_in = schedule != "loop"
     launch = _forward_launch(
         schedule,
-        # Only the l2 schedule sizes its tiles by the device's caches and the element size.
-        _device_caches(logits.device) if schedule != "loop" else None,
-        logits.element_size(),
+        _device_caches(logits.device) if opt_in else None,
+        logits.element_size() if opt_in else 0,
         logits.shape,
         logits.stride(),
         target.stride(),
