@@ -236,7 +236,8 @@ def _scalar_tile(
         raise ValueError(f"scalar_schedule must be one of {SCALAR_SCHEDULES}, got {schedule!r}")
     if schedule == "row_on_chip" and n_classes <= ROW_ON_CHIP_MAX_C:
         # The whole row in one block, several short rows per program as tile() gives them;
-        # 32 values a thread (the spill-free load tile() uses) up to 32 warps at 2^15 classes.
+        # 32 values a thread (tile()'s load) up to 32 warps at 2^15 classes, where the sm_90
+        # cubin spills 88-128 B a thread (bench/ce_schedule_resources.py): measure before use.
         block_c = next_power_of_2(max(n_classes, 1))
         block_r = tile(n_rows, n_classes, max_block_c=block_c)[0]
         num_warps = min(32, max(4, block_r * block_c // 1024))
