@@ -97,8 +97,13 @@ def _ce_calls() -> Iterator[None]:
         "logits_grad": [False, True],
         # (n_outer, C, n_inner): one row, short rows (many per program), long rows, NCHW.
         "shape": [(1, 1, 1), (64, 11, 1), (2, 5000, 1), (2, 3, 4)],
+        # The scalar-loss forward's schedules (issue 22), in an order that meets the scalar
+        # path in the default covering's rows (row_on_chip at row 0, l2 at row 2). Their LLM
+        # rows (on chip; longer than an l2 block, re-read reversed) follow the covering rows.
+        "schedule": ["row_on_chip", "loop", "l2", "loop"],
     }
     for case in covering(factors):
+        ce.scalar_schedule = case["schedule"]
         n_outer, n_classes, n_inner = case["shape"]
         logits = _randn(n_outer, n_classes, n_inner, dtype=case["dtype"])
         prob = case["target"] == "prob"
@@ -141,6 +146,23 @@ def _ce_calls() -> Iterator[None]:
             upstream=torch.ones((), dtype=acc) if scalar else None,
         )
         yield
+    # The LLM rows: 2^15 classes on chip in one block (32 warps), 2^17 under l2 (blocks of
+    # 2^14 re-read from the row's end), bf16 and fp32.
+    for schedule, n_classes, dtype in itertools.product(
+        ("row_on_chip", "l2"), (1 << 15, 1 << 17), (torch.bfloat16, torch.float32)
+    ):
+        ce.scalar_schedule = schedule
+        logits = _randn(1, n_classes, 1, dtype=dtype)
+        ce.forward(
+            logits,
+            torch.zeros(1, 1, dtype=torch.int64),
+            None,
+            CEOptions(),
+            grad_scale=torch.ones((), dtype=torch.float32),
+            grad_logits=torch.empty_like(logits),
+        )
+        yield
+    ce.scalar_schedule = "loop"
 
 
 def _bce_calls() -> Iterator[None]:

@@ -208,8 +208,11 @@ def _write_gradients(
     PROB_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    row_tile,
     LOGITS_GRAD: tl.constexpr,
     TARGET_GRAD: tl.constexpr,
+    ROW_ON_CHIP: tl.constexpr,
+    REVERSE_SECOND_READ: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -218,7 +221,14 @@ def _write_gradients(
     block of rows, from their ``(m, log_s, U)``, their upstream gradient ``g`` of the loss and
     ``coef_lse``, the upstream gradient of their lse (0 when none). ``y`` and ``valid`` are the
     class-index target and its non-ignored mask (unused for probability targets). Shared by the
-    backward kernel and the scalar-loss forward, so both write the very same bits."""
+    backward kernel and the scalar-loss forward, so both write the very same bits.
+
+    The scalar-loss forward's schedules (issue 22, docs/perf-notes.md): with ``ROW_ON_CHIP``
+    the whole row is one class block that the forward kept on chip, ``row_tile`` (the logits
+    as loaded, in their own dtype): the logits are not read again. With
+    ``REVERSE_SECOND_READ`` the blocks are visited last to first, so the blocks the forward
+    read last, the likeliest still in L2, are re-read first. Neither changes a bit of the
+    result: each element's arithmetic is the same."""
     if PROB_TARGET:
         # dx = p * (g * U) - g * u_c
         coef_p = g * lin_sum
@@ -245,12 +255,20 @@ def _write_gradients(
         rows, n_inner, grad_target_outer_stride, grad_target_inner_stride
     )
     for offset in range(0, n_cols, BLOCK_C):
-        cols = col_start + offset + tl.arange(0, BLOCK_C).to(tl.int64)
+        if REVERSE_SECOND_READ:
+            # In int64 (n_cols is a kernel argument): the start of the last block, down.
+            block_start = ((tl.cast(n_cols, tl.int64) - 1) // BLOCK_C) * BLOCK_C - offset
+        else:
+            block_start = offset
+        cols = col_start + block_start + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < n_classes
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(
-            logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
-        ).to(ACC_DTYPE)
+        if ROW_ON_CHIP:
+            x = row_tile.to(ACC_DTYPE)
+        else:
+            x = tl.load(
+                logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
+            ).to(ACC_DTYPE)
         x, slope = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
         shifted = x - row_max[:, None]  # exact near the max: p keeps log_s's precision only
         p = tl.exp(shifted - log_sum_exp[:, None])
@@ -345,6 +363,8 @@ def ce_forward_kernel(
     HAS_Z_LOSS: tl.constexpr,
     LOGITS_GRAD: tl.constexpr,
     TARGET_GRAD: tl.constexpr,
+    ROW_ON_CHIP: tl.constexpr,
+    REVERSE_SECOND_READ: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -362,6 +382,11 @@ def ce_forward_kernel(
     ``PROB_TARGET``; five words written per row (seven with stats); the gradient written once
     when asked for. ``BLOCK_R`` rows share a
     program when C is small, so the 11-class and 1-class shapes do not launch a program per row.
+
+    The gradient pass's schedules (see ``_write_gradients``): ``ROW_ON_CHIP`` (the launcher
+    guarantees ``C <= BLOCK_C``: one block per row) keeps the loaded block in registers and
+    writes the gradient from it, so a forward + backward reads the logits exactly once;
+    ``REVERSE_SECOND_READ`` re-reads a longer row from its end.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
@@ -379,13 +404,19 @@ def ce_forward_kernel(
     sum_exp = tl.zeros((BLOCK_R,), ACC_DTYPE)
     lin_sum = tl.zeros((BLOCK_R,), ACC_DTYPE)  # sum_c u_c
     lin_dot = tl.zeros((BLOCK_R,), ACC_DTYPE)  # sum_c u_c * (x_c - ref)
+    # With ROW_ON_CHIP, the row's one block carried out of the loop (one trip) in the logits'
+    # dtype; unused otherwise.
+    row_tile = tl.zeros((BLOCK_R, BLOCK_C), logits_ptr.dtype.element_ty) if ROW_ON_CHIP else 0.0
     for start in range(0, n_classes, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < n_classes
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(
+        loaded = tl.load(
             logits_ptr + logits_row[:, None] + cols[None, :] * logits_class_stride, mask, 0.0
-        ).to(ACC_DTYPE)
+        )
+        if ROW_ON_CHIP:
+            row_tile = loaded
+        x = loaded.to(ACC_DTYPE)
         x, _ = _final_logits(x, logit_scale, softcap, HAS_SOFTCAP)
         x = tl.where(mask, x, float("-inf"))
         new_max, new_ref, sum_exp, exp_dot, argmax = _online_softmax_step(
@@ -494,8 +525,11 @@ def ce_forward_kernel(
             PROB_TARGET,
             HAS_SMOOTHING,
             HAS_SOFTCAP,
+            row_tile,
             LOGITS_GRAD,
             TARGET_GRAD,
+            ROW_ON_CHIP,
+            REVERSE_SECOND_READ,
             ACC_DTYPE,
             BLOCK_R,
             BLOCK_C,
@@ -630,8 +664,11 @@ def ce_backward_kernel(
             PROB_TARGET,
             HAS_SMOOTHING,
             HAS_SOFTCAP,
+            0.0,  # row_tile: the backward reads the logits
             LOGITS_GRAD,
             TARGET_GRAD,
+            False,  # ROW_ON_CHIP
+            False,  # REVERSE_SECOND_READ
             ACC_DTYPE,
             BLOCK_R,
             BLOCK_C,

@@ -11,7 +11,47 @@ from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
-from ._common import Launch, cdiv, launch_arguments, tile, tl_dtype, unit_stride_class_weight
+from ._common import (
+    Launch,
+    cdiv,
+    launch_arguments,
+    next_power_of_2,
+    tile,
+    tl_dtype,
+    unit_stride_class_weight,
+)
+
+# The scalar-loss forward's schedule (loss and gradient from one launch; issue 22, see
+# docs/perf-notes.md for the bytes each moves and its predicted H200 time):
+#   "loop"        the default: MAX_BLOCK_C-wide blocks; the gradient pass re-reads each row
+#                 from its start, the block the forward read first (the first to leave L2).
+#   "row_on_chip" a row of at most ROW_ON_CHIP_MAX_C classes is one block, kept in registers
+#                 between the forward and gradient passes: the logits are read once. Longer
+#                 rows take "l2".
+#   "l2"          one row per program in L2_BLOCK_C-wide blocks, re-read from its end (the
+#                 blocks read last first), so the re-read hits L2 while the rows in flight
+#                 (SMs x resident programs x row bytes) fit in it: num_warps is raised so
+#                 that fewer programs are resident, until those rows fill half the L2 (the
+#                 other half serves the gradient's write stream).
+# Opt-in until an H200 run of bench/issue22.py shows a win: without a GPU this session none
+# could be measured. Each element's arithmetic is the same under every schedule (the same bits
+# over the same class blocks; the online sums round block by block).
+SCALAR_SCHEDULES = ("loop", "row_on_chip", "l2")
+scalar_schedule = "loop"
+ROW_ON_CHIP_MAX_C = 1 << 15
+L2_BLOCK_C = 1 << 14
+# Where no CUDA device answers (the interpreter, the GPU-compile test): an H200's.
+_H200_CACHES = (132, 60 << 20)
+_WARPS_PER_SM = 64  # 2048 resident threads
+
+
+@functools.cache
+def _device_caches(device: torch.device) -> tuple[int, int]:
+    """``(multiprocessors, L2 bytes)`` of ``device``, the H200's off CUDA."""
+    if device.type != "cuda":
+        return _H200_CACHES
+    props = torch.cuda.get_device_properties(device.index or 0)
+    return props.multi_processor_count, props.L2_cache_size
 
 
 def _split_fp64(value: float) -> tuple[float, float]:
@@ -103,7 +143,14 @@ def forward(
     # An absent gradient output gets another buffer; its constexpr flag keeps it unwritten.
     gl = grad_logits if grad_logits is not None else logits
     gt = grad_target if grad_target is not None else gl
+    schedule = scalar_schedule if grad_scale is not None else "loop"
+    # Only the opt-in schedules size their tiles by the device's caches and the element size:
+    # the default's call does no more host work than before.
+    opt_in = schedule != "loop"
     launch = _forward_launch(
+        schedule,
+        _device_caches(logits.device) if opt_in else None,
+        logits.element_size() if opt_in else 0,
         logits.shape,
         logits.stride(),
         target.stride(),
@@ -175,8 +222,45 @@ _BACKWARD_POINTERS = (
 )
 
 
+def _scalar_tile(
+    schedule: str,
+    caches: tuple[int, int] | None,
+    element_size: int,
+    n_rows: int,
+    n_classes: int,
+) -> tuple[int, int, int, bool, bool]:
+    """``(BLOCK_R, BLOCK_C, num_warps, ROW_ON_CHIP, REVERSE_SECOND_READ)`` of a scalar-loss
+    forward under ``schedule`` (see ``SCALAR_SCHEDULES``; ``caches``: the device's
+    ``(multiprocessors, L2 bytes)``)."""
+    if schedule not in SCALAR_SCHEDULES:
+        raise ValueError(f"scalar_schedule must be one of {SCALAR_SCHEDULES}, got {schedule!r}")
+    if schedule == "row_on_chip" and n_classes <= ROW_ON_CHIP_MAX_C:
+        # The whole row in one block, several short rows per program as tile() gives them;
+        # 32 values a thread (tile()'s load) up to 32 warps at 2^15 classes, where the sm_90
+        # cubin spills 88-128 B a thread (bench/ce_schedule_resources.py): measure before use.
+        block_c = next_power_of_2(max(n_classes, 1))
+        block_r = tile(n_rows, n_classes, max_block_c=block_c)[0]
+        num_warps = min(32, max(4, block_r * block_c // 1024))
+        return block_r, block_c, num_warps, True, False
+    if schedule == "loop":
+        return (*tile(n_rows, n_classes), False, False)
+    block_c = min(next_power_of_2(max(n_classes, 1)), L2_BLOCK_C)
+    # One row per program: the in-flight set is a row per resident program. Resident programs
+    # per SM whose rows fill half the L2, as a power-of-two warp count (at most 32). At 2^14-wide
+    # blocks the sm_90 cubin takes 43-76 registers a thread (bench/ce_schedule_resources.py),
+    # so 16 or 32 warps leave one program per SM.
+    multiprocessors, l2_bytes = caches
+    resident = (l2_bytes // 2) // (multiprocessors * max(n_classes * element_size, 1))
+    warps = _WARPS_PER_SM // max(1, min(resident, 16))
+    num_warps = max(tile(1, block_c)[2], min(32, 1 << (warps.bit_length() - 1)))
+    return 1, block_c, num_warps, False, n_classes > block_c
+
+
 @functools.lru_cache(maxsize=_LAUNCH_CACHE_SIZE)
 def _forward_launch(
+    schedule: str,
+    caches: tuple[int, int] | None,
+    element_size: int,
     shape: torch.Size,
     logits_strides: tuple[int, ...],
     target_strides: tuple[int, ...],
@@ -190,12 +274,15 @@ def _forward_launch(
     logits_grad: bool,
     target_grad: bool,
 ) -> Launch:
-    """The cached part of :func:`forward`'s launch; no grid when there is no row."""
+    """The cached part of :func:`forward`'s launch (``schedule``: the scalar-loss forward's,
+    "loop" for a forward without gradients); no grid when there is no row."""
     n_outer, n_classes, n_inner = shape
     n_rows = n_outer * n_inner
     if n_rows == 0:
         return Launch(None, 0, ())
-    block_r, block_c, num_warps = tile(n_rows, n_classes)
+    block_r, block_c, num_warps, row_on_chip, reverse = _scalar_tile(
+        schedule, caches, element_size, n_rows, n_classes
+    )
     named = {
         "n_rows": n_rows,
         "n_classes": n_classes,
@@ -209,6 +296,8 @@ def _forward_launch(
         "WITH_STATS": with_stats,
         "LOGITS_GRAD": logits_grad,
         "TARGET_GRAD": target_grad,
+        "ROW_ON_CHIP": row_on_chip,
+        "REVERSE_SECOND_READ": reverse,
         "ACC_DTYPE": tl_dtype(dtype),
         "BLOCK_R": block_r,
         "BLOCK_C": block_c,
