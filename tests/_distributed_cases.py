@@ -531,6 +531,11 @@ def _linear_bf16_case(rank: int, world: int, uneven: bool) -> None:
         ),
     )
     mine = slice(start, start + size)
+    # The loss in fp32, as the single-process heads give it: never rounded to bf16.
+    loss_dtype = vocab_parallel_linear_cross_entropy(
+        x, w[mine], target, label_smoothing=0.1, vocab_start_index=vocab_start_index
+    ).dtype
+    assert loss_dtype == torch.float32, f"bf16 head: loss dtype {loss_dtype}, expected fp32"
     for name, value, theirs, ref in (
         ("loss", ours[0], torch_bf16[0], oracle[0]),
         ("grad input", ours[1], torch_bf16[1], oracle[1]),

@@ -419,7 +419,7 @@ def _validate(
     # The global C is known after the exchange (where bounds are asserted); until then only
     # weight's length can stand for it.
     n_classes = weight.shape[0] if weight is not None and weight.dim() == 1 else _NO_INDEX
-    eps, out_dtype, valid, prob_target = check_ce_target(
+    eps, _, valid, prob_target = check_ce_target(
         target,
         input,
         weight,
@@ -429,6 +429,9 @@ def _validate(
         (*prob_batch, n_local),
         n_classes,
     )
+    # As fused_ce.linear_cross_entropy: the loss in the accumulation dtype (fp32 for a
+    # half-precision head), never rounded to bf16/fp16.
+    out_dtype = accumulation_dtype(input.dtype, target.dtype)
     x = input.reshape(-1, input.shape[-1])
     # Rows spelled out: a rank may hold no classes.
     rows_target = (
