@@ -95,8 +95,15 @@ at::ScalarType accumulation(const at::Tensor& a, const at::Tensor& b) {
 using torch::autograd::variable_list;
 
 // Whether the 0-d upstream gradient is exactly 1: read on the host (a CPU tensor; there is no
-// device to sync with).
-bool is_unit(const at::Tensor& upstream) { return upstream.item<double>() == 1.0; }
+// device to sync with), straight from its memory (item() dispatches an op: about 1 us a call).
+bool is_unit(const at::Tensor& upstream) {
+  bool unit = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, upstream.scalar_type(),
+                                  "fused_ce_is_unit", [&] {
+    unit = static_cast<double>(*upstream.const_data_ptr<scalar_t>()) == 1.0;
+  });
+  return unit;
+}
 
 // With create_graph=True the gradients are handed out through a node that raises when it is
 // differentiated (the fused backward has no derivative of its own). Its extra input, a saved
@@ -132,6 +139,22 @@ variable_list guard_double_backward(variable_list grads, const at::Tensor& ancho
     if (!grads[i].defined()) linked[i] = at::Tensor();
   }
   return linked;
+}
+
+// The per-row outputs a call does not ask for (entropy, argmax): an empty tensor of `dtype`,
+// made once per process (the kernel reads no element of it and writes none), rather than two
+// allocations a call.
+const at::Tensor& no_rows(at::ScalarType dtype) {
+  static const at::Tensor* const float_rows = new at::Tensor(at::empty({0}, at::kFloat));
+  static const at::Tensor* const double_rows = new at::Tensor(at::empty({0}, at::kDouble));
+  static const at::Tensor* const long_rows = new at::Tensor(at::empty({0}, at::kLong));
+  switch (dtype) {
+    case at::kFloat: return *float_rows;
+    case at::kDouble: return *double_rows;
+    default:
+      TORCH_CHECK(dtype == at::kLong, "fused_ce native: no_rows of ", dtype);
+      return *long_rows;
+  }
 }
 
 // grad_scale * total (both 0-d, one dtype) as a new 0-d tensor: the product rounded once, the
@@ -295,15 +318,16 @@ struct CrossEntropyScalarBackward final : public ScalarLossBackward {
     std::pair<at::Tensor, at::Tensor> handed;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const OptionalTensor weight_value = optional(weight.unpack());
-      const at::Tensor logits = class_rows(input_value);
-      const at::Tensor rows_target = prob_target
-          ? class_rows(target_value)
-          : target_value.reshape({logits.size(0), logits.size(2)});
       handed = hand_out(
           upstream, task_should_compute_output(0),
           prob_target && task_should_compute_output(1), input_value, target_value,
           gradient_like, [&](const OptionalTensor& into_input, const OptionalTensor& into_target) {
+            // Only here: the common backward hands out the forward's buffers and reads nothing.
+            const OptionalTensor weight_value = optional(weight.unpack());
+            const at::Tensor logits = class_rows(input_value);
+            const at::Tensor rows_target = prob_target
+                ? class_rows(target_value)
+                : target_value.reshape({logits.size(0), logits.size(2)});
             // The kernel writes an input gradient in any case.
             const at::Tensor input_buffer = into_input.value_or(gradient_like(input_value));
             ce_rewrite(upstream, logits, rows_target, weight_value, saved, grad_scale, options,
@@ -446,7 +470,7 @@ at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
     saved = at::empty({3, n_rows}, row_options);
     ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
                loss.view({n_rows}), at::empty({n_rows}, row_options), saved,
-               at::empty({0}, row_options), at::empty({0}, row_options.dtype(at::kLong)),
+               no_rows(row_options.dtype().toScalarType()), no_rows(at::kLong),
                std::nullopt, 0.0, std::nullopt, std::nullopt);
   }
   const bool grad_mode = at::GradMode::is_enabled();
@@ -490,8 +514,8 @@ at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
     if (input_grad) grad_input = gradient_like(input);
     if (target_grad) grad_target = gradient_like(target);
     ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-               loss_rows, lse, saved, at::empty({0}, row_options),
-               at::empty({0}, row_options.dtype(at::kLong)),
+               loss_rows, lse, saved, no_rows(row_options.dtype().toScalarType()),
+               no_rows(at::kLong),
                input_grad || target_grad ? OptionalTensor(grad_scale) : std::nullopt, z_loss,
                grad_input.has_value() ? OptionalTensor(class_rows(*grad_input)) : std::nullopt,
                grad_target.has_value() ? OptionalTensor(class_rows(*grad_target)) : std::nullopt);

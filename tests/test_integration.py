@@ -310,7 +310,8 @@ def _assert_modules_agree(mine, reference, input, target):
 
 
 def _spy_on_implementations(monkeypatch) -> list[str]:
-    """Record the resolved backend each custom op receives."""
+    """Record the resolved backend each custom op receives (the eager native calls, which go
+    straight to their C++ op, as "native")."""
     calls: list[str] = []
     for module in (ce_ops, bce_ops):
 
@@ -318,7 +319,12 @@ def _spy_on_implementations(monkeypatch) -> list[str]:
             calls.append(backend)
             return original(family, backend)
 
+        def native_spy(name, original=module.native_op):
+            calls.append("native")
+            return original(name)
+
         monkeypatch.setattr(module, "implementation", spy)
+        monkeypatch.setattr(module, "native_op", native_spy)
     return calls
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._outputs import gradient_buffers as _grad_buffers
+from ..native import op as native_op
 from ._autograd import (
     dispatch,
     double_backward_message,
@@ -287,7 +288,7 @@ def bce_scalar_native(
 ) -> torch.Tensor:
     """The same loss (``'mean'`` when ``mean``, else ``'sum'``) on the native backend in eager
     mode: one call of the C++ op whose autograd is C++ (``fused_ce_native::bce_scalar``)."""
-    return implementation("bce", "native").scalar_loss(input, target, weight, pos_weight, mean)
+    return native_op("bce_scalar")(input, target, weight, pos_weight, mean)
 
 
 def bce_unreduced_native(
@@ -298,4 +299,4 @@ def bce_unreduced_native(
 ) -> torch.Tensor:
     """``reduction='none'`` on the native backend in eager mode: the elementwise loss from one
     call of the C++ op whose autograd is C++ (``fused_ce_native::bce_unreduced``)."""
-    return implementation("bce", "native").unreduced_loss(input, target, weight, pos_weight)
+    return native_op("bce_unreduced")(input, target, weight, pos_weight)
