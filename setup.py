@@ -5,7 +5,8 @@
 built with that capability's flags, so ``at::vec::Vectorized`` has that width; at run time
 ``fused_ce.native`` loads the best one the CPU supports (never ``-march=native``, which would
 make a wheel die with SIGILL on an older CPU). ``_C_autograd``, the C++ autograd of the
-scalar-loss ops, has no vector code and is built once. The build needs torch at build time: install
+scalar-loss ops and the CUDA driver launcher of Triton's cubins (no CUDA needed to build it),
+has no vector code and is built once. The build needs torch at build time: install
 with ``pip install --no-build-isolation`` (build isolation would fetch a second torch). Without
 torch or a C++ compiler, or with ``FUSED_CE_NO_NATIVE=1``, the package installs without them
 and the torch backend serves (``fused-ce check`` says which backend runs).
@@ -92,12 +93,15 @@ def _native_build() -> dict:
         for name in names
     ]
     # The C++ autograd of the scalar-loss ops: no vector code, so built once, not per
-    # capability; it calls whichever capability's kernels are loaded through their ops.
+    # capability; it calls whichever capability's kernels are loaded through their ops. With it,
+    # the CUDA driver launcher of Triton's cubins (csrc/cuda_launch.cpp): it opens libcuda at
+    # run time, so it builds without CUDA and loads on machines without a GPU.
     extensions.append(
         CppExtension(
             "fused_ce.native._C_autograd",
-            ["csrc/autograd.cpp"],
+            ["csrc/autograd.cpp", "csrc/cuda_launch.cpp"],
             extra_compile_args=["-O2", "-g0", "-std=c++20"],
+            extra_link_args=["-ldl"],
             optional=True,
         )
     )
