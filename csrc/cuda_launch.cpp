@@ -1,15 +1,18 @@
 // Triton-compiled kernels launched from C++ through the CUDA driver API, with no CUDA at build
 // time: the driver (libcuda.so.1) is opened at run time with dlopen and its entry points taken
-// from cuGetProcAddress; the few types and constants used are declared here. The current stream
-// comes from c10 (the CUDA DeviceGuardImpl that torch's CUDA library registers), so nothing here
-// includes a CUDA header or links against CUDA, and the file compiles on a CPU-only machine.
+// from cuGetProcAddress; the few types and constants used are declared here. The device is set
+// through c10's DeviceGuard (the CUDA implementation torch's CUDA library registers) and the
+// stream is the caller's (torch's current raw stream), so nothing here includes a CUDA header or
+// links against CUDA, and the file compiles on a CPU-only machine.
 //
 // What it does (docs/gpu.md):
 // * cuda_load_kernel: a cubin (Triton's compiled.asm["cubin"]) loaded into the device's primary
 //   context (cuModuleLoadData, cuModuleGetFunction), with the dynamic shared memory above 48 KiB
 //   opted into (cuFuncSetAttribute) as Triton's own loader does;
-// * cuda_launch: the kernel launched on torch's current stream of the device (cuLaunchKernel),
-//   its parameters packed as Triton compiled them: one parameter per non-constexpr argument in
+// * cuda_launch: the kernel launched on the stream it is given (cuLaunchKernel): the caller's
+//   current stream (torch._C._cuda_getCurrentRawStream; c10::Stream::native_handle would give it
+//   in C++, but only torch releases after 2026-02 have it), its parameters packed as Triton
+//   compiled them: one parameter per non-constexpr argument in
 //   signature order (pointers 8 bytes, integers and floats by their type), then the scratch
 //   pointers recent Triton appends (global, profile), passed as null;
 // * cuda_param_layout: the byte offset and size of each packed parameter, so the packing can be
@@ -22,8 +25,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/Stream.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -237,11 +238,13 @@ int64_t cuda_load_kernel(const at::Tensor& cubin, const std::string& name, int64
   return static_cast<int64_t>(loaded().size()) - 1;
 }
 
-// Launches a loaded kernel on the current stream of its device: a (grid_x, grid_y, grid_z) grid
-// of num_warps * 32 threads, parameters of `types` from `ints` and `floats` in order.
+// Launches a loaded kernel on `stream` (a cudaStream_t as an integer: the caller passes torch's
+// current stream of the kernel's device, so a launch inside torch.cuda.graph is captured like
+// torch's own kernels): a (grid_x, grid_y, grid_z) grid of num_warps * 32 threads, parameters
+// of `types` from `ints` and `floats` in order.
 void cuda_launch(int64_t kernel, int64_t grid_x, int64_t grid_y, int64_t grid_z,
-                 int64_t num_warps, const std::string& types, at::IntArrayRef ints,
-                 at::ArrayRef<double> floats) {
+                 int64_t num_warps, int64_t stream, const std::string& types,
+                 at::IntArrayRef ints, at::ArrayRef<double> floats) {
   Loaded target{};
   {
     const std::lock_guard<std::mutex> lock(loaded_mutex);
@@ -278,17 +281,13 @@ void cuda_launch(int64_t kernel, int64_t grid_x, int64_t grid_y, int64_t grid_z,
   }
   TORCH_CHECK_VALUE(next_int == ints.size() && next_float == floats.size(),
                     "ints, floats: more values than the types ", types, " take");
-  const c10::Device device(c10::DeviceType::CUDA, target.device);
-  const c10::DeviceGuard guard(device);
+  const c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, target.device));
   make_context_current(target.device);
-  // torch's current stream for the device (never the legacy default stream 0 unless torch's
-  // current stream is it): a captured CUDA graph records the launch like torch's own kernels.
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
   check(d.launch_kernel(target.function, static_cast<unsigned>(grid_x),
                         static_cast<unsigned>(grid_y), static_cast<unsigned>(grid_z),
                         static_cast<unsigned>(32 * num_warps), 1, 1,
                         static_cast<unsigned>(target.shared),
-                        static_cast<CUstream>(stream.native_handle()), pointers.data(), nullptr),
+                        reinterpret_cast<CUstream>(stream), pointers.data(), nullptr),
         "cuLaunchKernel");
 }
 
@@ -303,7 +302,7 @@ TORCH_LIBRARY_FRAGMENT(fused_ce_native, m) {
   m.def("cuda_load_kernel(Tensor cubin, str name, int shared, int device) -> int",
         &fused_ce_native::cuda_load_kernel);
   m.def(
-      "cuda_launch(int kernel, int grid_x, int grid_y, int grid_z, int num_warps, str types, "
-      "int[] ints, float[] floats) -> ()",
+      "cuda_launch(int kernel, int grid_x, int grid_y, int grid_z, int num_warps, int stream, "
+      "str types, int[] ints, float[] floats) -> ()",
       &fused_ce_native::cuda_launch);
 }

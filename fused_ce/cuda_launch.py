@@ -110,8 +110,10 @@ class CubinLaunch:
             self.handles[device] = handle
         ints, floats = self.pack(args)
         grid = (*grid, 1, 1)
+        # torch's current stream of the device, as Triton's launcher and Inductor's take it.
+        stream = torch._C._cuda_getCurrentRawStream(device)
         native.ops().cuda_launch(
-            handle, grid[0], grid[1], grid[2], self.num_warps, self.types, ints, floats
+            handle, grid[0], grid[1], grid[2], self.num_warps, stream, self.types, ints, floats
         )
 
 

@@ -135,7 +135,7 @@ def test_without_a_driver_the_launch_ops_fail_clearly():
     with pytest.raises(RuntimeError, match="CUDA driver is unavailable.*libcuda"):
         torch.ops.fused_ce_native.cuda_load_kernel(cubin, "k", 0, 0)
     with pytest.raises(IndexError, match="no loaded kernel"):
-        torch.ops.fused_ce_native.cuda_launch(12345, 1, 1, 1, 4, "O", [0], [])
+        torch.ops.fused_ce_native.cuda_launch(12345, 1, 1, 1, 4, 0, "O", [0], [])
     with pytest.raises(ValueError, match="cubin"):
         torch.ops.fused_ce_native.cuda_load_kernel(torch.zeros(4), "k", 0, 0)
 

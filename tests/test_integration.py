@@ -341,6 +341,24 @@ def test_env_var_selects_the_backend(backend_device, monkeypatch):
     assert calls == [backend, backend, "torch"]
 
 
+def test_backend_env_var_is_read_on_every_call(monkeypatch):
+    """resolve() keeps the decoded FUSED_CE_BACKEND for the raw value it last saw: a change of
+    the variable, or its removal, takes effect on the next call."""
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("FUSED_CE_BACKEND", "torch")
+    assert backend_module.resolve(None, cpu) == "torch"
+    monkeypatch.setenv("FUSED_CE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="'bogus'"):
+        backend_module.resolve(None, cpu)
+    monkeypatch.setenv("FUSED_CE_BACKEND", "torch")
+    assert backend_module.resolve(None, cpu) == "torch"
+    monkeypatch.delenv("FUSED_CE_BACKEND")
+    assert backend_module.backend_from_environment() == "auto"
+    monkeypatch.setattr(backend_module, "native_available", lambda: True)
+    monkeypatch.setattr(backend_module, "INTERPRET", False)
+    assert backend_module.resolve(None, cpu) == "native"
+
+
 def test_auto_backend(monkeypatch):
     """'auto' (and the default) picks Triton for CUDA tensors and for CPU tensors under the
     interpreter, else the native kernels for CPU tensors when built, else the torch path."""
