@@ -101,7 +101,7 @@ def _native_build() -> dict:
             "fused_ce.native._C_autograd",
             ["csrc/autograd.cpp", "csrc/cuda_launch.cpp"],
             extra_compile_args=["-O2", "-g0", "-std=c++20"],
-            extra_link_args=["-ldl"],
+            extra_link_args=[] if sys.platform == "win32" else ["-ldl"],
             optional=True,
         )
     )

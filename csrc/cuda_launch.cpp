@@ -21,7 +21,9 @@
 // Parameter types are one character each, as torch's static Triton launcher spells them:
 // 'O' pointer, 'b'/'B' 8-bit, 'h'/'H' 16-bit, 'i'/'I' 32-bit, 'l'/'K' 64-bit integers, 'f' fp32,
 // 'd' fp64. Integers and pointers come in one int list, floats in another, in parameter order.
+#if !defined(_WIN32)
 #include <dlfcn.h>
+#endif
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -73,6 +75,11 @@ struct Driver {
 const Driver& driver() {
   static const Driver* const opened = [] {
     auto* d = new Driver();
+#if defined(_WIN32)
+    // nvcuda.dll would need LoadLibrary: not written (and not tested) here.
+    d->error = "the C++ launcher opens the driver on Linux only";
+    return d;
+#else
     void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (library == nullptr) {
       const char* why = dlerror();
@@ -110,6 +117,7 @@ const Driver& driver() {
     get("cuFuncSetAttribute", d->func_set_attribute);
     get("cuLaunchKernel", d->launch_kernel);
     return d;
+#endif
   }();
   return *opened;
 }
