@@ -1,7 +1,7 @@
 """Triton's compiled kernels launched from C++ through the CUDA driver (opt-in, unproven on a GPU).
 
-``FUSED_CE_CUDA_LAUNCH=cpp`` (read once, when this module is imported) makes the launchers of
-``fused_ce.launch`` hand each CUDA launch to ``fused_ce_native::cuda_launch``
+``FUSED_CE_CUDA_LAUNCH=cpp`` (read once, when this module is imported) makes the CE and BCE
+launchers of ``fused_ce.launch`` hand each CUDA launch to ``fused_ce_native::cuda_launch``
 (``csrc/cuda_launch.cpp``) instead of Triton's Python launcher: Triton still specialises and
 compiles each variant (once, through ``JITFunction.run(..., warmup=True)``), and its cubin is
 loaded with ``cuModuleLoadData`` and launched with ``cuLaunchKernel`` on torch's current
@@ -117,27 +117,16 @@ class CubinLaunch:
         )
 
 
-def _specialisation(value: Any, constexpr: bool) -> Any:
-    """What of ``value`` picks the compiled variant: a superset of Triton's specialisation (an
-    extra distinction only compiles, or finds in Triton's cache, one more variant)."""
-    if constexpr or value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, float):
-        return float
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    return value == 1, value % 16 == 0, -(2**31) <= value < 2**31
-
-
 class CppLaunchedKernel:
     """Stands in for a ``JITFunction`` in the launchers: ``run`` launches CUDA calls through
     :class:`CubinLaunch`, anything else through the Triton kernel it wraps (whose attributes
-    it passes through)."""
+    it passes through). Every kernel argument is passed by position (as the CE and BCE
+    launchers do; the fused linear launcher passes keywords and is not wrapped)."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self.constexpr = tuple(param.is_constexpr for param in kernel.params)
         self.variants: dict[tuple, CubinLaunch] = {}
+        self.loaded: dict[str, CubinLaunch] = {}  # by Triton's hash: one module per variant
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.kernel, name)
@@ -146,14 +135,24 @@ class CppLaunchedKernel:
         first = args[0]
         if warmup or not first.is_cuda:
             return self.kernel.run(*args, grid=grid, warmup=warmup, **options)
-        key = (
-            tuple(map(_specialisation, args, self.constexpr)),
-            tuple(options.items()),
-        )
+        # The key: the leading tensors by dtype and 16-byte alignment (what Triton specialises
+        # them on), every later argument by value, and the options. The launchers pass the
+        # tensors first and the rest from a tuple cached per configuration, so the key is no
+        # finer than their own caches, and coarser than nothing Triton distinguishes; a miss
+        # asks Triton, whose cache answers, and a variant's module is loaded once.
+        tensors = []
+        for value in args:
+            if not isinstance(value, torch.Tensor):
+                break
+            tensors.append((value.dtype, value.data_ptr() % 16 == 0))
+        key = (tuple(tensors), args[len(tensors) :], tuple(options.items()))
         launch = self.variants.get(key)
         if launch is None:
             compiled = self.kernel.run(*args, grid=grid, warmup=True, **options)
-            launch = self.variants[key] = CubinLaunch(compiled)
+            launch = self.loaded.get(compiled.hash)
+            if launch is None:
+                launch = self.loaded[compiled.hash] = CubinLaunch(compiled)
+            self.variants[key] = launch
         launch(grid, first.device.index, args)
         return None
 

@@ -9,7 +9,6 @@ import triton.language as tl
 from .._backend import INTERPRET
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
-from ..cuda_launch import through_cpp
 from ..kernels.linear_cross_entropy import (
     lce_backward_input_kernel,
     lce_backward_weight_kernel,
@@ -17,11 +16,6 @@ from ..kernels.linear_cross_entropy import (
 )
 from ._common import cdiv, next_power_of_2, tl_dtype
 from .cross_entropy import option_args
-
-# FUSED_CE_CUDA_LAUNCH=cpp: CUDA launches through C++ (fused_ce.cuda_launch); else unchanged.
-lce_forward_kernel = through_cpp(lce_forward_kernel)
-lce_backward_input_kernel = through_cpp(lce_backward_input_kernel)
-lce_backward_weight_kernel = through_cpp(lce_backward_weight_kernel)
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
