@@ -123,6 +123,66 @@ def test_kernel_params_skip_constexprs_and_append_scratch_pointers():
         cuda_launch.kernel_params(_compiled({"x": "fp16"}, {}))
 
 
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: enough for the wrapper's choice of path."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+class _RecordingKernel:
+    """Stands in for a JITFunction: each ``run`` is recorded; a warmup returns one variant."""
+
+    arg_names = ["x_ptr", "n", "scale", "BLOCK"]
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def run(self, *args, grid, warmup, **options):
+        self.calls.append((warmup, args, grid, options))
+        signature = {"x_ptr": "*fp32", "n": "i32", "scale": "fp32", "BLOCK": "constexpr"}
+        compiled = _compiled(signature, {(3,): args[3]}, global_scratch_size=0)
+        compiled.hash = f"variant-{args[3]}"
+        return compiled
+
+
+def test_cpp_launched_kernel_keys_variants_and_packs_each_launch(monkeypatch):
+    """CUDA calls: one Triton warmup per new key (the leading tensors' dtype and alignment,
+    the rest by value, the options), one loaded variant per Triton hash, and each launch
+    packed from its own arguments; CPU calls go to the wrapped kernel's own run."""
+    launched: list[tuple] = []
+
+    def record(self, grid, device, args):
+        launched.append((self, grid, *self.pack(args)))
+
+    monkeypatch.setattr(cuda_launch.CubinLaunch, "__call__", record)
+    kernel = _RecordingKernel()
+    wrapped = cuda_launch.CppLaunchedKernel(kernel)
+    assert wrapped.arg_names == kernel.arg_names
+    x = torch.zeros(8)._make_subclass(_CudaLooking, torch.zeros(8))
+    wrapped.run(x, 7, 0.5, 64, grid=(2,), warmup=False, num_warps=4)
+    wrapped.run(x, 7, 0.5, 64, grid=(3,), warmup=False, num_warps=4)
+    assert [c[0] for c in kernel.calls] == [True]  # one warmup, then the cached variant
+    first = launched[0][0]
+    assert launched == [
+        (first, (2,), [x.data_ptr(), 7, 0], [0.5]),
+        (first, (3,), [x.data_ptr(), 7, 0], [0.5]),
+    ]
+    wrapped.run(x, 9, 0.25, 64, grid=(1,), warmup=False, num_warps=4)  # other values
+    wrapped.run(x[1:], 9, 0.25, 64, grid=(1,), warmup=False, num_warps=4)  # misaligned
+    wrapped.run(x, 9, 0.25, 64, grid=(1,), warmup=False, num_warps=8)  # other options
+    wrapped.run(x, 9, 0.25, 128, grid=(1,), warmup=False, num_warps=4)  # other constexpr
+    assert [c[0] for c in kernel.calls] == [True] * 5
+    assert [entry[0] is first for entry in launched] == [True] * 5 + [False]
+    assert launched[3][2] == [x[1:].data_ptr(), 9, 0]
+    assert len(wrapped.loaded) == 2
+    cpu = torch.zeros(8)
+    wrapped.run(cpu, 9, 0.25, 64, grid=(1,), warmup=False, num_warps=4)
+    assert kernel.calls[-1] == (False, (cpu, 9, 0.25, 64), (1,), {"num_warps": 4})
+    assert len(launched) == 6
+
+
 def test_without_a_driver_the_launch_ops_fail_clearly():
     """On a machine without the NVIDIA driver the ops say so (the error names libcuda);
     where the driver is present the reason is empty."""
