@@ -247,3 +247,59 @@ def test_cpp_mode_falls_back_where_it_cannot_launch():
     )
     assert done.returncode != 0
     assert "FUSED_CE_CUDA_LAUNCH: expected one of ('triton', 'cpp'), got 'fast'" in done.stderr
+
+
+_RESULTS = """
+import sys, torch
+import fused_ce
+from fused_ce import cuda_launch
+gen = torch.Generator(device="cuda").manual_seed(0)
+out = {"mode": cuda_launch.MODE, "unavailable": cuda_launch.cpp_launch_available()}
+for dtype in (torch.float32, torch.bfloat16):
+    for n, c in ((64, 11), (5, 3000), (300, 7)):
+        x = torch.randn(n, c, device="cuda", generator=gen).to(dtype).requires_grad_()
+        y = torch.randint(0, c, (n,), device="cuda", generator=gen)
+        y[0] = -100
+        for kwargs in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"reduction": "none"}):
+            x.grad = None
+            loss = fused_ce.cross_entropy(x, y, **kwargs)
+            loss.sum().backward()
+            out[f"ce-{dtype}-{n}x{c}-{sorted(kwargs)}"] = (loss.detach().cpu(), x.grad.cpu())
+        t = torch.rand(n, c, device="cuda", generator=gen).to(dtype)
+        for reduction in ("mean", "none"):
+            x.grad = None
+            loss = fused_ce.binary_cross_entropy_with_logits(x, t, reduction=reduction)
+            loss.sum().backward()
+            out[f"bce-{dtype}-{n}x{c}-{reduction}"] = (loss.detach().cpu(), x.grad.cpu())
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else [])
+def test_cpp_launch_equals_triton_launch_bitwise(device, tmp_path):
+    """On a GPU, FUSED_CE_CUDA_LAUNCH=cpp gives the Triton launch's losses and gradients to the
+    last bit (the same cubins, launched from C++: the packing proven on the device)."""
+    results = {}
+    for mode in ("triton", "cpp"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["FUSED_CE_CUDA_LAUNCH"] = mode
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(TESTS.parent), env.get("PYTHONPATH")])
+        )
+        path = tmp_path / f"{mode}.pt"
+        done = subprocess.run(
+            [sys.executable, "-c", _RESULTS, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = torch.load(path)
+    assert results["cpp"].pop("unavailable") == "", "the C++ launcher is unavailable on this GPU"
+    assert results["cpp"].pop("mode") == "cpp" and results["triton"].pop("mode") == "triton"
+    results["triton"].pop("unavailable")
+    assert results["cpp"].keys() == results["triton"].keys()
+    for name, (loss, grad) in results["triton"].items():
+        cpp_loss, cpp_grad = results["cpp"][name]
+        assert torch.equal(loss, cpp_loss) and torch.equal(grad, cpp_grad), name
