@@ -52,12 +52,16 @@ def _native_build() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("fused_ce: torch not importable at build time; skipping the native kernels "
-              "(install with --no-build-isolation to build them)", file=sys.stderr)
+        print(
+            "fused_ce: torch not importable at build time; skipping the native kernels "
+            "(install with --no-build-isolation to build them)",
+            file=sys.stderr,
+        )
         return {}
     if not _compiler_found():
         print("fused_ce: no C++ compiler found; skipping the native kernels", file=sys.stderr)
         return {}
+
     class BuildNative(BuildExtension):
         """Each capability's objects in their own folder (the same source compiles to a
         different object per capability); extensions one after another, as that needs."""
