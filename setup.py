@@ -1,7 +1,8 @@
 """Build shim: metadata lives in pyproject.toml; this file adds the native CPU kernels.
 
 ``csrc/`` is compiled with ``torch.utils.cpp_extension`` into one library per CPU capability
-(``fused_ce/native/_C_default``, ``_C_avx2``, ``_C_avx512`` on x86-64) and ``_C_autograd``,
+(``fused_ce/native/_C_default``, ``_C_avx2``, ``_C_avx512`` on x86-64) and ``_C_autograd`` (with
+the CUDA driver launcher of Triton's cubins, which needs no CUDA to build),
 with the flags of ``fused_ce/native/_build.py``; at run time ``fused_ce.native`` loads the best
 one the CPU supports. That build needs torch at build time: it happens with
 ``pip install --no-build-isolation`` (build isolation would fetch a second torch). Without
@@ -108,8 +109,9 @@ def _native_build() -> dict:
     extensions.append(
         CppExtension(
             "fused_ce.native._C_autograd",
-            [f"csrc/{_BUILD.AUTOGRAD_SOURCE}"],
+            [f"csrc/{source}" for source in _BUILD.AUTOGRAD_SOURCES],
             extra_compile_args=_BUILD.AUTOGRAD_COMPILE_ARGS,
+            extra_link_args=_BUILD.AUTOGRAD_LINK_ARGS,
             optional=True,
         )
     )

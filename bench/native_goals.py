@@ -1,6 +1,7 @@
 """The native backend's goals (issue 11), side by side in one process on this CPU.
 
     OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py [--quick | --small | --ce | --only CASE]
+    OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py --only host [--rounds 9 --calls 400]
     THP_MEM_ALLOC_ENABLE=1 OMP_WAIT_POLICY=PASSIVE python bench/native_goals.py
 
 Each row times forward + backward per call (best of rounds) for: fused_ce through its public
@@ -156,6 +157,88 @@ def linear_case(n: int, d: int, v: int):
     return cases
 
 
+def host_cases() -> dict:
+    """The per-call host cost at the lecture's shapes (issue 21), as a training loop and an
+    evaluation loop call the loss: name -> (fused_ce native through the public API, torch
+    eager). Forward + backward reuses one leaf (``x.grad = None``, then ``.backward()``);
+    the forward alone runs under ``torch.no_grad()``."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 11, generator=gen)
+    classes = torch.randint(0, 11, (64,), generator=gen)
+    bits = torch.randn(64, 1, generator=gen)
+    labels = torch.randint(0, 2, (64, 1), generator=gen).float()
+
+    def ours_ce(a, b):
+        return fused_ce.softmax_cross_entropy(a, b, backend="native")
+
+    def ours_bce(a, b):
+        return fused_ce.sigmoid_binary_cross_entropy(a, b, backend="native")
+
+    def train(loss_fn, x, t):
+        leaf = x.clone().requires_grad_(True)
+
+        def call():
+            leaf.grad = None
+            loss_fn(leaf, t).backward()
+
+        return call
+
+    def evaluate(loss_fn, x, t):
+        def call():
+            with torch.no_grad():
+                loss_fn(x, t)
+
+        return call
+
+    return {
+        "CE 64 x 11 fwd+bwd": (
+            train(ours_ce, logits, classes),
+            train(F.cross_entropy, logits, classes),
+        ),
+        "BCE 64 x 1 fwd+bwd": (
+            train(ours_bce, bits, labels),
+            train(F.binary_cross_entropy_with_logits, bits, labels),
+        ),
+        "CE 64 x 11 forward, no_grad": (
+            evaluate(ours_ce, logits, classes),
+            evaluate(F.cross_entropy, logits, classes),
+        ),
+        "BCE 64 x 1 forward, no_grad": (
+            evaluate(ours_bce, bits, labels),
+            evaluate(F.binary_cross_entropy_with_logits, bits, labels),
+        ),
+    }
+
+
+def report_host(rounds: int, calls: int) -> None:
+    """Each case's fused_ce and torch eager calls alternated round by round (both see the same
+    load), 1 thread, wall time (the goal's clock) and the calling thread's CPU time (which a
+    loaded machine's preemptions do not inflate); best of ``rounds`` x ``calls``."""
+    torch.set_num_threads(1)
+    print(f"\nhost cost per call, 1 thread, best of {rounds} x {calls}, microseconds")
+    print(
+        f"  {'case':30s} {'fused wall':>10s} {'eager wall':>10s} {'ratio':>6s}"
+        f" {'fused cpu':>10s} {'eager cpu':>10s} {'ratio':>6s}"
+    )
+    for name, pair in host_cases().items():
+        best = [[float("inf")] * 2 for _ in pair]
+        for fn in pair:
+            for _ in range(max(20, calls // 10)):
+                fn()
+        for _ in range(rounds):
+            for i, fn in enumerate(pair):
+                wall, cpu = time.perf_counter(), time.thread_time()
+                for _ in range(calls):
+                    fn()
+                best[i][0] = min(best[i][0], (time.perf_counter() - wall) / calls * 1e6)
+                best[i][1] = min(best[i][1], (time.thread_time() - cpu) / calls * 1e6)
+        (ours_wall, ours_cpu), (eager_wall, eager_cpu) = best
+        print(
+            f"  {name:30s} {ours_wall:10.1f} {eager_wall:10.1f} {ours_wall / eager_wall:6.2f}"
+            f" {ours_cpu:10.1f} {eager_cpu:10.1f} {ours_cpu / eager_cpu:6.2f}"
+        )
+
+
 def report(
     title: str, cases: dict, rounds: int, calls: int, threads: int, memory: bool = False
 ) -> None:
@@ -191,14 +274,20 @@ def main() -> None:
         "--ce", action="store_true", help="only the softmax + CE rows (large and small shapes)"
     )
     parser.add_argument(
-        "--only", choices=("ce", "bce", "small", "linear"), help="run only this group of cases"
+        "--only",
+        choices=("ce", "bce", "small", "linear", "host"),
+        help="run only this group of cases ('host': the per-call cost at 64 x 11 and 64 x 1, "
+        "forward + backward and forward under no_grad, against torch eager)",
     )
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of the 'host' group")
+    parser.add_argument("--calls", type=int, default=400, help="calls per round, 'host' group")
     args = parser.parse_args()
     run_group = {
         "ce": not args.small and args.only in (None, "ce"),
         "bce": not (args.small or args.ce) and args.only in (None, "bce"),
         "small": args.only in (None, "small"),
         "linear": not (args.quick or args.small or args.ce) and args.only in (None, "linear"),
+        "host": args.only in (None, "host"),
     }
     cores = torch.get_num_threads()
     print(
@@ -221,6 +310,8 @@ def main() -> None:
             report(f"CE fwd+bwd {n} x 11 fp32", ce_case(n, 11, torch.float32), 5, 200, 1)
             if not args.ce:
                 report(f"BCE fwd+bwd {n} x 1 fp32", bce_case(n, 1), 5, 200, 1)
+    if run_group["host"]:
+        report_host(args.rounds, args.calls)
     if run_group["linear"]:
         linear = linear_case(8192, 512, 32768)
         report("linear CE fwd+bwd 8192 x 512 x 32768 fp32", linear, 2, 1, cores, memory=True)

@@ -13,6 +13,7 @@
 // upstream gradient is not 1: one rounding, as torch's own backward), and any later backward
 // of a retained graph writes new buffers, so a gradient once handed out never changes.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -95,8 +96,15 @@ at::ScalarType accumulation(const at::Tensor& a, const at::Tensor& b) {
 using torch::autograd::variable_list;
 
 // Whether the 0-d upstream gradient is exactly 1: read on the host (a CPU tensor; there is no
-// device to sync with).
-bool is_unit(const at::Tensor& upstream) { return upstream.item<double>() == 1.0; }
+// device to sync with), straight from its memory (item() dispatches an op: about 1 us a call).
+bool is_unit(const at::Tensor& upstream) {
+  bool unit = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, upstream.scalar_type(),
+                                  "fused_ce_is_unit", [&] {
+    unit = static_cast<double>(*upstream.const_data_ptr<scalar_t>()) == 1.0;
+  });
+  return unit;
+}
 
 // With create_graph=True the gradients are handed out through a node that raises when it is
 // differentiated (the fused backward has no derivative of its own). Its extra input, a saved
@@ -134,10 +142,52 @@ variable_list guard_double_backward(variable_list grads, const at::Tensor& ancho
   return linked;
 }
 
+// The per-row outputs a call does not ask for (entropy, argmax): an empty tensor of `dtype`,
+// made once per process (the kernel reads no element of it and writes none), rather than two
+// allocations a call.
+const at::Tensor& no_rows(at::ScalarType dtype) {
+  static const at::Tensor* const float_rows = new at::Tensor(at::empty({0}, at::kFloat));
+  static const at::Tensor* const double_rows = new at::Tensor(at::empty({0}, at::kDouble));
+  static const at::Tensor* const long_rows = new at::Tensor(at::empty({0}, at::kLong));
+  switch (dtype) {
+    case at::kFloat: return *float_rows;
+    case at::kDouble: return *double_rows;
+    default:
+      TORCH_CHECK(dtype == at::kLong, "fused_ce native: no_rows of ", dtype);
+      return *long_rows;
+  }
+}
+
+// Tensors made without the dispatcher, for the ops' own buffers and the kernels' views of the
+// operands (CPU only, below autograd): at the lecture's 64-row batches one dispatcher call, 0.3
+// to 0.5 us, costs a tenth of the kernel it feeds.
+// A new uninitialised CPU tensor.
+at::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype);
+}
+
+// A 0-d CPU tensor holding `value` rounded to `dtype` (as at::full rounds it).
+at::Tensor scalar_cpu(double value, at::ScalarType dtype) {
+  at::Tensor out = new_cpu({}, dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fused_ce_scalar_cpu", [&] {
+    *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);
+  });
+  return out;
+}
+
+// `t`'s memory seen with other sizes and strides (a view that autograd never sees: the
+// kernels' operands and outputs only).
+at::Tensor raw_view(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(t.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), t.dtype());
+  impl->set_sizes_and_strides(sizes, strides, t.storage_offset());
+  return at::Tensor(std::move(impl));
+}
+
 // grad_scale * total (both 0-d, one dtype) as a new 0-d tensor: the product rounded once, the
 // bits of their mul op without its dispatch.
 at::Tensor scaled(const at::Tensor& total, const at::Tensor& grad_scale) {
-  at::Tensor out = at::empty({}, total.options());
+  at::Tensor out = new_cpu({}, total.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "fused_ce_scaled", [&] {
     *out.mutable_data_ptr<scalar_t>() =
         *total.const_data_ptr<scalar_t>() * *grad_scale.const_data_ptr<scalar_t>();
@@ -176,11 +226,23 @@ void ce_rewrite(const at::Tensor& upstream, const at::Tensor& logits, const at::
 
 // Logits as the kernels see them, (n_outer, C, n_inner), from the public function's input:
 // (C) -> (1, C, 1), (N, C) -> (N, C, 1), (N, C, d1..dK) -> (N, C, d1 * .. * dK); a probability
-// target likewise. A view (a copy only when the spatial dims cannot be merged by one).
+// target likewise. A view (a copy only when the spatial dims cannot be merged by one); (C) and
+// (N, C), the common calls, as raw views.
 at::Tensor class_rows(const at::Tensor& t) {
-  if (t.dim() == 1) return t.view({1, -1, 1});
-  if (t.dim() == 2) return t.unsqueeze(-1);
+  if (t.dim() == 1) {
+    return raw_view(t, {1, t.size(0), 1}, {t.size(0) * t.stride(0), t.stride(0), 1});
+  }
+  if (t.dim() == 2) {
+    return raw_view(t, {t.size(0), t.size(1), 1}, {t.stride(0), t.stride(1), 1});
+  }
   return t.flatten(2);
+}
+
+// Class indices of the batch shape as the kernels see them, (n_outer, n_inner).
+at::Tensor index_rows(const at::Tensor& target, int64_t n_outer, int64_t n_inner) {
+  if (target.dim() == 0) return raw_view(target, {1, 1}, {1, 1});
+  if (target.dim() == 1) return raw_view(target, {n_outer, 1}, {target.stride(0), 1});
+  return target.reshape({n_outer, n_inner});
 }
 
 // A new tensor like `input` whose class_rows is a view of it (so the kernel writes the
@@ -295,15 +357,16 @@ struct CrossEntropyScalarBackward final : public ScalarLossBackward {
     std::pair<at::Tensor, at::Tensor> handed;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const OptionalTensor weight_value = optional(weight.unpack());
-      const at::Tensor logits = class_rows(input_value);
-      const at::Tensor rows_target = prob_target
-          ? class_rows(target_value)
-          : target_value.reshape({logits.size(0), logits.size(2)});
       handed = hand_out(
           upstream, task_should_compute_output(0),
           prob_target && task_should_compute_output(1), input_value, target_value,
           gradient_like, [&](const OptionalTensor& into_input, const OptionalTensor& into_target) {
+            // Only here: the common backward hands out the forward's buffers and reads nothing.
+            const OptionalTensor weight_value = optional(weight.unpack());
+            const at::Tensor logits = class_rows(input_value);
+            const at::Tensor rows_target = prob_target
+                ? class_rows(target_value)
+                : index_rows(target_value, logits.size(0), logits.size(2));
             // The kernel writes an input gradient in any case.
             const at::Tensor input_buffer = into_input.value_or(gradient_like(input_value));
             ce_rewrite(upstream, logits, rows_target, weight_value, saved, grad_scale, options,
@@ -345,7 +408,7 @@ struct CrossEntropyUnreducedBackward final : public LossBackward {
       const at::Tensor logits = class_rows(input_value);
       const at::Tensor rows_target = prob_target
           ? class_rows(target_value)
-          : target_value.reshape({logits.size(0), logits.size(2)});
+          : index_rows(target_value, logits.size(0), logits.size(2));
       grad_input = gradient_like(input_value);  // the kernel's buffer even when not wanted
       if (want_target) grad_target = gradient_like(target_value);
       ce_backward(grads[0].reshape({-1}).to(saved.scalar_type()), std::nullopt, logits,
@@ -396,7 +459,6 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                          bool mean, double label_smoothing) {
   const at::ScalarType acc = accumulation(input, target);
-  const auto options = input.options().dtype(acc);
   const int64_t class_dim = input.dim() > 1 ? 1 : 0;
   const int64_t n_classes = input.size(class_dim);
   int64_t n_rows = 1;
@@ -407,9 +469,10 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
         ? count_ignored<uint8_t>(target, n_classes, ignore_index)
         : count_ignored<int64_t>(target, n_classes, ignore_index);
   }
-  if (!mean) return at::ones({}, options);
+  if (!mean) return scalar_cpu(1.0, acc);
   if (target.is_floating_point()) {
-    return at::full({}, n_rows ? 1.0 / static_cast<double>(n_rows) : std::numeric_limits<double>::quiet_NaN(), options);
+    return scalar_cpu(
+        n_rows ? 1.0 / static_cast<double>(n_rows) : std::numeric_limits<double>::quiet_NaN(), acc);
   }
   if (weight.has_value()) {
     const at::Tensor class_weight = weight->to(acc);
@@ -431,8 +494,8 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
     return at::reciprocal(divisor);
   }
   const int64_t count = n_rows - ignored;
-  if (acc == at::kDouble) return at::full({}, 1.0 / static_cast<double>(count), options);
-  return at::full({}, 1.0f / static_cast<float>(count), options);
+  if (acc == at::kDouble) return scalar_cpu(1.0 / static_cast<double>(count), acc);
+  return scalar_cpu(1.0f / static_cast<float>(count), acc);
 }
 
 at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
@@ -455,17 +518,17 @@ at::Tensor ce_unreduced(const at::Tensor& input, const at::Tensor& target,
     const at::Tensor logits = class_rows(input);
     const at::Tensor rows_target = prob_target
         ? class_rows(target)
-        : target.reshape({logits.size(0), logits.size(2)});
+        : index_rows(target, logits.size(0), logits.size(2));
     const int64_t n_rows = logits.size(0) * logits.size(2);
-    const auto row_options = input.options().dtype(accumulation(input, target));
+    const at::ScalarType acc = accumulation(input, target);
     // The loss in the batch shape: the input's without the class dim.
     std::vector<int64_t> batch_shape(input.sizes().begin(), input.sizes().end());
     batch_shape.erase(batch_shape.begin() + (input.dim() > 1 ? 1 : 0));
-    loss = at::empty(batch_shape, row_options);
-    saved = at::empty({3, n_rows}, row_options);
+    loss = new_cpu(batch_shape, acc);
+    saved = new_cpu({3, n_rows}, acc);
     ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-               loss.view({n_rows}), at::empty({n_rows}, row_options), saved,
-               at::empty({0}, row_options), at::empty({0}, row_options.dtype(at::kLong)),
+               raw_view(loss, {n_rows}, {1}), new_cpu({n_rows}, acc), saved, no_rows(acc),
+               no_rows(at::kLong),
                std::nullopt, 0.0, std::nullopt, std::nullopt);
   }
   const bool grad_mode = at::GradMode::is_enabled();
@@ -500,17 +563,16 @@ at::Tensor ce_scalar(const at::Tensor& input, const at::Tensor& target,
     const at::Tensor logits = class_rows(input);
     const at::Tensor rows_target = prob_target
         ? class_rows(target)
-        : target.reshape({logits.size(0), logits.size(2)});
+        : index_rows(target, logits.size(0), logits.size(2));
     const int64_t n_rows = logits.size(0) * logits.size(2);
-    const auto row_options = logits.options().dtype(accumulation(input, target));
-    const at::Tensor loss_rows = at::empty({n_rows}, row_options);
-    const at::Tensor lse = at::empty({n_rows}, row_options);
-    saved = at::empty({3, n_rows}, row_options);
+    const at::ScalarType acc = accumulation(input, target);
+    const at::Tensor loss_rows = new_cpu({n_rows}, acc);
+    const at::Tensor lse = new_cpu({n_rows}, acc);
+    saved = new_cpu({3, n_rows}, acc);
     if (input_grad) grad_input = gradient_like(input);
     if (target_grad) grad_target = gradient_like(target);
     ce_forward(logits, rows_target, weight, ignore_index, label_smoothing, logit_scale, softcap,
-               loss_rows, lse, saved, at::empty({0}, row_options),
-               at::empty({0}, row_options.dtype(at::kLong)),
+               loss_rows, lse, saved, no_rows(acc), no_rows(at::kLong),
                input_grad || target_grad ? OptionalTensor(grad_scale) : std::nullopt, z_loss,
                grad_input.has_value() ? OptionalTensor(class_rows(*grad_input)) : std::nullopt,
                grad_target.has_value() ? OptionalTensor(class_rows(*grad_target)) : std::nullopt);
@@ -703,11 +765,11 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
   {
     // The views and buffers made here are internal: no autograd or view tracking for them.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto acc = input.options().dtype(accumulation(input, target));
-    grad_scale = at::full({}, scale, acc);
+    const at::ScalarType acc = accumulation(input, target);
+    grad_scale = scalar_cpu(scale, acc);
     if (input_grad) grad_input = empty_output(input);
     if (target_grad) grad_target = empty_output(target);
-    const at::Tensor loss_sum = at::empty({}, acc);
+    const at::Tensor loss_sum = new_cpu({}, acc);
     bce_run(input, target, weight, pos_weight, grad_scale, std::nullopt, grad_input,
             grad_target, loss_sum);
     loss = scaled(loss_sum, grad_scale);

@@ -29,6 +29,31 @@ def triton_runs_on(device: torch.device | str) -> bool:
     return HAS_TRITON and (device_type == "cuda" or (INTERPRET and device_type == "cpu"))
 
 
+# FUSED_CE_BACKEND is read on every call that passes no backend (a script or a test may set it
+# after import), but os.environ.get costs about 1 us a call (it encodes the key and decodes the
+# value), a tenth of a whole small eager loss: the raw mapping behind os.environ (CPython's
+# os._Environ._data, updated with it) is read instead, and the decoded value kept for the raw
+# bytes last seen. Where that mapping is missing, and while torch.compile traces, os.environ.
+_ENVIRON = getattr(os.environ, "_data", None)
+_BACKEND_KEY = "FUSED_CE_BACKEND"
+_RAW_BACKEND_KEY = os.environ.encodekey(_BACKEND_KEY) if _ENVIRON is not None else None
+_last_from_environment: tuple[object, str] = (None, "auto")
+
+
+def backend_from_environment() -> str:
+    """``$FUSED_CE_BACKEND``, ``"auto"`` when unset, as of this call."""
+    global _last_from_environment
+    if _ENVIRON is None or torch.compiler.is_compiling():
+        return os.environ.get(_BACKEND_KEY, "auto")
+    raw = _ENVIRON.get(_RAW_BACKEND_KEY)
+    last_raw, last = _last_from_environment
+    if raw is last_raw or raw == last_raw:
+        return last
+    value = os.environ.get(_BACKEND_KEY, "auto")
+    _last_from_environment = (raw, value)
+    return value
+
+
 def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     """Resolve ``backend`` for a call whose main operand is ``tensor`` to the implementation
     that runs it: ``"triton"``, ``"native"`` or ``"torch"``.
@@ -40,7 +65,7 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
     ``backend="native"`` still picks the C++ kernels there.
     """
     if backend is None:
-        backend = os.environ.get("FUSED_CE_BACKEND", "auto")
+        backend = backend_from_environment()
         if backend not in BACKENDS:
             raise ValueError(
                 f"backend: None reads the environment variable FUSED_CE_BACKEND, which must be "
@@ -50,10 +75,10 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    # One device query per call (each builds a torch.device object): this runs on every loss.
-    device_type = tensor.device.type
+    # is_cpu / is_cuda, not tensor.device.type: building the torch.device costs 0.5 us, and this
+    # runs on every loss.
     if backend == "native":
-        if device_type != "cpu":
+        if not tensor.is_cpu:
             raise RuntimeError(
                 f"backend='native' runs on CPU tensors, got a tensor on {tensor.device}"
             )
@@ -62,9 +87,10 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
         return "native"
     if backend == "auto":
         # triton_runs_on, inlined.
-        if HAS_TRITON and (device_type == "cuda" or (INTERPRET and device_type == "cpu")):
+        is_cpu = tensor.is_cpu
+        if HAS_TRITON and (INTERPRET if is_cpu else tensor.is_cuda):
             return "triton"
-        return "native" if device_type == "cpu" and native_available() else "torch"
+        return "native" if is_cpu and native_available() else "torch"
     if not HAS_TRITON:
         raise RuntimeError(
             "backend='triton' needs the triton package, which is not installed "

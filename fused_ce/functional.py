@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._autocast import any_autocast_enabled, autocast_cast, autocast_dtype
 from ._backend import resolve
-from ._common import CEOptions, accumulation_dtype, class_rows
+from ._common import accumulation_dtype, class_rows
 from ._docs import share_ce_math
 from ._validation import (
     CETarget,
@@ -352,13 +352,22 @@ def softmax_cross_entropy(
         check_inplace(input)
 
     if native_op:
-        options = CEOptions(ignore_index, checked.label_smoothing, scale, cap)
         if scalar_loss:
             loss = ce_scalar_native(
-                input, target, weight, reduction == "mean", options, float(z_loss)
+                input,
+                target,
+                weight,
+                reduction == "mean",
+                ignore_index,
+                checked.label_smoothing,
+                scale,
+                cap,
+                float(z_loss),
             )
         else:
-            loss = ce_unreduced_native(input, target, weight, options)
+            loss = ce_unreduced_native(
+                input, target, weight, ignore_index, checked.label_smoothing, scale, cap
+            )
         return loss if loss.dtype == checked.out_dtype else loss.to(checked.out_dtype)
     n_rows = math.prod(batch_shape) if n_classes or not prob_target else math.nan
     if scalar_loss:

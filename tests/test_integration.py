@@ -310,7 +310,8 @@ def _assert_modules_agree(mine, reference, input, target):
 
 
 def _spy_on_implementations(monkeypatch) -> list[str]:
-    """Record the resolved backend each custom op receives."""
+    """Record the resolved backend each custom op receives (the eager native calls, which go
+    straight to their C++ op, as "native")."""
     calls: list[str] = []
     for module in (ce_ops, bce_ops):
 
@@ -318,7 +319,12 @@ def _spy_on_implementations(monkeypatch) -> list[str]:
             calls.append(backend)
             return original(family, backend)
 
+        def native_spy(name, original=module.native_op):
+            calls.append("native")
+            return original(name)
+
         monkeypatch.setattr(module, "implementation", spy)
+        monkeypatch.setattr(module, "native_op", native_spy)
     return calls
 
 
@@ -333,6 +339,24 @@ def test_env_var_selects_the_backend(backend_device, monkeypatch):
     fused_ce.sigmoid_binary_cross_entropy(logits, torch.rand_like(logits))
     fused_ce.softmax_cross_entropy(logits, index_target(3, 4, device), backend="torch")
     assert calls == [backend, backend, "torch"]
+
+
+def test_backend_env_var_is_read_on_every_call(monkeypatch):
+    """resolve() keeps the decoded FUSED_CE_BACKEND for the raw value it last saw: a change of
+    the variable, or its removal, takes effect on the next call."""
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("FUSED_CE_BACKEND", "torch")
+    assert backend_module.resolve(None, cpu) == "torch"
+    monkeypatch.setenv("FUSED_CE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="'bogus'"):
+        backend_module.resolve(None, cpu)
+    monkeypatch.setenv("FUSED_CE_BACKEND", "torch")
+    assert backend_module.resolve(None, cpu) == "torch"
+    monkeypatch.delenv("FUSED_CE_BACKEND")
+    assert backend_module.backend_from_environment() == "auto"
+    monkeypatch.setattr(backend_module, "native_available", lambda: True)
+    monkeypatch.setattr(backend_module, "INTERPRET", False)
+    assert backend_module.resolve(None, cpu) == "native"
 
 
 def test_auto_backend(monkeypatch):

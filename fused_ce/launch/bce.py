@@ -7,8 +7,12 @@ import functools
 import torch
 
 from .._common import accumulation_dtype, bce_rows_2d
+from ..cuda_launch import through_cpp
 from ..kernels.bce import bce_kernel
 from ._common import MAX_TILE, Launch, cdiv, launch_arguments, next_power_of_2, tl_dtype
+
+# FUSED_CE_CUDA_LAUNCH=cpp: CUDA launches through C++ (fused_ce.cuda_launch); else unchanged.
+bce_kernel = through_cpp(bce_kernel)
 
 _MAX_BLOCK_C = 1024
 

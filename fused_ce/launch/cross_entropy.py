@@ -10,6 +10,7 @@ import torch
 from .._backend import parallel_slots
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
+from ..cuda_launch import through_cpp
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ._common import (
     Launch,
@@ -52,6 +53,11 @@ def _device_caches(device: torch.device) -> tuple[int, int]:
         return _H200_CACHES
     props = torch.cuda.get_device_properties(device.index or 0)
     return props.multi_processor_count, props.L2_cache_size
+
+
+# FUSED_CE_CUDA_LAUNCH=cpp: CUDA launches through C++ (fused_ce.cuda_launch); else unchanged.
+ce_forward_kernel = through_cpp(ce_forward_kernel)
+ce_backward_kernel = through_cpp(ce_backward_kernel)
 
 
 def _split_fp64(value: float) -> tuple[float, float]:

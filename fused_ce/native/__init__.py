@@ -89,6 +89,7 @@ def _build_key(sources: Path) -> str:
         _build.KERNEL_COMPILE_ARGS,
         _build.KERNEL_LINK_ARGS,
         _build.AUTOGRAD_COMPILE_ARGS,
+        _build.AUTOGRAD_LINK_ARGS,
     )
     digest.update(repr(flags).encode())
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
@@ -117,16 +118,16 @@ def _compile_on_first_use(capability: str) -> Path:
         (
             root / capability,
             f"fused_ce_native_{capability}",
-            _build.KERNEL_SOURCE,
+            (_build.KERNEL_SOURCE,),
             _build.kernel_compile_args(capability),
             _build.KERNEL_LINK_ARGS,
         ),
         (
             root / "autograd",
             "fused_ce_native_autograd",
-            _build.AUTOGRAD_SOURCE,
+            _build.AUTOGRAD_SOURCES,
             _build.AUTOGRAD_COMPILE_ARGS,
-            [],
+            _build.AUTOGRAD_LINK_ARGS,
         ),
     )
     if not all((build[0] / f"{build[1]}{cpp_extension.LIB_EXT}").exists() for build in builds):
@@ -136,14 +137,14 @@ def _compile_on_first_use(capability: str) -> Path:
             file=sys.stderr,
             flush=True,
         )
-    for folder, name, source, compile_args, link_args in builds:
+    for folder, name, names, compile_args, link_args in builds:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             # Loads the library into the process (kernels first: they define the schemas).
             # Builds under a lock file in `folder`: a process that finds it taken waits.
             cpp_extension.load(
                 name=name,
-                sources=[str(sources / source)],
+                sources=[str(sources / source) for source in names],
                 extra_cflags=compile_args,
                 extra_ldflags=link_args,
                 extra_include_paths=[str(sources)],

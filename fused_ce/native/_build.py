@@ -6,6 +6,8 @@ No torch import here: ``setup.py`` reads this file before it knows whether torch
 
 from __future__ import annotations
 
+import sys
+
 # Capability -> compiler flags, as ATen builds its own per-capability kernels. Each capability
 # is the same source built with its flags, so ``at::vec::Vectorized`` has that width; never
 # ``-march=native``, which would make a wheel die with SIGILL on an older CPU.
@@ -32,9 +34,12 @@ KERNEL_LINK_ARGS = ["-fopenmp"]
 KERNEL_SOURCE = "library.cpp"
 
 # The C++ autograd of the scalar-loss ops: no vector code, so built once, not per capability;
-# it calls whichever capability's kernels are loaded through their ops.
+# it calls whichever capability's kernels are loaded through their ops. With it, the CUDA
+# driver launcher of Triton's cubins (cuda_launch.cpp): it opens libcuda at run time (hence
+# -ldl), so it builds without CUDA and loads on machines without a GPU.
 AUTOGRAD_COMPILE_ARGS = ["-O2", "-g0", "-std=c++20"]
-AUTOGRAD_SOURCE = "autograd.cpp"
+AUTOGRAD_LINK_ARGS = [] if sys.platform == "win32" else ["-ldl"]
+AUTOGRAD_SOURCES = ("autograd.cpp", "cuda_launch.cpp")
 
 
 def kernel_compile_args(capability: str) -> list[str]:

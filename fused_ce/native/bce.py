@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from .._common import bce_rows_2d
-from . import op as _op
 from . import ops
 
 
@@ -29,27 +28,3 @@ def run(
         input.shape, (input, target, weight, pos_weight, grad), loss_sum=loss_sum is not None
     )
     ops().bce(*operands, loss, grad_input, grad_target, loss_sum)
-
-
-def scalar_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-    mean: bool,
-) -> torch.Tensor:
-    """The ``'mean'`` (``mean``) or ``'sum'`` of the elementwise loss, 0-d in the accumulation
-    dtype, through ``fused_ce_native::bce_scalar``, whose autograd is C++ too (as
-    ``fused_ce.native.cross_entropy.scalar_loss``)."""
-    return _op("bce_scalar")(input, target, weight, pos_weight, mean)
-
-
-def unreduced_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    pos_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """The elementwise loss (``reduction='none'``), input's shape in target's dtype, through
-    ``fused_ce_native::bce_unreduced`` (C++ autograd). Eager CPU calls only."""
-    return _op("bce_unreduced")(input, target, weight, pos_weight)

@@ -7,7 +7,6 @@ import torch
 
 from .._common import CEOptions, accumulation_dtype
 from .._outputs import forward_outputs
-from . import op as _op
 from . import ops
 
 
@@ -76,33 +75,3 @@ def backward(
         grad_logits,
         grad_target,
     )
-
-
-def scalar_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: bool,
-    options: CEOptions,
-    z_loss: float,
-) -> torch.Tensor:
-    """The ``'mean'`` (``mean``) or ``'sum'`` of ``loss_n + z_loss * v_n * lse_n^2``, 0-d in
-    the accumulation dtype, of the public function's ``input`` and ``target`` (not the
-    ``(n_outer, C, n_inner)`` views: the C++ op makes them, so autograd records no view node),
-    through ``fused_ce_native::ce_scalar``, whose autograd is C++ too (csrc/autograd.cpp):
-    it checks the class indices, finds the divisor, and makes the gradients of the inputs that
-    require grad in the same pass, for its backward to hand out. Eager CPU calls only;
-    ``torch.compile`` and functorch go through ``fused_ce::ce_scalar``."""
-    return _op("ce_scalar")(input, target, weight, mean, *options, z_loss)
-
-
-def unreduced_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    options: CEOptions,
-) -> torch.Tensor:
-    """The per-row loss (``reduction='none'``, no z-loss) of the batch shape, in the
-    accumulation dtype, through ``fused_ce_native::ce_unreduced`` (C++ autograd: the backward
-    recomputes the gradient from the saved row statistics). Eager CPU calls only."""
-    return _op("ce_unreduced")(input, target, weight, *options)

@@ -10,6 +10,7 @@ import torch
 
 from .._common import accumulation_dtype
 from .._outputs import gradient_buffers as _grad_buffers
+from ..native import op as native_op
 from . import _composite
 from ._autograd import (
     dispatch,
@@ -343,7 +344,7 @@ def bce_scalar_native(
 ) -> torch.Tensor:
     """The same loss (``'mean'`` when ``mean``, else ``'sum'``) on the native backend in eager
     mode: one call of the C++ op whose autograd is C++ (``fused_ce_native::bce_scalar``)."""
-    return implementation("bce", "native").scalar_loss(input, target, weight, pos_weight, mean)
+    return native_op("bce_scalar")(input, target, weight, pos_weight, mean)
 
 
 def bce_unreduced_native(
@@ -354,4 +355,4 @@ def bce_unreduced_native(
 ) -> torch.Tensor:
     """``reduction='none'`` on the native backend in eager mode: the elementwise loss from one
     call of the C++ op whose autograd is C++ (``fused_ce_native::bce_unreduced``)."""
-    return implementation("bce", "native").unreduced_loss(input, target, weight, pos_weight)
+    return native_op("bce_unreduced")(input, target, weight, pos_weight)

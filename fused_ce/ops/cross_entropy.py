@@ -20,6 +20,7 @@ import torch
 
 from .._common import CEOptions, accumulation_dtype, class_rows
 from .._outputs import forward_outputs
+from ..native import op as native_op
 from ..torch_impl import cross_entropy as torch_impl
 from . import _composite
 from ._autograd import (
@@ -644,14 +645,19 @@ def ce_scalar_native(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     mean: bool,
-    options: CEOptions,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
     z_loss: float,
 ) -> torch.Tensor:
     """The same loss on the native backend in eager mode: one call of the C++ op whose
     autograd is C++ (``fused_ce_native::ce_scalar``, csrc/autograd.cpp), which also checks
-    the class indices and finds ``'mean'``'s divisor (``mean``; else a sum)."""
-    return implementation("cross_entropy", "native").scalar_loss(
-        input, target, weight, mean, options, z_loss
+    the class indices and finds ``'mean'``'s divisor (``mean``; else a sum): the
+    ``(n_outer, C, n_inner)`` views are made in C++, so autograd records no view node. Called
+    straight, with flat options: this is the whole Python layer of an eager native call."""
+    return native_op("ce_scalar")(
+        input, target, weight, mean, ignore_index, label_smoothing, logit_scale, softcap, z_loss
     )
 
 
@@ -659,10 +665,15 @@ def ce_unreduced_native(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    options: CEOptions,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: float,
 ) -> torch.Tensor:
     """``reduction='none'`` (no z-loss, no stats, no in-place backward) on the native backend in
     eager mode: the per-row loss of the batch shape, in the accumulation dtype, from one call
     of the C++ op whose autograd is C++ (``fused_ce_native::ce_unreduced``), which also checks
     the class indices."""
-    return implementation("cross_entropy", "native").unreduced_loss(input, target, weight, options)
+    return native_op("ce_unreduced")(
+        input, target, weight, ignore_index, label_smoothing, logit_scale, softcap
+    )
