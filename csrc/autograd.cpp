@@ -480,7 +480,7 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
     if (ignored == 0) {
       divisor = class_weight.index({target.to(at::kLong)}).sum();
     } else if (n_classes == 0) {
-      divisor = at::zeros({}, options);  // no class: every row is ignored
+      divisor = scalar_cpu(0.0, acc);  // no class: every row is ignored
     } else {
       const at::Tensor valid = target.to(at::kLong) != ignore_index;
       const at::Tensor index = at::where(valid, target, 0).to(at::kLong);
