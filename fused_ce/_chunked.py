@@ -296,3 +296,25 @@ def binary_cross_entropy(
             loss[rows] = chunk_loss.sum(1)
         if chunk_grad is not None:
             grads.add(rows, logits)
+
+
+def gathered_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    classes: torch.Tensor,
+    rows_per_chunk: int,
+) -> torch.Tensor:
+    """One logit per row, ``z[n, classes[n]] = x_n . W[classes[n]] + b[classes[n]]``, in
+    ``input``'s dtype as the chunk GEMM rounds it (the product summed in the accumulation
+    dtype), without the ``N x V`` logits: ``rows_per_chunk`` gathered weight rows at a time.
+    ``classes`` ``(N,)`` must be in ``[0, V)``."""
+    acc = accumulation_dtype(input.dtype)
+    out = input.new_empty(input.shape[0])
+    for rows in row_chunks(input.shape[0], rows_per_chunk):
+        index = classes[rows]
+        z = torch.linalg.vecdot(input[rows].to(acc), linear_weight[index].to(acc))
+        if linear_bias is not None:
+            z = z + linear_bias[index].to(acc)
+        out[rows] = z
+    return out

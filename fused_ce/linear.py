@@ -39,7 +39,15 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from .functional import CrossEntropyStats, _ce_divisor, _finish, _grad_scale, _reduce
+from ._chunked import chunk_rows, gathered_logits
+from .functional import (
+    CrossEntropyStats,
+    _ce_divisor,
+    _finish,
+    _grad_scale,
+    _reduce,
+    _target_log_prob,
+)
 from .ops.linear import (
     linear_bce_forward_call,
     linear_bce_scalar_call,
@@ -276,7 +284,7 @@ def linear_cross_entropy(
             *wants,
         )
         return loss.to(checked.out_dtype)
-    loss, lse, _, entropy, argmax = linear_ce_forward_call(
+    loss, lse, saved, entropy, argmax = linear_ce_forward_call(
         x,
         linear_weight,
         linear_bias,
@@ -291,6 +299,19 @@ def linear_cross_entropy(
         fused,
         backend,
     )
+    target_classes = target.argmax(-1) if prob_target and return_stats else target
+    target_log_prob = None
+    if return_stats:
+        target_logit = None
+        if n_classes and (prob_target or weight is not None or eps > 0.0):
+            # The loss is not the plain NLL: one gathered logit per row (N x D reads of the
+            # head, no logits).
+            index = target_classes.reshape(-1).long()
+            if checked.valid is not None:
+                index = torch.where(checked.valid.reshape(-1), index, 0)
+            rows = chunk_rows(rows_per_chunk, n_rows, n_classes, x, backend=backend)
+            target_logit = gathered_logits(x, linear_weight, linear_bias, index, rows)
+        target_log_prob = _target_log_prob(loss, saved, target_logit, scale, cap)
     return _finish(
         loss,
         lse,
@@ -298,12 +319,13 @@ def linear_cross_entropy(
         argmax,
         batch_shape=batch_shape,
         valid=checked.valid,
-        target_classes=target.argmax(-1) if prob_target and return_stats else target,
+        target_classes=target_classes,
         reduction=reduction,
         divisor=divisor,
         out_dtype=checked.out_dtype,
         z_loss=float(z_loss),
         return_stats=return_stats,
+        target_log_prob=target_log_prob,
     )
 
 
