@@ -50,7 +50,7 @@ def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dt
 
 
 class CrossEntropyStats(NamedTuple):
-    """What a cross-entropy entry point returns with ``return_stats=True``.
+    r"""What a cross-entropy entry point returns with ``return_stats=True``.
 
     * ``loss``: the loss exactly as without stats (z-loss included), differentiable.
     * ``lse``: per-token log-sum-exp of the final logits (after ``logit_scale`` and

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve
+from ._chunked import chunk_rows, gathered_logits
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
 from ._validation import (
@@ -39,7 +40,6 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from ._chunked import chunk_rows, gathered_logits
 from .functional import (
     CrossEntropyStats,
     _ce_divisor,
