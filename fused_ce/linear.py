@@ -58,6 +58,13 @@ from .ops.linear import (
 PATHS = ("auto", "chunked", "fused")
 
 
+def check_batch_invariant(batch_invariant: bool | None) -> bool:
+    """``batch_invariant`` as a bool (``None``: False, the free default of the chunked path)."""
+    if batch_invariant is not None and not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant: expected a bool or None, got {batch_invariant!r}")
+    return bool(batch_invariant)
+
+
 def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
     """Which operands want a gradient from this call (no host sync: Python attributes)."""
     enabled = torch.is_grad_enabled()
@@ -87,6 +94,7 @@ def linear_cross_entropy(
     z_loss: float = ...,
     return_stats: Literal[False] = ...,
     backend: str | None = ...,
+    batch_invariant: bool | None = ...,
 ) -> Tensor: ...
 
 
@@ -108,6 +116,7 @@ def linear_cross_entropy(
     z_loss: float = ...,
     return_stats: Literal[True],
     backend: str | None = ...,
+    batch_invariant: bool | None = ...,
 ) -> CrossEntropyStats: ...
 
 
@@ -129,6 +138,7 @@ def linear_cross_entropy(
     z_loss: float = ...,
     return_stats: bool,
     backend: str | None = ...,
+    batch_invariant: bool | None = ...,
 ) -> Tensor | CrossEntropyStats: ...
 
 
@@ -150,6 +160,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     return_stats: bool = False,
     backend: str | None = None,
+    batch_invariant: bool | None = None,
 ) -> Tensor | CrossEntropyStats:
     r"""Linear layer + softmax cross-entropy, fused: the result and gradients of
     ``softmax_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` (and of
@@ -188,6 +199,13 @@ def linear_cross_entropy(
         backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``; on the
             chunked path it picks the per-chunk loss kernels, the GEMMs being torch's. Default:
             ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        batch_invariant (bool, optional): each row's loss and input gradient are the same bits
+            whatever the other rows and the row's place in the batch. The fused path always
+            is (tiles of fixed shape); on the chunked path ``True`` gives every GEMM and
+            kernel call one shape (``chunk_size`` rows, default at most 256, the last chunk
+            padded with zero rows), at the cost of the padded rows' work and, for a large
+            ``V``, more and smaller chunks (see docs/determinism.md). Default: ``None``:
+            invariant where it costs nothing (the fused path), not on the chunked one.
 
     Returns:
         Tensor: the loss in ``input``'s dtype (the promoted dtype of input and target for
@@ -224,6 +242,7 @@ def linear_cross_entropy(
     check_target(target, input)
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    fixed_rows = check_batch_invariant(batch_invariant) and path != "fused"
     batch_shape = input.shape[:-1]
     wants = _grad_flags(
         input, linear_weight, linear_bias, target if target.is_floating_point() else None
@@ -282,6 +301,7 @@ def linear_cross_entropy(
             rows_per_chunk,
             backend,
             *wants,
+            fixed_rows,
         )
         return loss.to(checked.out_dtype)
     loss, lse, saved, entropy, argmax = linear_ce_forward_call(
@@ -298,6 +318,7 @@ def linear_cross_entropy(
         rows_per_chunk,
         fused,
         backend,
+        fixed_rows,
     )
     target_classes = target.argmax(-1) if prob_target and return_stats else target
     target_log_prob = None

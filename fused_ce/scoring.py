@@ -38,6 +38,7 @@ def linear_log_probs(
     chunk_size: int | None = None,
     path: str = "auto",
     backend: str | None = None,
+    batch_invariant: bool | None = None,
 ) -> Tensor:
     r"""Log-probabilities of ``tokens`` under the head ``z = F.linear(input, linear_weight,
     linear_bias)``, with gradient, without the ``N x V`` logits.
@@ -63,8 +64,9 @@ def linear_log_probs(
             Default: ``-100``.
         logit_scale (float, optional): multiplier of the logits (``1/T``). Default: ``1.0``.
         softcap (float, optional): a positive cap. Default: ``None``.
-        chunk_size (int, optional), path (str, optional), backend (str, optional): as in
-            :func:`fused_ce.linear_cross_entropy`. Defaults: ``None``, ``'auto'``, ``None``.
+        chunk_size (int, optional), path (str, optional), backend (str, optional),
+            batch_invariant (bool, optional): as in :func:`fused_ce.linear_cross_entropy`.
+            Defaults: ``None``, ``'auto'``, ``None``, ``None``.
 
     Returns:
         Tensor: the log-probabilities in the accumulation dtype (fp32; fp64 for fp64 input),
@@ -85,7 +87,7 @@ def linear_log_probs(
         True
         >>> logp.sum().backward()
     """
-    from .linear import PATHS
+    from .linear import PATHS, check_batch_invariant
 
     ignore_index = check_ignore_index(ignore_index)
     scale, cap = check_options(logit_scale, softcap, 0.0, False)
@@ -96,6 +98,7 @@ def linear_log_probs(
         raise TypeError(f"tokens: expected class indices (int64 or uint8), got {tokens.dtype}")
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    fixed_rows = check_batch_invariant(batch_invariant) and path != "fused"
     batch_shape = input.shape[:-1]
     check_ce_target(
         tokens,
@@ -129,6 +132,7 @@ def linear_log_probs(
         rows_per_chunk,
         fused,
         backend,
+        fixed_rows,
     )
     return -loss.view(batch_shape)
 
@@ -140,6 +144,7 @@ def linear_top_k(
     *,
     linear_bias: Tensor | None = None,
     chunk_size: int | None = None,
+    batch_invariant: bool | None = None,
 ) -> torch.return_types.topk:
     r"""The ``k`` largest logits of ``F.linear(input, linear_weight, linear_bias)`` per row and
     their classes, without the ``N x V`` logits: ``torch.topk(logits, k, dim=-1)`` (values
@@ -156,6 +161,9 @@ def linear_top_k(
         linear_bias (Tensor, optional): ``(V,)``. Default: ``None``.
         chunk_size (int, optional): rows per chunk (see :func:`fused_ce.linear_cross_entropy`).
             Default: ``None``.
+        batch_invariant (bool, optional): each row's result independent of the other rows:
+            every GEMM of one shape, the last chunk padded (see
+            :func:`fused_ce.linear_cross_entropy`). Default: ``None`` (off).
 
     Returns:
         torch.return_types.topk: ``(values, indices)``, values in ``input``'s dtype, indices
@@ -173,21 +181,34 @@ def linear_top_k(
         >>> torch.equal(top.indices, torch.topk(hidden @ head.T, 3).indices)
         True
     """
+    from .linear import check_batch_invariant
+
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
+    fixed_rows = check_batch_invariant(batch_invariant)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n_classes:
         raise ValueError(f"k: expected an int in [0, {n_classes}] (the classes), got {k!r}")
     x = input.detach().reshape(-1, input.shape[-1])
     n_rows = x.shape[0]
     values = x.new_empty(n_rows, k)
     indices = torch.empty(n_rows, k, dtype=torch.int64, device=x.device)
-    rows_per_chunk = chunked.chunk_rows(rows_per_chunk, n_rows, n_classes, x)
-    buffer = x.new_empty(min(rows_per_chunk, n_rows), n_classes)
+    if fixed_rows:
+        rows_per_chunk = chunked.fixed_chunk_rows(rows_per_chunk, n_classes, x)
+        buffer = x.new_empty(rows_per_chunk, n_classes)
+    else:
+        rows_per_chunk = chunked.chunk_rows(rows_per_chunk, n_rows, n_classes, x)
+        buffer = x.new_empty(min(rows_per_chunk, n_rows), n_classes)
     weight = linear_weight.detach()
     bias = linear_bias.detach() if linear_bias is not None else None
     with torch.no_grad():
         for rows in chunked.row_chunks(n_rows, rows_per_chunk):
-            logits = chunked.chunk_logits(buffer, x, weight, bias, rows)
+            n = rows.stop - rows.start
+            pad = buffer.shape[0] - n if fixed_rows else 0
+            if pad:
+                padded = chunked.pad_rows(x[rows], pad)
+                logits = chunked.chunk_logits(buffer, padded, weight, bias, slice(0, n + pad))[:n]
+            else:
+                logits = chunked.chunk_logits(buffer, x, weight, bias, rows)
             torch.topk(logits, k, dim=1, out=(values[rows], indices[rows]))
     shape = (*input.shape[:-1], k)
     return torch.return_types.topk((values.view(shape), indices.view(shape)))

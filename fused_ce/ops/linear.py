@@ -30,7 +30,15 @@ from ._autograd import dispatch, double_backward_message, eager_function, forbid
 from ._impl import implementation
 
 
-def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor, backend: str) -> int:
+def _rows(
+    chunk_size: int,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    backend: str,
+    fixed_rows: bool = False,
+) -> int:
+    if fixed_rows:
+        return chunked.fixed_chunk_rows(chunk_size, linear_weight.shape[0], input, backend=backend)
     return chunked.chunk_rows(
         chunk_size, input.shape[0], linear_weight.shape[0], input, backend=backend
     )
@@ -90,11 +98,13 @@ def _linear_ce_forward(
     chunk_size: int,
     fused: bool,
     backend: str,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` (see ``fused_ce::ce_forward``) of
     ``cross_entropy(input @ linear_weight.T + linear_bias)``; ``target`` is ``(N,)`` class
     indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is automatic; ``fused`` picks the
-    Triton kernels that never write logits."""
+    Triton kernels that never write logits; ``fixed_rows`` makes every chunk the same shape
+    (batch invariance, see ``fused_ce._chunked.cross_entropy``)."""
     operands = (input, linear_weight, linear_bias, target, weight)
     options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     if fused:
@@ -104,9 +114,10 @@ def _linear_ce_forward(
     return chunked.cross_entropy(
         *operands,
         options,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("cross_entropy", backend),
         with_stats=with_stats,
+        fixed_rows=fixed_rows,
     )
 
 
@@ -130,6 +141,7 @@ def _(
     chunk_size,
     fused,
     backend,
+    fixed_rows=False,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
     return forward_outputs(input.shape[0], dtype, input.device, with_stats)
@@ -155,6 +167,7 @@ def _linear_ce_backward(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss`` (and optionally ``grad_lse``),
     recomputing the logits; each is empty unless asked for."""
@@ -188,13 +201,14 @@ def _linear_ce_backward(
         target,
         weight,
         options,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("cross_entropy", backend),
         saved=saved,
         grad_loss=grad_loss,
         grad_lse=grad_lse,
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (*grads.results(), grad_target)
 
@@ -225,6 +239,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     return _grad_buffers(
         input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
@@ -246,6 +261,7 @@ def _ce_setup_context(ctx, inputs, output):
         chunk_size,
         fused,
         backend,
+        *fixed_rows,
     ) = inputs
     _, _, saved, entropy, _ = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, saved)
@@ -253,11 +269,12 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, label_smoothing, logit_scale, softcap)
     ctx.path = (chunk_size, fused, backend)
+    ctx.fixed_rows = bool(fixed_rows and fixed_rows[0])
 
 
 # linear_ce_forward's inputs: 4 that may have gradients (input, linear_weight, linear_bias,
-# target), then the class weight and 8 options, which have none.
-_CE_NO_GRADS = (None,) * 9
+# target), then the class weight and 9 options, which have none.
+_CE_NO_GRADS = (None,) * 10
 
 
 def _ce_backward(ctx, grad_loss, grad_lse, *unused):
@@ -284,6 +301,7 @@ def _ce_backward(ctx, grad_loss, grad_lse, *unused):
         needs[1],
         needs[2],
         target_grad,
+        ctx.fixed_rows,
     )
     return _wanted(grads, needs[:3] + (target_grad,)) + _CE_NO_GRADS
 
@@ -308,6 +326,7 @@ def _linear_ce_scalar(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scale * sum_n loss_n, dX, dW, db, dtarget)``: the reduced loss and its gradients from
     one chunked sweep (the chunked path only)."""
@@ -320,11 +339,12 @@ def _linear_ce_scalar(
         target,
         weight,
         CEOptions(ignore_index, label_smoothing, logit_scale, softcap),
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("cross_entropy", backend),
         grad_scale=scale.to(accumulation_dtype(input.dtype, target.dtype)),
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (loss.sum() * scale, *grads.results(), grad_target)
 
@@ -352,6 +372,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
     return (
