@@ -29,7 +29,10 @@ def threads(request):
 
 
 @pytest.fixture
-def deterministic_algorithms():
+def deterministic_algorithms(monkeypatch):
+    # torch refuses cuBLAS GEMMs in deterministic mode without this (its rule for any matmul;
+    # read at each call). No effect on a CPU.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
