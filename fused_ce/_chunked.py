@@ -337,6 +337,7 @@ def binary_cross_entropy(
     grad: torch.Tensor | None = None,
     grads: LinearGrads | None = None,
     grad_target: torch.Tensor | None = None,
+    fixed_rows: bool = False,
 ) -> None:
     """Elementwise loss and gradients of ``binary_cross_entropy_with_logits(x @ W^T + b)``.
 
@@ -345,22 +346,43 @@ def binary_cross_entropy(
     ``fused_ce.native`` or ``fused_ce.torch_impl``). ``loss`` receives the ``(N, C)``
     elementwise loss or, when it is 1-D, the per-row sums in the accumulation dtype (so a mean
     or sum never holds ``N x C``). ``grad`` (the upstream gradient of the elementwise loss),
-    when given, sends gradients to ``grads`` and ``grad_target``.
+    when given, sends gradients to ``grads`` and ``grad_target``. ``fixed_rows``: chunks of
+    exactly ``rows_per_chunk`` rows, as in :func:`cross_entropy` (padded rows: zero inputs,
+    targets, weights and upstream gradients; they reach no output).
     """
     n_rows = input.shape[0]
     n_classes = linear_weight.shape[0]
-    buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
+    buffer = input.new_empty(
+        rows_per_chunk if fixed_rows else min(rows_per_chunk, n_rows), n_classes
+    )
     row_sums = loss is not None and loss.dim() == 1
     for rows in row_chunks(n_rows, rows_per_chunk):
-        logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows)
-        operands = [t[rows] if t is not None else None for t in (target, weight, pos_weight)]
+        n = rows.stop - rows.start
+        pad = buffer.shape[0] - n if fixed_rows else 0
+        if pad:
+            logits = chunk_logits(
+                buffer, pad_rows(input[rows], pad), linear_weight, linear_bias, slice(0, n + pad)
+            )
+        else:
+            logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows)
+        operands = [
+            pad_rows(t[rows], pad) if t is not None else None for t in (target, weight, pos_weight)
+        ]
         chunk_loss = None
         if loss is not None:
-            chunk_loss = torch.empty_like(logits, dtype=loss.dtype) if row_sums else loss[rows]
-        chunk_grad = grad[rows] if grad is not None else None
+            chunk_loss = (
+                torch.empty_like(logits, dtype=loss.dtype) if row_sums or pad else loss[rows]
+            )
+        chunk_grad = pad_rows(grad[rows], pad) if grad is not None else None
+        chunk_grad_target = None
         if grad_target is not None:
+            chunk_grad_target = (
+                torch.empty_like(logits, dtype=grad_target.dtype) if pad else grad_target[rows]
+            )
             # Before the in-place pass below overwrites the logits it needs.
-            bce.run(logits, *operands, chunk_grad, None, None, grad_target[rows])
+            bce.run(logits, *operands, chunk_grad, None, None, chunk_grad_target)
+            if pad:
+                grad_target[rows] = chunk_grad_target[:n]
         # One pass: the loss, then dL/dz in place of the logits (each element is read first).
         bce.run(
             logits,
@@ -371,7 +393,9 @@ def binary_cross_entropy(
             None,
         )
         if row_sums:
-            loss[rows] = chunk_loss.sum(1)
+            loss[rows] = chunk_loss.sum(1)[:n]
+        elif pad and loss is not None:
+            loss[rows] = chunk_loss[:n]
         if chunk_grad is not None:
             grads.add(rows, logits)
 

@@ -361,6 +361,7 @@ def linear_binary_cross_entropy_with_logits(
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str | None = None,
+    batch_invariant: bool | None = None,
 ) -> Tensor:
     r"""Linear layer + sigmoid binary cross-entropy, fused: the result and gradients of
     ``sigmoid_binary_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
@@ -392,6 +393,10 @@ def linear_binary_cross_entropy_with_logits(
             Default: ``None``.
         backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``: the
             per-chunk BCE kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        batch_invariant (bool, optional): each row's loss and input gradient the same bits in
+            any batch, by fixed-shape chunks (see :func:`linear_cross_entropy`; the torch
+            backend's elementwise BCE itself is not bitwise invariant, docs/determinism.md).
+            Default: ``None`` (off).
 
     Returns:
         Tensor: the loss in ``target``'s dtype (as torch), computed in fp32 (fp64 for fp64
@@ -415,6 +420,7 @@ def linear_binary_cross_entropy_with_logits(
     check_reduction(reduction)
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
+    fixed_rows = check_batch_invariant(batch_invariant)
     check_target(target, input)
     check_floating("target", target)
     logits_shape = (*input.shape[:-1], n_classes)
@@ -449,6 +455,7 @@ def linear_binary_cross_entropy_with_logits(
             rows_per_chunk,
             backend,
             *wants,
+            fixed_rows,
         )
         return loss.to(target.dtype)
     loss = linear_bce_forward_call(
@@ -460,6 +467,7 @@ def linear_binary_cross_entropy_with_logits(
         rows_per_chunk,
         backend,
         reduction != "none",
+        fixed_rows,
     )
     if reduction == "none":
         return loss.view(logits_shape)

@@ -5,8 +5,8 @@
 * Batch invariance of the losses on logits: a row's loss and gradient have the same bits
   whatever the other rows are and wherever the row sits (batch of 1, 7, 300; first, last;
   ignored padding rows added).
-* The linear heads with ``batch_invariant=True`` (and the fused Triton path by default): the
-  same for a row's loss and input gradient.
+* The linear heads (CE and BCE) with ``batch_invariant=True`` (and the fused Triton path by
+  default): the same for a row's loss and input gradient.
 """
 
 from __future__ import annotations
@@ -313,6 +313,22 @@ def test_batch_invariance_linear_heads(backend_device, threads):
         n_big = 40 if backend == "triton" else 300
         _check_invariance(ce, make_row, make_target, -100, n_big)
         _check_invariance(log_probs, make_row, make_target, -100, n_big, reductions=("none",))
+        if "path" in options:
+            continue  # the BCE head has no fused path
+
+        def bce(x, t, reduction, options=options):
+            return fused_ce.linear_binary_cross_entropy_with_logits(
+                x, head, t, linear_bias=bias, reduction=reduction, backend=backend, **options
+            )
+
+        _check_invariance(
+            bce,
+            make_row,
+            lambda n, seed: torch.rand((n, v), generator=generator(seed)).to(device),
+            0.0,
+            n_big,
+            ulps=TORCH_BACKEND_BCE_ULPS if backend == "torch" else 0,
+        )
 
 
 def test_batch_invariance_top_k():

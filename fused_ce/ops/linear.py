@@ -403,6 +403,7 @@ def _linear_bce_forward(
     chunk_size: int,
     backend: str,
     row_sums: bool,
+    fixed_rows: bool = False,
 ) -> torch.Tensor:
     """The ``(N, C)`` elementwise loss (``target``'s dtype) of ``binary_cross_entropy_with_
     logits(input @ linear_weight.T + linear_bias, target)``, or with ``row_sums`` its ``(N,)``
@@ -416,9 +417,10 @@ def _linear_bce_forward(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("bce", backend),
         loss=loss,
+        fixed_rows=fixed_rows,
     )
     return loss
 
@@ -435,7 +437,18 @@ linear_bce_forward = torch.library.custom_op(
 
 
 @linear_bce_forward.register_fake
-def _(input, linear_weight, linear_bias, target, weight, pos_weight, chunk_size, backend, row_sums):
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    pos_weight,
+    chunk_size,
+    backend,
+    row_sums,
+    fixed_rows=False,
+):
     return _bce_loss_buffer(input, linear_weight, target, row_sums)
 
 
@@ -453,6 +466,7 @@ def _linear_bce_backward(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dW, db, dtarget)`` for ``grad`` of the elementwise loss (``(N, C)``) or of its row
     sums (``(N,)``), recomputing the logits; each is empty unless asked for."""
@@ -467,11 +481,12 @@ def _linear_bce_backward(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("bce", backend),
         grad=grad,
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (*grads.results(), grad_target)
 
@@ -496,6 +511,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     return _grad_buffers(
         input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
@@ -513,14 +529,16 @@ def _bce_setup_context(ctx, inputs, output):
         chunk_size,
         backend,
         _row_sums,
+        *fixed_rows,
     ) = inputs
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, pos_weight)
     ctx.options = (chunk_size, backend)
+    ctx.fixed_rows = bool(fixed_rows and fixed_rows[0])
 
 
-# linear_bce_forward's inputs after the 4 that may have gradients: weight, pos_weight and 3
+# linear_bce_forward's inputs after the 4 that may have gradients: weight, pos_weight and 4
 # options.
-_BCE_NO_GRADS = (None,) * 5
+_BCE_NO_GRADS = (None,) * 6
 
 
 def _bce_backward(ctx, grad):
@@ -540,6 +558,7 @@ def _bce_backward(ctx, grad):
         needs[1],
         needs[2],
         needs[3],
+        ctx.fixed_rows,
     )
     return _wanted(grads, needs[:4]) + _BCE_NO_GRADS
 
@@ -561,6 +580,7 @@ def _linear_bce_scalar(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scale * sum loss, dX, dW, db, dtarget)`` from one chunked sweep."""
     loss = _bce_loss_buffer(input, linear_weight, target, True)
@@ -573,12 +593,13 @@ def _linear_bce_scalar(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("bce", backend),
         loss=loss,
         grad=scale.to(loss.dtype).expand(target.shape),
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (loss.sum() * scale, *grads.results(), grad_target)
 
@@ -603,6 +624,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     return (
         input.new_empty((), dtype=accumulation_dtype(input.dtype, target.dtype)),
