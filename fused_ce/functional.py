@@ -302,7 +302,8 @@ def softmax_cross_entropy(
         z_loss (float, optional): :math:`\lambda \ge 0`, the weight of the
             :math:`\mathrm{lse}^2` term. Default: ``0.0``.
         return_stats (bool, optional): return a :class:`CrossEntropyStats` ``(loss, lse,
-            z_loss, entropy, accuracy)`` instead of the loss alone. Default: ``False``.
+            z_loss, entropy, accuracy, target_log_prob, argmax, correct)`` instead of the loss
+            alone. Default: ``False``.
         inplace_backward (bool, optional): the backward writes the input gradient over
             ``input``'s memory (saves an ``N x C`` buffer). ``input`` must not be a leaf that
             requires grad, and nothing else may need its values later: a use saved by another
