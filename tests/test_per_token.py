@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from _reference import generator, randn
 
 import fused_ce
+from fused_ce._memory import peak_bytes
 from fused_ce.app.check import TIGHT
 
 CASES = {
@@ -207,3 +208,39 @@ def test_linear_top_k_bad_k():
     for k in (-1, 6, 2.0, True):
         with pytest.raises(ValueError, match="k:"):
             fused_ce.linear_top_k(x, head, k)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_scorers_and_stats_memory(backend):
+    """At one linear head's memory: the peak of each (forward + backward where there is one)
+    is within 1.25 x that of linear_cross_entropy's own ('none', the same chunked path) and
+    below 0.75 x the N x V fp32 logits (131 MB here) that the plain way holds."""
+    n, d, v = 1024, 32, 32000
+    x = randn((n, d), 40, "cpu").requires_grad_()
+    head = randn((v, d), 41, "cpu", scale=0.2).requires_grad_()
+    tokens = torch.randint(0, v, (n,), generator=generator(42))
+    weight = torch.rand(v, generator=generator(43)) + 0.5
+    logits_bytes = n * v * 4
+
+    def head_alone():
+        loss = fused_ce.linear_cross_entropy(x, head, tokens, reduction="none", backend=backend)
+        loss.sum().backward()
+
+    def log_probs():
+        fused_ce.linear_log_probs(x, head, tokens, backend=backend).sum().backward()
+
+    def stats():
+        out = fused_ce.linear_cross_entropy(
+            x, head, tokens, weight=weight, return_stats=True, backend=backend
+        )
+        out.loss.backward()
+
+    def top_k():
+        fused_ce.linear_top_k(x, head, 5)
+
+    plain = peak_bytes(lambda: torch.log_softmax(x @ head.T, -1).sum().backward())
+    assert plain >= logits_bytes  # the measurement sees the logits
+    one_head = peak_bytes(head_alone)
+    for step in (log_probs, stats, top_k):
+        peak = peak_bytes(step)
+        assert peak <= 1.25 * one_head and peak < 0.75 * logits_bytes, (step.__name__, peak)
