@@ -347,3 +347,57 @@ def test_batch_invariant_bad_value():
     x, head, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
     with pytest.raises(TypeError, match="batch_invariant"):
         fused_ce.linear_cross_entropy(x, head, y, batch_invariant="yes")
+
+
+def test_fixed_rows_opcheck():
+    """The ops' batch-invariant flag (a trailing bool with a default) passes torch's custom-op
+    checks: fake kernels, schema, autograd registration."""
+    from fused_ce.ops import linear as ops
+
+    x = randn((10, 8), 50, "cpu").requires_grad_()
+    w = randn((13, 8), 51, "cpu").requires_grad_()
+    b = randn((13,), 52, "cpu").requires_grad_()
+    y = torch.randint(0, 13, (10,), generator=generator(53))
+    bits = torch.rand(10, 13, generator=generator(54))
+    scale = torch.tensor(0.1)
+    options = (-100, 0.1, 1.0, 0.0)
+    cases = [
+        (ops.linear_ce_forward, (x, w, b, y, None, *options, True, 4, False, "torch", True)),
+        (
+            ops.linear_ce_scalar,
+            (x.detach(), w.detach(), b.detach(), y, None, scale, *options, 4, "torch")
+            + (True, True, True, False, True),
+        ),
+        (ops.linear_bce_forward, (x, w, b, bits, None, None, 4, "torch", True, True)),
+        (
+            ops.linear_bce_scalar,
+            (x.detach(), w.detach(), b.detach(), bits, None, None, scale, 4, "torch")
+            + (True, True, True, False, True),
+        ),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_batch_invariant_matches_eager():
+    x = randn((10, 8), 55, "cpu")
+    w = randn((13, 8), 56, "cpu")
+    y = torch.randint(0, 13, (10,), generator=generator(57))
+
+    def loss_fn(x, w):
+        ce = fused_ce.linear_cross_entropy(
+            x, w, y, reduction="none", chunk_size=4, batch_invariant=True, backend="torch"
+        )
+        logp = fused_ce.linear_log_probs(x, w, y, chunk_size=4, batch_invariant=True)
+        stats = fused_ce.linear_cross_entropy(x, w, y, return_stats=True, backend="torch")
+        return ce.sum() - logp.sum() + stats.loss + stats.target_log_prob.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [t.detach().requires_grad_() for t in (x, w)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for eager, traced in zip(*results, strict=True):
+        assert torch.equal(eager, traced)
