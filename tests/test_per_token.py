@@ -244,3 +244,29 @@ def test_scorers_and_stats_memory(backend):
     for step in (log_probs, stats, top_k):
         peak = peak_bytes(step)
         assert peak <= 1.25 * one_head and peak < 0.75 * logits_bytes, (step.__name__, peak)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stats_per_token_low_precision(backend_device, dtype):
+    """Half-precision logits: the per-token fields (computed in fp32) within twice the error of
+    torch's own same-dtype log_softmax, and argmax exactly torch's on the same logits."""
+    backend, device = backend_device
+    logits = randn((6, 29), 60, device, dtype, scale=4.0)
+    target = torch.randint(0, 29, (6,), generator=generator(61)).to(device)
+    target[3] = -100
+    stats = fused_ce.softmax_cross_entropy(
+        logits,
+        target,
+        weight=torch.rand(29, generator=generator(62)).to(device, dtype) + 0.5,
+        return_stats=True,
+        backend=backend,
+    )
+    valid = target != -100
+    index = torch.where(valid, target, 0)[:, None]
+    oracle = torch.where(valid, torch.log_softmax(logits.double(), 1).gather(1, index)[:, 0], 0.0)
+    same_dtype = torch.log_softmax(logits, 1).gather(1, index)[:, 0].double()
+    torch_error = (torch.where(valid, same_dtype, 0.0) - oracle).abs().max().item()
+    ours_error = (stats.target_log_prob.double() - oracle).abs().max().item()
+    assert ours_error <= 2 * torch_error + torch.finfo(dtype).eps * oracle.abs().max().item()
+    assert torch.equal(stats.argmax, logits.argmax(1))
+    assert torch.equal(stats.correct, (logits.argmax(1) == target) & valid)
