@@ -92,6 +92,17 @@ def test_stats_per_token_probability_targets(backend_device):
     _check_stats(stats, logits.double(), target.argmax(1), {}, 1, torch.float32)
 
 
+def test_stats_per_token_linear_head_probability_targets(backend_device):
+    backend, device = backend_device
+    x = randn((7, 8), 63, device, torch.float64)
+    head = randn((13, 8), 64, device, torch.float64)
+    target = torch.softmax(randn((7, 13), 65, device, torch.float64, scale=3.0), 1)
+    stats = fused_ce.linear_cross_entropy(
+        x, head, target, return_stats=True, chunk_size=3, backend=backend
+    )
+    _check_stats(stats, x @ head.T, target.argmax(1), {}, -1, torch.float64)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_stats_per_token_linear_head(backend_device, case):
     """fp64 operands: the chunked GEMMs then agree with the full product to fp64 rounding, so
