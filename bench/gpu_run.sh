@@ -6,7 +6,8 @@
 # 1. installs the peers' wheels from .whl/ (liger-kernel, cut-cross-entropy; pure Python) with
 #    --no-deps into a scratch folder, when .whl/ holds any;
 # 2. runs the test suite on CUDA (capped at TESTS_CAP_S seconds; over 8 workers when
-#    pytest-xdist is installed) -> tests.log, junit.xml;
+#    pytest-xdist is installed) -> tests.log, junit.xml; then bench/determinism.py (60 s cap)
+#    -> determinism.json;
 # 3. runs the benchmark suite with its ceilings (a soft budget so it ends normally and writes
 #    its JSON, plus a hard cap) -> bench.log, bench.json;
 # 4. renders bench.md, ce_time.png and frac_bw.png from the JSON.
@@ -55,6 +56,12 @@ timeout -k 10 "$TESTS_CAP_S" "$PY" -m pytest tests "${xdist[@]}" -q -rf --maxfai
 rc_tests=$?
 [ "$rc_tests" = 124 ] && echo "tests: stopped at the ${TESTS_CAP_S} s cap" | tee -a "$OUTDIR/tests.log"
 tail -n 3 "$OUTDIR/tests.log"
+
+echo "== determinism and batch invariance (cap 60 s) -> determinism.json"
+# docs/determinism.md's statements at V 32768 on the GPU, and what batch_invariant costs.
+timeout -k 5 60 "$PY" bench/determinism.py --device cuda --out "$OUTDIR/determinism.json" \
+    >"$OUTDIR/determinism.log" 2>&1
+echo "determinism: exit $? ($(grep -c '"run_to_run": true' "$OUTDIR/determinism.log") ops bitwise run to run)"
 
 # The benchmarks get what is left, less a reserve for the report; the soft budget stops
 # starting new cases 60 s before the hard cap, so the JSON is written.

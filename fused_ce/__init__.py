@@ -16,6 +16,7 @@ from .functional import (
     softmax_cross_entropy,
 )
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
+from .scoring import linear_log_probs, linear_top_k
 
 __all__ = [
     "CrossEntropyStats",
@@ -27,6 +28,8 @@ __all__ = [
     "linear_cross_entropy",
     "linear_jsd",
     "linear_kl_div",
+    "linear_log_probs",
+    "linear_top_k",
     "nn",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

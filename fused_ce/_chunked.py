@@ -47,6 +47,27 @@ NATIVE_CPU_CHUNK_BYTES = 64 << 20
 NATIVE_CPU_CHUNK_FRACTION = 4
 
 
+# Batch-invariant heads (``fixed_rows``): every GEMM has this many rows (the last chunk padded
+# with zero rows), so a row's logits and input gradient come from a GEMM of one shape whatever
+# the batch. Measured (MKL, fp32, 1 and 2 threads): a row's bits at any position of a
+# fixed-shape product are the same, while a GEMM of another row count changes them by up to
+# 2.7e-5 (128 x 512 x 1000). Capped so a short batch pads few rows; at most this many rows of
+# wasted GEMM work per call.
+BATCH_INVARIANT_ROWS = 256
+
+
+def fixed_chunk_rows(
+    chunk_size: int, n_classes: int, input: torch.Tensor, *, backend: str = "torch"
+) -> int:
+    """Rows per chunk of a batch-invariant head: ``chunk_size`` when positive, else the budget
+    rule of :func:`chunk_rows` capped at ``BATCH_INVARIANT_ROWS``; never the row count, so the
+    GEMM shapes do not depend on the batch."""
+    if chunk_size > 0:
+        return chunk_size
+    budget = chunk_rows(0, 1 << 62, n_classes, input, backend=backend)
+    return min(BATCH_INVARIANT_ROWS, budget)
+
+
 def chunk_rows(
     chunk_size: int, n_rows: int, n_classes: int, input: torch.Tensor, *, backend: str = "torch"
 ) -> int:
@@ -132,9 +153,16 @@ class LinearGrads:
         self.grad_bias = linear_weight.new_zeros(n_classes if bias_grad else 0, dtype=acc)
 
     def add(self, rows: slice, grad_logits: torch.Tensor) -> None:
-        """Take one chunk's ``G`` (``rows x V``, the input dtype)."""
+        """Take one chunk's ``G`` (``rows x V``, the input dtype). A padded chunk's ``G`` has
+        more rows than ``rows`` (see :func:`cross_entropy`'s ``fixed_rows``): its ``dX`` GEMM
+        keeps the padded shape, its ``dW`` and ``db`` take the real rows only."""
+        n = rows.stop - rows.start
         if self.input_grad:
-            torch.mm(grad_logits, self.linear_weight, out=self.grad_input[rows])
+            if grad_logits.shape[0] == n:
+                torch.mm(grad_logits, self.linear_weight, out=self.grad_input[rows])
+            else:
+                self.grad_input[rows] = torch.mm(grad_logits, self.linear_weight)[:n]
+        grad_logits = grad_logits[:n]
         if self.weight_grad:
             accumulate_product(self.grad_weight, grad_logits.t(), self.input[rows])
         if self.bias_grad:
@@ -188,6 +216,7 @@ def cross_entropy(
     grad_scale: torch.Tensor | None = None,
     grads: LinearGrads | None = None,
     grad_target: torch.Tensor | None = None,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` of ``cross_entropy(x @ W^T + b,
     target)`` (as the core ``ce.forward`` returns them), and gradients.
@@ -204,6 +233,11 @@ def cross_entropy(
       the backward, recomputing each chunk's logits; nothing is returned.
 
     Gradients go to ``grads`` and, for probability targets, into ``grad_target`` (``(N, V)``).
+
+    ``fixed_rows``: every chunk has exactly ``rows_per_chunk`` rows, a short one padded with
+    zero rows whose targets are ``ignore_index`` (zero probabilities) and whose upstream
+    gradients are 0, so each GEMM and kernel call has one shape whatever ``N`` is: a row's
+    loss and ``dX`` are then the same bits in any batch (padded rows reach no output).
     """
     n_rows = input.shape[0]
     n_classes = linear_weight.shape[0]
@@ -213,12 +247,24 @@ def cross_entropy(
         dtype = accumulation_dtype(input.dtype, target.dtype)
         outputs = forward_outputs(n_rows, dtype, input.device, with_stats)
         saved = outputs[2]
-    buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
+    buffer = input.new_empty(
+        rows_per_chunk if fixed_rows else min(rows_per_chunk, n_rows), n_classes
+    )
     for rows in row_chunks(n_rows, rows_per_chunk):
-        logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
+        n = rows.stop - rows.start
+        pad = buffer.shape[0] - n if fixed_rows else 0
+        if pad:
+            logits = chunk_logits(
+                buffer, pad_rows(input[rows], pad), linear_weight, linear_bias, slice(0, n + pad)
+            ).unsqueeze(-1)
+        else:
+            logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows).unsqueeze(-1)
         # (rows, 1) class indices or (rows, V, 1) probabilities: the core's 3-D layout.
-        chunk_target = target[rows].unsqueeze(-1)
-        chunk_grad_target = grad_target[rows].unsqueeze(-1) if grad_target is not None else None
+        chunk_target = _padded_target(target[rows], pad, options.ignore_index).unsqueeze(-1)
+        chunk_grad_target = None
+        if grad_target is not None:
+            chunk_grad_target = pad_rows(grad_target[rows], pad) if pad else grad_target[rows]
+            chunk_grad_target = chunk_grad_target.unsqueeze(-1)
         if compute_stats:
             chunk_outputs = ce.forward(
                 logits,
@@ -232,24 +278,56 @@ def cross_entropy(
             )
             for out, value in zip(outputs, chunk_outputs, strict=True):
                 if out.dim() == 2:
-                    out[:, rows] = value
+                    out[:, rows] = value[:, :n]
                 elif out.numel():
-                    out[rows] = value
+                    out[rows] = value[:n]
         if grad_loss is not None:
             ce.backward(
-                grad_loss[rows],
-                grad_lse[rows] if grad_lse is not None else None,
+                pad_rows(grad_loss[rows], pad),
+                pad_rows(grad_lse[rows], pad) if grad_lse is not None else None,
                 logits,
                 chunk_target,
                 weight,
-                saved[:, rows],
+                pad_rows(saved[:, rows], pad, dim=1),
                 options,
                 logits,  # in place: the chunk buffer becomes dL/dz
                 chunk_grad_target,
             )
+        if (
+            pad
+            and chunk_grad_target is not None
+            and (grad_loss is not None or grad_scale is not None)
+        ):
+            grad_target[rows] = chunk_grad_target.squeeze(-1)[:n]
         if grad_loss is not None or grad_scale is not None:
             grads.add(rows, logits.squeeze(-1))
     return outputs
+
+
+def pad_rows(rows: torch.Tensor, pad: int, dim: int = 0) -> torch.Tensor:
+    """``rows`` followed by ``pad`` zeros along ``dim`` (``rows`` itself when ``pad`` is 0);
+    contiguous."""
+    if not pad:
+        return rows
+    shape = list(rows.shape)
+    shape[dim] += pad
+    out = rows.new_zeros(shape)
+    out.narrow(dim, 0, rows.shape[dim]).copy_(rows)
+    return out
+
+
+def _padded_target(target: torch.Tensor, pad: int, ignore_index: int) -> torch.Tensor:
+    """A chunk's target padded with rows that contribute nothing: ``ignore_index`` class
+    indices (as int64, which holds any ignore_index) or all-zero probabilities."""
+    if not pad:
+        return target
+    if target.is_floating_point():
+        return pad_rows(target, pad)
+    out = torch.full(
+        (target.shape[0] + pad,), ignore_index, dtype=torch.int64, device=target.device
+    )
+    out[: target.shape[0]] = target
+    return out
 
 
 def binary_cross_entropy(
@@ -266,6 +344,7 @@ def binary_cross_entropy(
     grad: torch.Tensor | None = None,
     grads: LinearGrads | None = None,
     grad_target: torch.Tensor | None = None,
+    fixed_rows: bool = False,
 ) -> None:
     """Elementwise loss and gradients of ``binary_cross_entropy_with_logits(x @ W^T + b)``.
 
@@ -274,22 +353,43 @@ def binary_cross_entropy(
     ``fused_ce.native`` or ``fused_ce.torch_impl``). ``loss`` receives the ``(N, C)``
     elementwise loss or, when it is 1-D, the per-row sums in the accumulation dtype (so a mean
     or sum never holds ``N x C``). ``grad`` (the upstream gradient of the elementwise loss),
-    when given, sends gradients to ``grads`` and ``grad_target``.
+    when given, sends gradients to ``grads`` and ``grad_target``. ``fixed_rows``: chunks of
+    exactly ``rows_per_chunk`` rows, as in :func:`cross_entropy` (padded rows: zero inputs,
+    targets, weights and upstream gradients; they reach no output).
     """
     n_rows = input.shape[0]
     n_classes = linear_weight.shape[0]
-    buffer = input.new_empty(min(rows_per_chunk, n_rows), n_classes)
+    buffer = input.new_empty(
+        rows_per_chunk if fixed_rows else min(rows_per_chunk, n_rows), n_classes
+    )
     row_sums = loss is not None and loss.dim() == 1
     for rows in row_chunks(n_rows, rows_per_chunk):
-        logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows)
-        operands = [t[rows] if t is not None else None for t in (target, weight, pos_weight)]
+        n = rows.stop - rows.start
+        pad = buffer.shape[0] - n if fixed_rows else 0
+        if pad:
+            logits = chunk_logits(
+                buffer, pad_rows(input[rows], pad), linear_weight, linear_bias, slice(0, n + pad)
+            )
+        else:
+            logits = chunk_logits(buffer, input, linear_weight, linear_bias, rows)
+        operands = [
+            pad_rows(t[rows], pad) if t is not None else None for t in (target, weight, pos_weight)
+        ]
         chunk_loss = None
         if loss is not None:
-            chunk_loss = torch.empty_like(logits, dtype=loss.dtype) if row_sums else loss[rows]
-        chunk_grad = grad[rows] if grad is not None else None
+            chunk_loss = (
+                torch.empty_like(logits, dtype=loss.dtype) if row_sums or pad else loss[rows]
+            )
+        chunk_grad = pad_rows(grad[rows], pad) if grad is not None else None
+        chunk_grad_target = None
         if grad_target is not None:
+            chunk_grad_target = (
+                torch.empty_like(logits, dtype=grad_target.dtype) if pad else grad_target[rows]
+            )
             # Before the in-place pass below overwrites the logits it needs.
-            bce.run(logits, *operands, chunk_grad, None, None, grad_target[rows])
+            bce.run(logits, *operands, chunk_grad, None, None, chunk_grad_target)
+            if pad:
+                grad_target[rows] = chunk_grad_target[:n]
         # One pass: the loss, then dL/dz in place of the logits (each element is read first).
         bce.run(
             logits,
@@ -300,6 +400,30 @@ def binary_cross_entropy(
             None,
         )
         if row_sums:
-            loss[rows] = chunk_loss.sum(1)
+            loss[rows] = chunk_loss.sum(1)[:n]
+        elif pad and loss is not None:
+            loss[rows] = chunk_loss[:n]
         if chunk_grad is not None:
             grads.add(rows, logits)
+
+
+def gathered_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    classes: torch.Tensor,
+    rows_per_chunk: int,
+) -> torch.Tensor:
+    """One logit per row, ``z[n, classes[n]] = x_n . W[classes[n]] + b[classes[n]]``, in
+    ``input``'s dtype as the chunk GEMM rounds it (the product summed in the accumulation
+    dtype), without the ``N x V`` logits: ``rows_per_chunk`` gathered weight rows at a time.
+    ``classes`` ``(N,)`` must be in ``[0, V)``."""
+    acc = accumulation_dtype(input.dtype)
+    out = input.new_empty(input.shape[0])
+    for rows in row_chunks(input.shape[0], rows_per_chunk):
+        index = classes[rows]
+        z = torch.linalg.vecdot(input[rows].to(acc), linear_weight[index].to(acc))
+        if linear_bias is not None:
+            z = z + linear_bias[index].to(acc)
+        out[rows] = z
+    return out

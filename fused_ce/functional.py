@@ -51,7 +51,7 @@ def _reduce(loss: Tensor, reduction: str, divisor: Tensor | int, dtype: torch.dt
 
 
 class CrossEntropyStats(NamedTuple):
-    """What a cross-entropy entry point returns with ``return_stats=True``.
+    r"""What a cross-entropy entry point returns with ``return_stats=True``.
 
     * ``loss``: the loss exactly as without stats (z-loss included), differentiable.
     * ``lse``: per-token log-sum-exp of the final logits (after ``logit_scale`` and
@@ -65,6 +65,19 @@ class CrossEntropyStats(NamedTuple):
     * ``accuracy``: 0-d, the fraction of non-ignored tokens whose argmax (first index of the
       max of the final logits) is the target class (the target's argmax for probability
       targets); NaN when every token is ignored. Detached.
+
+    Per-token outputs (appended after the five above, so positional unpacking of the first
+    five keeps working), each of the target's batch shape and made in the same pass over the
+    logits:
+
+    * ``target_log_prob``: :math:`\log p_{y}` = final logit of the target class minus ``lse``
+      (the target's argmax class for probability targets); 0 at ignored tokens. Accumulation
+      dtype, detached (for a differentiable version use :func:`fused_ce.linear_log_probs` or
+      the loss). ``None`` from the vocab-parallel losses of ``fused_ce.distributed``.
+    * ``argmax``: the predicted token, int64, the first index of the max of the final logits
+      (``torch.argmax``'s tie rule); defined for ignored tokens too.
+    * ``correct``: bool, ``argmax`` equals the target class and the token is not ignored
+      (``accuracy`` is its mean over non-ignored tokens).
     """
 
     loss: Tensor
@@ -72,6 +85,9 @@ class CrossEntropyStats(NamedTuple):
     z_loss: Tensor
     entropy: Tensor
     accuracy: Tensor
+    target_log_prob: Tensor | None = None
+    argmax: Tensor | None = None
+    correct: Tensor | None = None
 
 
 def _ce_divisor(
@@ -123,11 +139,13 @@ def _finish(
     out_dtype: torch.dtype,
     z_loss: float,
     return_stats: bool,
+    target_log_prob: Tensor | None = None,
 ) -> Tensor | CrossEntropyStats:
     """Add the z-loss to the per-row CE, reduce, and gather the stats when asked.
 
     ``valid`` marks the non-ignored rows (None: all rows); ``target_classes`` is what the
-    argmax is compared with for accuracy.
+    argmax is compared with for accuracy; ``target_log_prob`` (per row, from
+    :func:`_target_log_prob`) is masked to 0 at ignored rows.
     """
     loss_rows = loss_rows.view(batch_shape)
     lse = lse.view(batch_shape)
@@ -143,10 +161,15 @@ def _finish(
     if not return_stats:
         return loss
     acc = lse.dtype
-    correct = argmax.view(batch_shape) == target_classes
+    argmax = argmax.view(batch_shape)
+    correct = argmax == target_classes
+    if target_log_prob is not None:
+        target_log_prob = target_log_prob.detach().view(batch_shape)
     if valid is not None:
         correct = correct & valid
         count = valid.sum(dtype=acc)
+        if target_log_prob is not None:
+            target_log_prob = torch.where(valid, target_log_prob, 0.0)
     else:
         count = correct.numel()
     return CrossEntropyStats(
@@ -155,7 +178,36 @@ def _finish(
         _reduce(z_rows.detach(), reduction, divisor, out_dtype),
         entropy.view(batch_shape),
         correct.sum(dtype=acc) / count,
+        target_log_prob,
+        argmax,
+        correct,
     )
+
+
+def _final_logits(z: Tensor, logit_scale: float, softcap: float, dtype: torch.dtype) -> Tensor:
+    """Logits as the kernels see them: upcast to ``dtype``, times ``logit_scale``, then capped
+    (``softcap * tanh(z / softcap)``) when ``softcap > 0``."""
+    z = z.to(dtype) * logit_scale
+    return softcap * torch.tanh(z / softcap) if softcap > 0.0 else z
+
+
+def _target_log_prob(
+    loss_rows: Tensor,
+    saved: Tensor,
+    target_logit: Tensor | None,
+    logit_scale: float,
+    softcap: float,
+) -> Tensor:
+    """Per row ``log p_y`` from the forward's outputs, detached. ``target_logit`` is the raw
+    logit of the class compared for accuracy, or None when the per-row loss is the plain
+    NLL (class indices, no class weight, no label smoothing): then ``log p_y = -loss``, the
+    kernels' own bits. Else ``(z_y - m) - log_s`` from the saved shift ``m`` and log-sum
+    ``log_s``: exact near the max, as the kernels compute the loss (``z_y - lse`` would lose
+    ``|z_y| * eps``)."""
+    if target_logit is None:
+        return -loss_rows.detach()
+    z_y = _final_logits(target_logit.detach(), logit_scale, softcap, saved.dtype)
+    return (z_y.reshape(-1) - saved[0]) - saved[1]
 
 
 @overload
@@ -262,7 +314,8 @@ def softmax_cross_entropy(
         z_loss (float, optional): :math:`\lambda \ge 0`, the weight of the
             :math:`\mathrm{lse}^2` term. Default: ``0.0``.
         return_stats (bool, optional): return a :class:`CrossEntropyStats` ``(loss, lse,
-            z_loss, entropy, accuracy)`` instead of the loss alone. Default: ``False``.
+            z_loss, entropy, accuracy, target_log_prob, argmax, correct)`` instead of the loss
+            alone. Default: ``False``.
         inplace_backward (bool, optional): the backward writes the input gradient over
             ``input``'s memory (saves an ``N x C`` buffer). ``input`` must not be a leaf that
             requires grad, and nothing else may need its values later: a use saved by another
@@ -390,7 +443,7 @@ def softmax_cross_entropy(
     logits = class_rows(input)
     n_outer, _, n_inner = logits.shape
     rows_target = class_rows(target) if prob_target else target.reshape(n_outer, n_inner)
-    loss, lse, _, entropy, argmax = ce_forward_call(
+    loss, lse, saved, entropy, argmax = ce_forward_call(
         logits,
         rows_target,
         weight,
@@ -405,6 +458,17 @@ def softmax_cross_entropy(
     divisor = _ce_divisor(
         reduction, checked.valid, target, weight, n_rows, input.dtype, checked.label_smoothing
     )
+    target_classes = target.argmax(class_dim) if prob_target and return_stats else target
+    target_log_prob = None
+    if return_stats:
+        target_logit = None
+        if n_classes and (prob_target or weight is not None or checked.label_smoothing > 0.0):
+            index = target_classes.long()
+            if checked.valid is not None:
+                index = torch.where(checked.valid, index, 0)
+            # One logit per row: (N, 1, d...) indices along the class dim.
+            target_logit = input.detach().gather(class_dim, index.unsqueeze(class_dim))
+        target_log_prob = _target_log_prob(loss, saved, target_logit, scale, cap)
     return _finish(
         loss,
         lse,
@@ -412,12 +476,13 @@ def softmax_cross_entropy(
         argmax,
         batch_shape=batch_shape,
         valid=checked.valid,
-        target_classes=target.argmax(class_dim) if prob_target and return_stats else target,
+        target_classes=target_classes,
         reduction=reduction,
         divisor=divisor,
         out_dtype=checked.out_dtype,
         z_loss=float(z_loss),
         return_stats=return_stats,
+        target_log_prob=target_log_prob,
     )
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._autocast import any_autocast_enabled, autocast_cast, autocast_dtype
 from ._backend import resolve
+from ._chunked import chunk_rows, gathered_logits
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
 from ._validation import (
@@ -40,7 +41,14 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from .functional import CrossEntropyStats, _ce_divisor, _finish, _grad_scale, _reduce
+from .functional import (
+    CrossEntropyStats,
+    _ce_divisor,
+    _finish,
+    _grad_scale,
+    _reduce,
+    _target_log_prob,
+)
 from .ops.linear import (
     linear_bce_forward_call,
     linear_bce_scalar_call,
@@ -49,6 +57,13 @@ from .ops.linear import (
 )
 
 PATHS = ("auto", "chunked", "fused")
+
+
+def check_batch_invariant(batch_invariant: bool | None) -> bool:
+    """``batch_invariant`` as a bool (``None``: False, the free default of the chunked path)."""
+    if batch_invariant is not None and not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant: expected a bool or None, got {batch_invariant!r}")
+    return bool(batch_invariant)
 
 
 def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:
@@ -113,6 +128,7 @@ def linear_cross_entropy(
     return_stats: Literal[False] = ...,
     shift: bool = ...,
     backend: str | None = ...,
+    batch_invariant: bool | None = ...,
 ) -> Tensor: ...
 
 
@@ -135,6 +151,7 @@ def linear_cross_entropy(
     return_stats: Literal[True],
     shift: bool = ...,
     backend: str | None = ...,
+    batch_invariant: bool | None = ...,
 ) -> CrossEntropyStats: ...
 
 
@@ -157,6 +174,7 @@ def linear_cross_entropy(
     return_stats: bool,
     shift: bool = ...,
     backend: str | None = ...,
+    batch_invariant: bool | None = ...,
 ) -> Tensor | CrossEntropyStats: ...
 
 
@@ -179,6 +197,7 @@ def linear_cross_entropy(
     return_stats: bool = False,
     shift: bool = False,
     backend: str | None = None,
+    batch_invariant: bool | None = None,
 ) -> Tensor | CrossEntropyStats:
     r"""Linear layer + softmax cross-entropy, fused: the result and gradients of
     ``softmax_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` (and of
@@ -225,6 +244,13 @@ def linear_cross_entropy(
         backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``; on the
             chunked path it picks the per-chunk loss kernels, the GEMMs being torch's. Default:
             ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        batch_invariant (bool, optional): each row's loss and input gradient are the same bits
+            whatever the other rows and the row's place in the batch. The fused path always
+            is (tiles of fixed shape); on the chunked path ``True`` gives every GEMM and
+            kernel call one shape (``chunk_size`` rows, default at most 256, the last chunk
+            padded with zero rows), at the cost of the padded rows' work and, for a large
+            ``V``, more and smaller chunks (see docs/determinism.md). Default: ``None``:
+            invariant where it costs nothing (the fused path), not on the chunked one.
 
     Returns:
         Tensor: the loss, accumulated and returned in fp32 (fp64 when an operand is fp64), for
@@ -268,6 +294,7 @@ def linear_cross_entropy(
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     if shift:
         target = _shifted(target, ignore_index)
+    fixed_rows = check_batch_invariant(batch_invariant) and path != "fused"
     batch_shape = input.shape[:-1]
     wants = _grad_flags(
         input, linear_weight, linear_bias, target if target.is_floating_point() else None
@@ -327,9 +354,10 @@ def linear_cross_entropy(
             rows_per_chunk,
             backend,
             *wants,
+            fixed_rows,
         )
         return loss  # in the accumulation dtype, as _finish below
-    loss, lse, _, entropy, argmax = linear_ce_forward_call(
+    loss, lse, saved, entropy, argmax = linear_ce_forward_call(
         x,
         linear_weight,
         linear_bias,
@@ -343,7 +371,21 @@ def linear_cross_entropy(
         rows_per_chunk,
         fused,
         backend,
+        fixed_rows,
     )
+    target_classes = target.argmax(-1) if prob_target and return_stats else target
+    target_log_prob = None
+    if return_stats:
+        target_logit = None
+        if n_classes and (prob_target or weight is not None or eps > 0.0):
+            # The loss is not the plain NLL: one gathered logit per row (N x D reads of the
+            # head, no logits).
+            index = target_classes.reshape(-1).long()
+            if checked.valid is not None:
+                index = torch.where(checked.valid.reshape(-1), index, 0)
+            rows = chunk_rows(rows_per_chunk, n_rows, n_classes, x, backend=backend)
+            target_logit = gathered_logits(x, linear_weight, linear_bias, index, rows)
+        target_log_prob = _target_log_prob(loss, saved, target_logit, scale, cap)
     return _finish(
         loss,
         lse,
@@ -351,12 +393,13 @@ def linear_cross_entropy(
         argmax,
         batch_shape=batch_shape,
         valid=checked.valid,
-        target_classes=target.argmax(-1) if prob_target and return_stats else target,
+        target_classes=target_classes,
         reduction=reduction,
         divisor=divisor,
         out_dtype=acc,
         z_loss=float(z_loss),
         return_stats=return_stats,
+        target_log_prob=target_log_prob,
     )
 
 
@@ -371,6 +414,7 @@ def linear_binary_cross_entropy_with_logits(
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str | None = None,
+    batch_invariant: bool | None = None,
 ) -> Tensor:
     r"""Linear layer + sigmoid binary cross-entropy, fused: the result and gradients of
     ``sigmoid_binary_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
@@ -402,6 +446,10 @@ def linear_binary_cross_entropy_with_logits(
             Default: ``None``.
         backend (str, optional): ``'auto'``, ``'triton'``, ``'native'`` or ``'torch'``: the
             per-chunk BCE kernel. Default: ``None`` (``$FUSED_CE_BACKEND``, else ``'auto'``).
+        batch_invariant (bool, optional): each row's loss and input gradient the same bits in
+            any batch, by fixed-shape chunks (see :func:`linear_cross_entropy`; the torch
+            backend's elementwise BCE itself is not bitwise invariant, docs/determinism.md).
+            Default: ``None`` (off).
 
     Returns:
         Tensor: the loss, accumulated and returned in fp32 (fp64 when an operand is fp64), for
@@ -428,6 +476,7 @@ def linear_binary_cross_entropy_with_logits(
     )
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
+    fixed_rows = check_batch_invariant(batch_invariant)
     check_target(target, input)
     check_floating("target", target)
     logits_shape = (*input.shape[:-1], n_classes)
@@ -462,6 +511,7 @@ def linear_binary_cross_entropy_with_logits(
             rows_per_chunk,
             backend,
             *wants,
+            fixed_rows,
         )
         return loss
     loss = linear_bce_forward_call(
@@ -473,6 +523,7 @@ def linear_binary_cross_entropy_with_logits(
         rows_per_chunk,
         backend,
         reduction != "none",
+        fixed_rows,
     )
     if reduction == "none":
         return loss.view(logits_shape)

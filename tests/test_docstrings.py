@@ -14,6 +14,8 @@ FUNCTIONS = [
     fused_ce.sigmoid_binary_cross_entropy,
     fused_ce.linear_cross_entropy,
     fused_ce.linear_binary_cross_entropy_with_logits,
+    fused_ce.linear_log_probs,
+    fused_ce.linear_top_k,
 ]
 MODULES = [
     fused_ce.nn.CrossEntropyLoss,

@@ -482,3 +482,37 @@ def test_docstring_examples(function):
     runner = doctest.DocTestRunner()
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0 and test.examples
+
+
+def test_eval_loss_and_accuracy_without_logits():
+    """patch(eval_logits=False): in eval mode with labels, the loss and the token accuracy
+    without logits, equal to what the unpatched model's logits give; return_logits=True gets
+    the model's own forward back."""
+    model = make_model("gemma2")  # a soft cap: the accuracy is taken on the final logits
+    reference = copy.deepcopy(model).eval()
+    patch(model, backend="torch", eval_logits=False).eval()
+    input_ids, labels = make_batch()
+    with torch.no_grad():
+        # Some labels are the model's own predictions, so the accuracy is neither 0 nor 1.
+        predicted = reference(input_ids=input_ids).logits.argmax(-1)
+        labels[:, 7::2] = predicted[:, 6:-1:2]
+        got = model(input_ids=input_ids, labels=labels)
+        expected = reference(input_ids=input_ids, labels=labels)
+        as_tuple = model(input_ids=input_ids, labels=labels, return_dict=False)
+        asked = model(input_ids=input_ids, labels=labels, return_logits=True)
+    assert got.logits is None and "logits" not in got
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    valid = shifted != -100
+    hits = (expected.logits.argmax(-1) == shifted) & valid
+    assert 0 < hits.sum() < valid.sum()  # the check below can tell a wrong accuracy
+    assert got.token_accuracy.dtype == torch.float32
+    assert got.token_accuracy.item() == pytest.approx(hits.sum().item() / valid.sum().item())
+    assert torch.equal(as_tuple[0], got.loss) and torch.equal(as_tuple[-1], got.token_accuracy)
+    torch.testing.assert_close(asked.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(asked.loss, expected.loss, rtol=0, atol=0)
+    # Training is untouched by the option; eval_logits must be a bool.
+    out = model.train()(input_ids=input_ids, labels=labels)
+    assert out.logits is None and "token_accuracy" not in out
+    with pytest.raises(TypeError, match="eval_logits"):
+        patch(make_model("llama"), eval_logits="no")

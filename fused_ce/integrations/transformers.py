@@ -30,6 +30,12 @@ once per call, or computes the loss without ``self.loss_function``, is refused.
 In training mode with labels ``outputs.logits`` is ``None`` (``loss`` and the other outputs are
 as before); in eval mode, or without labels, the model's forward runs untouched and returns its
 logits (and loss) exactly as before.
+
+``patch(model, eval_logits=False)`` extends the fused path to eval mode with labels (the
+``prediction_loss_only`` evaluation of ``Trainer``): the loss and the token accuracy from the
+hidden states, no logits (``outputs.logits`` is ``None``, ``outputs.token_accuracy`` the
+fraction of non-ignored shifted labels that are the head's argmax). A call that passes
+``return_logits=True`` runs the model's own forward and gets its logits, in any mode.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class _PatchState:
     logit_scale: float
     softcap: float | None
     verified: bool = False
+    eval_logits: bool = True
 
 
 def _text_config(model: transformers.PreTrainedModel):
@@ -142,7 +149,9 @@ def _check_patchable(model: Any) -> None:
         raise _refuse(model, "its forward computes the loss without self.loss_function")
 
 
-def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
+def patch(
+    model: transformers.PreTrainedModel, *, backend: str | None = None, eval_logits: bool = True
+):
     r"""Make ``model`` compute its training loss with :func:`fused_ce.linear_cross_entropy`
     on the final hidden states and the output layer's weight (and bias), without the ``N x V``
     logits.
@@ -166,6 +175,15 @@ def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
     labels, the model runs its original forward and returns its logits as before. Patching a
     patched model does nothing (its ``backend`` stays); :func:`unpatch` undoes it.
 
+    With ``eval_logits=False``, eval mode with ``labels`` takes the fused path too and adds
+    ``outputs.token_accuracy`` (0-d float32: the fraction of non-ignored shifted labels
+    :math:`y_{t+1}` equal to :math:`\arg\max_v f(W h_t + b)_v`, first index on ties), made in
+    the same pass as the loss; ``outputs.logits`` is ``None`` (with ``return_dict=False`` the
+    accuracy is the tuple's last item). For evaluation loops that use
+    only the loss (``Trainer``'s ``prediction_loss_only=True``) it saves the ``N x V`` logits.
+    ``model(..., return_logits=True)`` asks for the logits: that call runs the model's own
+    forward (logits and loss as without the patch), in any mode.
+
     Args:
         model: a causal LM (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
             ``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
@@ -176,6 +194,8 @@ def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
             ``ForCausalLMLoss``. Anything else raises ``ValueError``/``TypeError`` naming why.
         backend: ``linear_cross_entropy``'s ``backend`` (``None``/``'auto'``, ``'triton'``,
             ``'torch'``).
+        eval_logits: ``False`` computes eval-mode losses (and the token accuracy) without
+            logits, as above. Default: ``True`` (eval mode runs the model's own forward).
 
     Returns:
         ``model``, patched in place.
@@ -201,13 +221,15 @@ def patch(model: transformers.PreTrainedModel, *, backend: str | None = None):
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if not isinstance(eval_logits, bool):
+        raise TypeError(f"eval_logits: expected a bool, got {eval_logits!r}")
     if isinstance(model, nn.Module) and _STATE in vars(model):
         return model
     _check_patchable(model)
     logit_scale, softcap = _logit_options(model)
     if not math.isfinite(logit_scale) or (softcap is not None and not softcap > 0):
         raise _refuse(model, f"its logit options logit_scale={logit_scale}, softcap={softcap}")
-    setattr(model, _STATE, _PatchState(backend, logit_scale, softcap))
+    setattr(model, _STATE, _PatchState(backend, logit_scale, softcap, eval_logits=eval_logits))
     forward = type(model).forward
     signature = inspect.signature(forward)
 
@@ -248,8 +270,11 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE in vars(model)
 
 
-def apply_to_trainer(trainer: transformers.Trainer, *, backend: str | None = None):
-    """Patch the model a ``transformers.Trainer`` trains (see :func:`patch`). Returns the
+def apply_to_trainer(
+    trainer: transformers.Trainer, *, backend: str | None = None, eval_logits: bool = True
+):
+    """Patch the model a ``transformers.Trainer`` trains (see :func:`patch`, whose
+    ``eval_logits=False`` suits ``prediction_loss_only=True`` evaluation). Returns the
     trainer. Call it after constructing the trainer and before ``trainer.train()``.
 
     ``Trainer``'s default loss is the model's own (``outputs.loss``), with
@@ -273,17 +298,25 @@ def apply_to_trainer(trainer: transformers.Trainer, *, backend: str | None = Non
             "trainer: a compute_loss_func computes the loss from outputs.logits, which a patched "
             "model does not return in training; drop compute_loss_func to use the fused loss"
         )
-    patch(trainer.model, backend=backend)
+    patch(trainer.model, backend=backend, eval_logits=eval_logits)
     return trainer
 
 
 class _Call:
     """The stand-in head and loss for one patched training call."""
 
-    def __init__(self, model: transformers.PreTrainedModel, head: nn.Linear, state: _PatchState):
+    def __init__(
+        self,
+        model: transformers.PreTrainedModel,
+        head: nn.Linear,
+        state: _PatchState,
+        with_accuracy: bool = False,
+    ):
         self.model = model
         self.head = head
         self.state = state
+        self.with_accuracy = with_accuracy
+        self.accuracy: Tensor | None = None
         self.hidden: Tensor | None = None
         self.probe: Tensor | None = None
         self.head_calls = 0
@@ -344,8 +377,12 @@ class _Call:
                 ignore_index=ignore_index,
                 logit_scale=self.state.logit_scale,
                 softcap=self.state.softcap,
+                return_stats=self.with_accuracy,
                 backend=self.state.backend,
             )
+        if self.with_accuracy:
+            self.accuracy = loss.accuracy.float()
+            loss = loss.loss
         # transformers upcasts the logits, so its loss is float32 whatever the model's dtype.
         loss = loss.float()
         if num_items_in_batch is not None:
@@ -392,7 +429,8 @@ def _head_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 def _forward(
     model: transformers.PreTrainedModel, forward, signature: inspect.Signature, *args, **kwargs
 ):
-    if not model.training:
+    state: _PatchState = vars(model)[_STATE]
+    if kwargs.pop("return_logits", False) or (not model.training and state.eval_logits):
         return forward(model, *args, **kwargs)
     try:
         labels = signature.bind(model, *args, **kwargs).arguments.get("labels")
@@ -400,9 +438,8 @@ def _forward(
         labels = None
     if labels is None:
         return forward(model, *args, **kwargs)
-    state: _PatchState = vars(model)[_STATE]
     head = model.get_output_embeddings()
-    call = _Call(model, head, state)
+    call = _Call(model, head, state, with_accuracy=not model.training)
     had_loss_function = "_loss_function" in vars(model)
     saved_loss_function = vars(model).get("_loss_function")
     head.forward = call.head_forward
@@ -421,7 +458,12 @@ def _forward(
             f"times and its loss function {call.loss_calls} times; fused_ce's patch serves "
             "exactly one of each (unpatch the model)"
         )
-    return _drop_logits(outputs, call.logits_seen)
+    outputs = _drop_logits(outputs, call.logits_seen)
+    if call.accuracy is not None:
+        if isinstance(outputs, tuple):
+            return (*outputs, call.accuracy)
+        outputs["token_accuracy"] = call.accuracy
+    return outputs
 
 
 def _drop_logits(outputs, logits: Tensor):

@@ -31,7 +31,15 @@ from ._autograd import dispatch, double_backward_message, eager_function, forbid
 from ._impl import implementation
 
 
-def _rows(chunk_size: int, input: torch.Tensor, linear_weight: torch.Tensor, backend: str) -> int:
+def _rows(
+    chunk_size: int,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    backend: str,
+    fixed_rows: bool = False,
+) -> int:
+    if fixed_rows:
+        return chunked.fixed_chunk_rows(chunk_size, linear_weight.shape[0], input, backend=backend)
     return chunked.chunk_rows(
         chunk_size, input.shape[0], linear_weight.shape[0], input, backend=backend
     )
@@ -91,11 +99,13 @@ def _linear_ce_forward(
     chunk_size: int,
     fused: bool,
     backend: str,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(loss, lse, saved, entropy, argmax)`` (see ``fused_ce::ce_forward``) of
     ``cross_entropy(input @ linear_weight.T + linear_bias)``; ``target`` is ``(N,)`` class
     indices or ``(N, V)`` probabilities; ``chunk_size`` 0 is automatic; ``fused`` picks the
-    Triton kernels that never write logits."""
+    Triton kernels that never write logits; ``fixed_rows`` makes every chunk the same shape
+    (batch invariance, see ``fused_ce._chunked.cross_entropy``)."""
     operands = (input, linear_weight, linear_bias, target, weight)
     options = CEOptions(ignore_index, label_smoothing, logit_scale, softcap)
     if fused:
@@ -105,9 +115,10 @@ def _linear_ce_forward(
     return chunked.cross_entropy(
         *operands,
         options,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("cross_entropy", backend),
         with_stats=with_stats,
+        fixed_rows=fixed_rows,
     )
 
 
@@ -131,6 +142,7 @@ def _(
     chunk_size,
     fused,
     backend,
+    fixed_rows=False,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
     return forward_outputs(input.shape[0], dtype, input.device, with_stats)
@@ -156,6 +168,7 @@ def _linear_ce_backward(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dW, db, dtarget)`` for a per-row ``grad_loss`` (and optionally ``grad_lse``),
     recomputing the logits; each is empty unless asked for."""
@@ -189,13 +202,14 @@ def _linear_ce_backward(
         target,
         weight,
         options,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("cross_entropy", backend),
         saved=saved,
         grad_loss=grad_loss,
         grad_lse=grad_lse,
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (*grads.results(), grad_target)
 
@@ -226,6 +240,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     return _grad_buffers(
         input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
@@ -247,6 +262,7 @@ def _ce_setup_context(ctx, inputs, output):
         chunk_size,
         fused,
         backend,
+        *fixed_rows,
     ) = inputs
     _, _, saved, entropy, _ = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, saved)
@@ -254,11 +270,12 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, label_smoothing, logit_scale, softcap)
     ctx.path = (chunk_size, fused, backend)
+    ctx.fixed_rows = bool(fixed_rows and fixed_rows[0])
 
 
 # linear_ce_forward's inputs: 4 that may have gradients (input, linear_weight, linear_bias,
-# target), then the class weight and 8 options, which have none.
-_CE_NO_GRADS = (None,) * 9
+# target), then the class weight and 9 options, which have none.
+_CE_NO_GRADS = (None,) * 10
 
 
 def _ce_backward(ctx, grad_loss, grad_lse, *unused):
@@ -285,6 +302,7 @@ def _ce_backward(ctx, grad_loss, grad_lse, *unused):
         needs[1],
         needs[2],
         target_grad,
+        ctx.fixed_rows,
     )
     return _wanted(grads, needs[:3] + (target_grad,)) + _CE_NO_GRADS
 
@@ -309,6 +327,7 @@ def _linear_ce_scalar(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scale * sum_n loss_n, dX, dW, db, dtarget)``: the reduced loss and its gradients from
     one chunked sweep (the chunked path only)."""
@@ -321,11 +340,12 @@ def _linear_ce_scalar(
         target,
         weight,
         CEOptions(ignore_index, label_smoothing, logit_scale, softcap),
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("cross_entropy", backend),
         grad_scale=scale.to(accumulation_dtype(input.dtype, target.dtype)),
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (loss.sum() * scale, *grads.results(), grad_target)
 
@@ -353,6 +373,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     dtype = accumulation_dtype(input.dtype, target.dtype)
     return (
@@ -383,6 +404,7 @@ def _linear_bce_forward(
     chunk_size: int,
     backend: str,
     row_sums: bool,
+    fixed_rows: bool = False,
 ) -> torch.Tensor:
     """The ``(N, C)`` elementwise loss of ``binary_cross_entropy_with_logits(input @
     linear_weight.T + linear_bias, target)``, or with ``row_sums`` its ``(N,)`` row sums, in
@@ -396,9 +418,10 @@ def _linear_bce_forward(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("bce", backend),
         loss=loss,
+        fixed_rows=fixed_rows,
     )
     return loss
 
@@ -418,7 +441,18 @@ linear_bce_forward = torch.library.custom_op(
 
 
 @linear_bce_forward.register_fake
-def _(input, linear_weight, linear_bias, target, weight, pos_weight, chunk_size, backend, row_sums):
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    pos_weight,
+    chunk_size,
+    backend,
+    row_sums,
+    fixed_rows=False,
+):
     return _bce_loss_buffer(input, linear_weight, target, row_sums)
 
 
@@ -436,6 +470,7 @@ def _linear_bce_backward(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dW, db, dtarget)`` for ``grad`` of the elementwise loss (``(N, C)``) or of its row
     sums (``(N,)``), recomputing the logits; each is empty unless asked for."""
@@ -450,11 +485,12 @@ def _linear_bce_backward(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("bce", backend),
         grad=grad,
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (*grads.results(), grad_target)
 
@@ -479,6 +515,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     return _grad_buffers(
         input, linear_weight, linear_bias, target, input_grad, weight_grad, bias_grad, target_grad
@@ -496,14 +533,16 @@ def _bce_setup_context(ctx, inputs, output):
         chunk_size,
         backend,
         _row_sums,
+        *fixed_rows,
     ) = inputs
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, pos_weight)
     ctx.options = (chunk_size, backend)
+    ctx.fixed_rows = bool(fixed_rows and fixed_rows[0])
 
 
-# linear_bce_forward's inputs after the 4 that may have gradients: weight, pos_weight and 3
+# linear_bce_forward's inputs after the 4 that may have gradients: weight, pos_weight and 4
 # options.
-_BCE_NO_GRADS = (None,) * 5
+_BCE_NO_GRADS = (None,) * 6
 
 
 def _bce_backward(ctx, grad):
@@ -523,6 +562,7 @@ def _bce_backward(ctx, grad):
         needs[1],
         needs[2],
         needs[3],
+        ctx.fixed_rows,
     )
     return _wanted(grads, needs[:4]) + _BCE_NO_GRADS
 
@@ -544,6 +584,7 @@ def _linear_bce_scalar(
     weight_grad: bool,
     bias_grad: bool,
     target_grad: bool,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scale * sum loss, dX, dW, db, dtarget)`` from one chunked sweep."""
     loss = _bce_loss_buffer(input, linear_weight, target, True)
@@ -556,12 +597,13 @@ def _linear_bce_scalar(
         target,
         weight,
         pos_weight,
-        _rows(chunk_size, input, linear_weight, backend),
+        _rows(chunk_size, input, linear_weight, backend, fixed_rows),
         implementation("bce", backend),
         loss=loss,
         grad=scale.to(loss.dtype).expand(target.shape),
         grads=grads,
         grad_target=grad_target if target_grad else None,
+        fixed_rows=fixed_rows,
     )
     return (loss.sum() * scale, *grads.results(), grad_target)
 
@@ -586,6 +628,7 @@ def _(
     weight_grad,
     bias_grad,
     target_grad,
+    fixed_rows=False,
 ):
     return (
         input.new_empty((), dtype=accumulation_dtype(input.dtype, target.dtype)),
