@@ -23,6 +23,11 @@ from ._distill_modules import (  # noqa: F401  (re-exported: the distillation lo
     LinearKLDivLoss,
 )
 from ._validation import check_options
+from .distributed import (
+    shard_range,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
@@ -375,8 +380,6 @@ class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
-        from .distributed import vocab_parallel_cross_entropy
-
         return vocab_parallel_cross_entropy(
             input,
             target,
@@ -426,8 +429,6 @@ class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from .distributed import shard_range
-
         start, size = shard_range(out_features, group)
         super().__init__(in_features, size, bias, device, dtype)
         check_options(logit_scale, softcap, z_loss, return_stats)
@@ -459,8 +460,6 @@ class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
         return head
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
-        from .distributed import vocab_parallel_linear_cross_entropy
-
         return vocab_parallel_linear_cross_entropy(
             input,
             self.linear_weight,
