@@ -4,7 +4,7 @@ z-loss, reduction and statistics that finish a cross-entropy (:class:`CrossEntro
 
 ``fused_ce.functional``, ``fused_ce.linear`` and ``fused_ce.distributed`` finish their losses
 here; csrc/autograd.cpp's ``ce_grad_scale`` is the native library's copy of
-:func:`_grad_scale`.
+:func:`_grad_scale`, held to its bits by tests/test_shared_rules.py.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def _ce_divisor(
     if weight is None:
         return valid.sum().to(acc)
     if not weight.numel():  # no class: every row is ignored
-        return torch.zeros((), dtype=acc, device=valid.device)
-    divisor = (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
+        divisor = torch.zeros((), dtype=acc, device=valid.device)
+    else:
+        divisor = (weight.to(acc)[torch.where(valid, target, 0).long()] * valid).sum()
     return _smoothed_divisor(divisor, label_smoothing)
 
 
