@@ -23,11 +23,6 @@ from ._distill_modules import (  # noqa: F401  (re-exported: the distillation lo
     LinearKLDivLoss,
 )
 from ._validation import check_options
-from .distributed import (
-    shard_range,
-    vocab_parallel_cross_entropy,
-    vocab_parallel_linear_cross_entropy,
-)
 from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
@@ -380,6 +375,10 @@ class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
+        # Imported on use (no cycle: distributed is below nn): fused_ce.distributed would
+        # add some 15 ms to every `import fused_ce`.
+        from .distributed import vocab_parallel_cross_entropy
+
         return vocab_parallel_cross_entropy(
             input,
             target,
@@ -429,6 +428,8 @@ class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        from .distributed import shard_range
+
         start, size = shard_range(out_features, group)
         super().__init__(in_features, size, bias, device, dtype)
         check_options(logit_scale, softcap, z_loss, return_stats)
@@ -460,6 +461,8 @@ class VocabParallelLinearCrossEntropyLoss(_LinearLossHead):
         return head
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
+        from .distributed import vocab_parallel_linear_cross_entropy
+
         return vocab_parallel_linear_cross_entropy(
             input,
             self.linear_weight,
