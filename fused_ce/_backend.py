@@ -13,6 +13,15 @@ from . import native
 
 BACKENDS = ("auto", "triton", "native", "torch")
 
+
+def checked_backend(backend: str | None) -> str | None:
+    """``backend`` checked where a module is built, so a typo fails there rather than at its
+    first forward."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when fused_ce.kernels is

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._backend import checked_backend
 from ._validation import (
     check_beta,
     check_ce_weight,
@@ -46,7 +47,7 @@ class _DistillLoss(torch.nn.Module):
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.reduction = reduction
-        self.backend = backend
+        self.backend = checked_backend(backend)
 
     def _options(self) -> dict:
         return {

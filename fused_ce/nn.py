@@ -15,24 +15,16 @@ import math
 import torch
 from torch import Tensor
 
-from ._backend import BACKENDS
+from ._backend import checked_backend as _checked_backend
 from ._distill_modules import (  # noqa: F401  (re-exported: the distillation losses)
     JSDWithLogitsLoss,
     KLDivWithLogitsLoss,
     LinearJSDLoss,
     LinearKLDivLoss,
 )
-from ._validation import check_options
+from ._validation import check_batch_invariant, check_options
 from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
-
-
-def _checked_backend(backend: str | None) -> str | None:
-    """``backend`` checked at construction, so a typo fails where the module is built rather
-    than at its first forward."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    return backend
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -245,11 +237,14 @@ class LinearCrossEntropyLoss(_LinearLossHead):
         return_stats: bool = False,
         shift: bool = False,
         backend: str | None = None,
+        batch_invariant: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         check_options(logit_scale, softcap, z_loss, return_stats)
+        check_batch_invariant(batch_invariant)
+        self.batch_invariant = batch_invariant
         self.register_buffer("weight", weight)
         self.shift = shift
         self.ignore_index = ignore_index
@@ -281,6 +276,7 @@ class LinearCrossEntropyLoss(_LinearLossHead):
             return_stats=self.return_stats,
             shift=self.shift,
             backend=self.backend,
+            batch_invariant=self.batch_invariant,
         )
 
 
@@ -315,10 +311,13 @@ class LinearBCEWithLogitsLoss(_LinearLossHead):
         reduction: str = "mean",
         chunk_size: int | None = None,
         backend: str | None = None,
+        batch_invariant: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
+        check_batch_invariant(batch_invariant)
+        self.batch_invariant = batch_invariant
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = reduction
@@ -336,6 +335,7 @@ class LinearBCEWithLogitsLoss(_LinearLossHead):
             reduction=self.reduction,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            batch_invariant=self.batch_invariant,
         )
 
 

@@ -430,6 +430,8 @@ def test_modules_match_the_functions():
         (fused_ce.nn.JSDWithLogitsLoss, {"reduction": "elementwise_mean"}, "reduction"),
         (fused_ce.nn.LinearKLDivLoss, {"ce_weight": 2.0}, "ce_weight"),
         (fused_ce.nn.LinearJSDLoss, {"chunk_size": -1}, "chunk_size"),
+        (fused_ce.nn.KLDivWithLogitsLoss, {"backend": "cuda"}, "backend"),
+        (fused_ce.nn.LinearJSDLoss, {"backend": "Native"}, "backend"),
     ],
 )
 def test_modules_check_options_at_construction(module, kwargs, match):

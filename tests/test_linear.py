@@ -711,3 +711,35 @@ def test_bce_bad_inputs_raise(case):
     kwargs, error, name = _bad_bce_cases()[case]
     with pytest.raises(error, match=name):
         fused_ce.linear_binary_cross_entropy_with_logits(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("module", "function"),
+    [
+        (fused_ce.nn.LinearCrossEntropyLoss, "linear_cross_entropy"),
+        (fused_ce.nn.LinearBCEWithLogitsLoss, "linear_binary_cross_entropy_with_logits"),
+    ],
+)
+def test_modules_pass_batch_invariant(module, function, monkeypatch):
+    """The heads take the functions' batch_invariant, check it at construction and pass it on;
+    with it a row's loss is the same bits alone and in a batch."""
+    with pytest.raises(TypeError, match="batch_invariant"):
+        module(N_FEATURES, N_CLASSES, batch_invariant="yes")
+    seen = []
+    original = getattr(fused_ce.nn, function)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["batch_invariant"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_ce.nn, function, spy)
+    head = module(N_FEATURES, N_CLASSES, reduction="none", batch_invariant=True)
+    x = randn((9, N_FEATURES), 1, "cpu")
+    if module is fused_ce.nn.LinearCrossEntropyLoss:
+        target = class_target((9,), "cpu")
+    else:
+        target = torch.rand((9, N_CLASSES), generator=generator(4))
+    batch = head(x, target)
+    alone = head(x[4:5], target[4:5])
+    assert seen == [True, True]
+    assert torch.equal(batch[4:5], alone)

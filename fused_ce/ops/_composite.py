@@ -150,9 +150,11 @@ def linear_ce_forward(
     chunk_size: int,
     fused: bool,
     backend: str,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fused_ce::linear_ce_forward``'s outputs, through ``F.linear`` then :func:`ce_forward`
-    on the ``(N, V, 1)`` logits."""
+    on the ``(N, V, 1)`` logits (one GEMM of all rows: ``fixed_rows``, the chunked path's
+    batch invariance, has nothing to fix here)."""
     logits = F.linear(input, linear_weight, linear_bias)
     return ce_forward(
         logits.unsqueeze(-1),
@@ -220,9 +222,11 @@ def linear_bce_forward(
     chunk_size: int,
     backend: str,
     row_sums: bool,
+    fixed_rows: bool = False,
 ) -> torch.Tensor:
     """``fused_ce::linear_bce_forward``: the ``(N, C)`` elementwise loss, or with ``row_sums``
-    its ``(N,)`` row sums, in the accumulation dtype."""
+    its ``(N,)`` row sums, in the accumulation dtype (``fixed_rows`` as in
+    :func:`linear_ce_forward`)."""
     loss = _bce(F.linear(input, linear_weight, linear_bias), target, weight, pos_weight)
     return loss.sum(1) if row_sums else loss
 
