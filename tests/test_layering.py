@@ -60,36 +60,53 @@ def _known(name: str) -> str:
     return name
 
 
+def _package_path(module: str) -> list[str]:
+    """The package ``module`` is in (itself for a package), as the parts below fused_ce."""
+    here = module.split(".") if module else []
+    return here if MODULES[module][1] else here[:-1]
+
+
+def _source(node: ast.ImportFrom, here: list[str]) -> str | None:
+    """The dotted name, below fused_ce, of what ``from ... import`` imports from (None when
+    outside the package)."""
+    if node.level:
+        base = here[: len(here) - node.level + 1]
+        return ".".join([*base, *([node.module] if node.module else [])])
+    name = node.module or ""
+    if name == "fused_ce" or name.startswith("fused_ce."):
+        return name.removeprefix("fused_ce").removeprefix(".")
+    return None
+
+
 def _imports(module: str) -> dict[str, int]:
     """The package's modules that ``module`` imports, each with the line of its first import."""
-    path, is_package = MODULES[module]
-    here = module.split(".") if module else []
-    if not is_package:
-        here = here[:-1]
+    path = MODULES[module][0]
+    here = _package_path(module)
     found: dict[str, int] = {}
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            names = [
+                alias.name.removeprefix("fused_ce").removeprefix(".")
+                for alias in node.names
+                if alias.name == "fused_ce" or alias.name.startswith("fused_ce.")
+            ]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[: len(here) - node.level + 1]
-                origin = ".".join(["fused_ce", *base, *([node.module] if node.module else [])])
-            else:
-                origin = node.module or ""
+            origin = _source(node, here)
+            if origin is None:
+                continue
             # `from pkg import name`: the submodule pkg.name when there is one, else pkg.
             names = [
-                f"{origin}.{alias.name}"
-                if f"{origin}.{alias.name}".removeprefix("fused_ce.") in MODULES
+                f"{origin}.{alias.name}".lstrip(".")
+                if f"{origin}.{alias.name}".lstrip(".") in MODULES
                 else origin
                 for alias in node.names
             ]
         else:
             continue
         for name in names:
-            if name == "fused_ce" or name.startswith("fused_ce."):
-                target = _known(name.removeprefix("fused_ce").removeprefix("."))
-                if target != module:
-                    found.setdefault(target, node.lineno)
+            target = _known(name)
+            if target != module:
+                found.setdefault(target, node.lineno)
     return found
 
 
@@ -200,15 +217,11 @@ def test_no_private_name_from_a_public_module():
     # A rule shared by public modules lives below them (the reductions in _reduction.py, the
     # linear heads' options in _validation.py), not in one of them.
     borrowed = []
-    for module, (path, is_package) in MODULES.items():
-        here = module.split(".") if module else []
-        if not is_package:
-            here = here[:-1]
+    for module, (path, _) in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(node, ast.ImportFrom) or not node.level:
+            if not isinstance(node, ast.ImportFrom) or _source(node, _package_path(module)) is None:
                 continue
-            base = here[: len(here) - node.level + 1]
-            origin = _known(".".join([*base, *([node.module] if node.module else [])]))
+            origin = _known(_source(node, _package_path(module)))
             if origin.split(".")[0] in PUBLIC and origin.split(".")[0] != module.split(".")[0]:
                 borrowed += [
                     f"{_name(module)}:{node.lineno} imports {alias.name} from {_name(origin)}"
