@@ -20,6 +20,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <array>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -453,7 +454,7 @@ int64_t count_ignored(const at::Tensor& target, int64_t n_classes, int64_t ignor
 
 // grad_scale: 1 for 'sum'; for 'mean' 1 / the divisor torch divides by (the number of rows for
 // probability targets, else the class weights of the non-ignored rows, or their count), in the
-// accumulation dtype, with the bits of the Python path's fused_ce.functional._grad_scale (the
+// accumulation dtype, with the bits of the Python path's fused_ce._reduction._grad_scale (the
 // same ops where a tensor is summed; a correctly rounded reciprocal of the count otherwise).
 at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -487,7 +488,7 @@ at::Tensor ce_grad_scale(const at::Tensor& input, const at::Tensor& target,
       divisor = (class_weight.index({index}) * valid).sum();
     }
     // With label smoothing a zero divisor gives NaN, as torch's (1 - eps) * 0 / 0 term does
-    // (see fused_ce.functional._smoothed_divisor).
+    // (see fused_ce._reduction._smoothed_divisor).
     if (label_smoothing > 0.0) {
       divisor = at::where(divisor == 0, std::numeric_limits<double>::quiet_NaN(), divisor);
     }
@@ -633,18 +634,18 @@ bool broadcast_operand(const at::Tensor& t) {
   return false;
 }
 
-// One kernel call on operands of any layout: any of the elementwise loss, its sum, and the
-// gradients for the upstream `grad` (0-d, or broadcastable to the input). The views are those
-// of fused_ce._common.bce_rows_2d, the one rule for every BCE kernel: flat when every operand
-// is dense of `shape` or uniform; with a loss sum, operands that are strided but not broadcast
-// are copied dense (then flat) rather than changing the view, so a strided problem sums to the
-// dense problem's bits.
-void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTensor& weight,
-             const OptionalTensor& pos_weight, const OptionalTensor& grad,
-             const OptionalTensor& loss, const OptionalTensor& grad_input,
-             const OptionalTensor& grad_target, const OptionalTensor& loss_sum) {
+// BCE's operands (input, target, weight, pos_weight, upstream gradient) as the kernel's
+// (rows, cols) views, by fused_ce._common.bce_rows_2d's rule, the one rule for every BCE kernel
+// (tests/test_shared_rules.py checks the two give the same views): flat when every operand is
+// dense of the input's shape or uniform; with a loss sum, operands that are strided but not
+// broadcast are copied dense (then flat) rather than changing the view, so a strided problem
+// sums to the dense problem's bits.
+std::array<OptionalTensor, 5> bce_rows_2d(const at::Tensor& input, const at::Tensor& target,
+                                          const OptionalTensor& weight,
+                                          const OptionalTensor& pos_weight,
+                                          const OptionalTensor& grad, bool loss_sum) {
   const at::IntArrayRef shape = input.sizes();
-  OptionalTensor operands[5] = {input, target, weight, pos_weight, grad};
+  std::array<OptionalTensor, 5> operands = {input, target, weight, pos_weight, grad};
   auto dense = [&](const at::Tensor& t) {
     return (t.sizes() == shape && t.is_contiguous()) || uniform_operand(t);
   };
@@ -654,18 +655,26 @@ void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTe
     flat = false;
     copyable = copyable && t->sizes() == shape && !broadcast_operand(*t);
   }
-  if (!flat && loss_sum.has_value() && copyable) {
+  if (!flat && loss_sum && copyable) {
     for (auto& t : operands) {
       if (t.has_value() && !dense(*t)) t = t->contiguous();
     }
     flat = true;
   }
-  auto rows = [&](const OptionalTensor& t) -> OptionalTensor {
-    if (!t.has_value()) return std::nullopt;
-    return rows_2d(*t, shape, flat);
-  };
-  bce(*rows(operands[0]), *rows(operands[1]), rows(operands[2]), rows(operands[3]),
-      rows(operands[4]), loss, grad_input, grad_target, loss_sum);
+  for (auto& t : operands) {
+    if (t.has_value()) t = rows_2d(*t, shape, flat);
+  }
+  return operands;
+}
+
+// One kernel call on operands of any layout: any of the elementwise loss, its sum, and the
+// gradients for the upstream `grad` (0-d, or broadcastable to the input).
+void bce_run(const at::Tensor& input, const at::Tensor& target, const OptionalTensor& weight,
+             const OptionalTensor& pos_weight, const OptionalTensor& grad,
+             const OptionalTensor& loss, const OptionalTensor& grad_input,
+             const OptionalTensor& grad_target, const OptionalTensor& loss_sum) {
+  const auto rows = bce_rows_2d(input, target, weight, pos_weight, grad, loss_sum.has_value());
+  bce(*rows[0], *rows[1], rows[2], rows[3], rows[4], loss, grad_input, grad_target, loss_sum);
 }
 
 // The node of bce_scalar.
@@ -784,6 +793,20 @@ at::Tensor bce_scalar(const at::Tensor& input, const at::Tensor& target,
   return loss;
 }
 
+// The two rules above exposed as ops, for tests/test_shared_rules.py to hold them equal to
+// the Python path's (the loss ops call the C++ functions directly): bce_rows_2d's views of the
+// operands given (absent ones skipped), and ce_grad_scale.
+std::vector<at::Tensor> bce_rows_2d_op(const at::Tensor& input, const at::Tensor& target,
+                                       const OptionalTensor& weight,
+                                       const OptionalTensor& pos_weight,
+                                       const OptionalTensor& grad, bool loss_sum) {
+  std::vector<at::Tensor> views;
+  for (const auto& t : bce_rows_2d(input, target, weight, pos_weight, grad, loss_sum)) {
+    if (t.has_value()) views.push_back(*t);
+  }
+  return views;
+}
+
 }  // namespace
 }  // namespace fused_ce_native
 
@@ -794,4 +817,6 @@ TORCH_LIBRARY_IMPL(fused_ce_native, CompositeImplicitAutograd, m) {
   m.impl("ce_unreduced", &fused_ce_native::ce_unreduced);
   m.impl("bce_scalar", &fused_ce_native::bce_scalar);
   m.impl("bce_unreduced", &fused_ce_native::bce_unreduced);
+  m.impl("bce_rows_2d", &fused_ce_native::bce_rows_2d_op);
+  m.impl("ce_grad_scale", &fused_ce_native::ce_grad_scale);
 }

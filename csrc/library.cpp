@@ -54,6 +54,15 @@ TORCH_LIBRARY(fused_ce_native, m) {
   // reduction='none': the elementwise loss.
   m.def(
       "bce_unreduced(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight) -> Tensor");
+  // The rules the loss ops apply (autograd.cpp), for the tests to compare with the Python
+  // path's: BCE's (rows, cols) operand views (the operands given, in order) and the 0-d factor
+  // of a CE 'mean' (mean=True) or 'sum', 1 / the divisor torch divides by.
+  m.def(
+      "bce_rows_2d(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "Tensor? grad, bool loss_sum) -> Tensor[]");
+  m.def(
+      "ce_grad_scale(Tensor input, Tensor target, Tensor? weight, int ignore_index, bool mean, "
+      "float label_smoothing) -> Tensor");
   // A new uninitialised contiguous tensor like `like`, in 2 MiB pages when it is large (see
   // memory.h): the native ops' large outputs, allocated by their callers.
   m.def("empty_output(Tensor like) -> Tensor");

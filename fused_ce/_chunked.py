@@ -26,8 +26,7 @@ from types import ModuleType
 
 import torch
 
-from ._common import CEOptions, accumulation_dtype
-from ._outputs import forward_outputs
+from ._common import CEOptions, accumulation_dtype, forward_outputs
 
 # Default chunk budget, in bytes of the logits buffer (the ``chunk_size=None`` rule). CUDA: large
 # enough that each chunk's three GEMMs stay efficient and the fp32 dW accumulator, read and

@@ -21,7 +21,7 @@ import torch
 
 from ._chunked import LinearGrads, chunk_logits, chunk_rows, row_chunks
 from ._common import CEOptions, accumulation_dtype
-from .ops._impl import implementation
+from ._impl import implementation
 
 
 class Head(NamedTuple):

@@ -96,3 +96,29 @@ def bce_rows_2d(
         dense = [True] * len(dense)
     flat = all(dense)
     return [as_rows_2d(t, shape, flat) if t is not None else None for t in operands]
+
+
+def forward_outputs(
+    n_rows: int, dtype: torch.dtype, device: torch.device, with_stats: bool
+) -> tuple[torch.Tensor, ...]:
+    """Uninitialised ``(loss, lse, saved, entropy, argmax)`` as the cross-entropy forward
+    returns them: ``saved`` is ``(3, n_rows)`` (row max, log-sum-exp minus it, U); entropy and
+    argmax are empty unless ``with_stats``.
+
+    Shape:
+        loss, lse: ``(n_rows,)``; saved: ``(3, n_rows)``; entropy, argmax: ``(n_rows,)`` or
+        ``(0,)``.
+
+    Examples::
+
+        >>> [tuple(t.shape) for t in forward_outputs(4, torch.float32, torch.device("cpu"), False)]
+        [(4,), (4,), (3, 4), (0,), (0,)]
+    """
+    n_stats = n_rows if with_stats else 0
+    return (
+        torch.empty(n_rows, device=device, dtype=dtype),
+        torch.empty(n_rows, device=device, dtype=dtype),
+        torch.empty(3, n_rows, device=device, dtype=dtype),
+        torch.empty(n_stats, device=device, dtype=dtype),
+        torch.empty(n_stats, device=device, dtype=torch.int64),
+    )

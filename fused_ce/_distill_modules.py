@@ -14,13 +14,15 @@ import torch
 from torch import Tensor
 
 from ._backend import checked_backend
-from ._validation import check_chunk_size
+from ._validation import (
+    check_beta,
+    check_ce_weight,
+    check_chunk_size,
+    check_direction,
+    check_distill_reduction,
+    check_temperature,
+)
 from .distill import (
-    _DIRECTIONS,
-    _check_beta,
-    _check_ce_weight,
-    _check_reduction,
-    _check_temperature,
     jsd_with_logits,
     kl_div_with_logits,
     linear_jsd,
@@ -40,8 +42,8 @@ class _DistillLoss(torch.nn.Module):
         backend: str | None,
     ) -> None:
         super().__init__()
-        _check_temperature(temperature)
-        _check_reduction(reduction)
+        check_temperature(temperature)
+        check_distill_reduction(reduction)
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -59,8 +61,7 @@ class _DistillLoss(torch.nn.Module):
 class _KLOptions(_DistillLoss):
     def __init__(self, *, direction: str, **options) -> None:
         super().__init__(**options)
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"direction: expected one of {_DIRECTIONS}, got {direction!r}")
+        check_direction(direction)
         self.direction = direction
 
     def extra_repr(self) -> str:
@@ -73,7 +74,7 @@ class _KLOptions(_DistillLoss):
 class _JSDOptions(_DistillLoss):
     def __init__(self, *, beta: float, **options) -> None:
         super().__init__(**options)
-        _check_beta(beta)
+        check_beta(beta)
         self.beta = beta
 
     def extra_repr(self) -> str:
@@ -238,7 +239,7 @@ class LinearKLDivLoss(_KLOptions):
             reduction=reduction,
             backend=backend,
         )
-        _check_ce_weight(ce_weight)
+        check_ce_weight(ce_weight)
         check_chunk_size(chunk_size)
         self.ce_weight = ce_weight
         self.chunk_size = chunk_size
@@ -306,7 +307,7 @@ class LinearJSDLoss(_JSDOptions):
             reduction=reduction,
             backend=backend,
         )
-        _check_ce_weight(ce_weight)
+        check_ce_weight(ce_weight)
         check_chunk_size(chunk_size)
         self.ce_weight = ce_weight
         self.chunk_size = chunk_size

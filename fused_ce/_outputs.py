@@ -1,6 +1,6 @@
-"""Output buffers of the ops, shared by every backend (Triton launchers, native kernels, the
-plain-PyTorch reference) and by the fake kernels, so all of them return the same shapes,
-dtypes and layouts.
+"""Output buffers of the elementwise ops, shared by every backend and by the fake kernels, so
+all of them return the same shapes, dtypes and layouts. (The cross-entropy forward's per-row
+outputs, which the kernels' wrappers allocate, are ``_common.forward_outputs``, below them.)
 
 Large CPU outputs are mapped in 2 MiB pages by the native library when it is loaded
 (``fused_ce_native::empty_output``, csrc/memory.h): on the 2-core VM of docs/native.md the
@@ -51,29 +51,3 @@ def gradient_buffers(
         return torch.empty((0,), dtype=like.dtype, device=like.device)
 
     return buffer(input, input_grad), buffer(target, target_grad)
-
-
-def forward_outputs(
-    n_rows: int, dtype: torch.dtype, device: torch.device, with_stats: bool
-) -> tuple[torch.Tensor, ...]:
-    """Uninitialised ``(loss, lse, saved, entropy, argmax)`` as the cross-entropy forward
-    returns them: ``saved`` is ``(3, n_rows)`` (row max, log-sum-exp minus it, U); entropy and
-    argmax are empty unless ``with_stats``.
-
-    Shape:
-        loss, lse: ``(n_rows,)``; saved: ``(3, n_rows)``; entropy, argmax: ``(n_rows,)`` or
-        ``(0,)``.
-
-    Examples::
-
-        >>> [tuple(t.shape) for t in forward_outputs(4, torch.float32, torch.device("cpu"), False)]
-        [(4,), (4,), (3, 4), (0,), (0,)]
-    """
-    n_stats = n_rows if with_stats else 0
-    return (
-        torch.empty(n_rows, device=device, dtype=dtype),
-        torch.empty(n_rows, device=device, dtype=dtype),
-        torch.empty(3, n_rows, device=device, dtype=dtype),
-        torch.empty(n_stats, device=device, dtype=dtype),
-        torch.empty(n_stats, device=device, dtype=torch.int64),
-    )

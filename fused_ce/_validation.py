@@ -359,6 +359,17 @@ def check_chunk_size(chunk_size: int | None) -> int:
     return chunk_size
 
 
+# The linear heads' ``path`` values.
+PATHS = ("auto", "chunked", "fused")
+
+
+def check_batch_invariant(batch_invariant: bool | None) -> bool:
+    """``batch_invariant`` as a bool (``None``: False, the free default of the chunked path)."""
+    if batch_invariant is not None and not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant: expected a bool or None, got {batch_invariant!r}")
+    return bool(batch_invariant)
+
+
 def check_bce_weights(
     weight: Tensor | None,
     pos_weight: Tensor | None,
@@ -385,3 +396,35 @@ def check_bce_weights(
                 f"{name}: shape {tuple(tensor.shape)} would enlarge the loss beyond {shape_name} "
                 f"{tuple(shape)} (broadcast shape {tuple(broadcast)})"
             )
+
+
+# The distillation losses' options.
+_DISTILL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
+_DIRECTIONS = ("forward", "reverse")
+
+
+def check_distill_reduction(reduction: str) -> None:
+    if reduction not in _DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_DISTILL_REDUCTIONS}, got {reduction!r}")
+
+
+def check_direction(direction: str) -> None:
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction: expected one of {_DIRECTIONS}, got {direction!r}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0.0
+    ):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+
+
+def check_beta(beta: float) -> None:
+    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+
+
+def check_ce_weight(ce_weight: float) -> None:
+    if not isinstance(ce_weight, (int, float)) or not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight: expected a number in [0, 1], got {ce_weight!r}")

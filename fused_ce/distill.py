@@ -19,42 +19,23 @@ plain torch. Conventions, chosen once for all of them:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ._backend import resolve
 from ._chunked_distill import Head, rows_per_chunk
 from ._common import accumulation_dtype
-from ._validation import check_chunk_size, check_floating
+from ._validation import (
+    check_beta,
+    check_ce_weight,
+    check_chunk_size,
+    check_direction,
+    check_distill_reduction,
+    check_floating,
+    check_temperature,
+)
 from .ops.distill import distill_forward_call
 from .ops.linear_distill import linear_distill_rows, linear_distill_scalar
-
-_REDUCTIONS = ("none", "batchmean", "sum", "mean")
-_DIRECTIONS = ("forward", "reverse")
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0.0
-    ):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-
-
-def _check_beta(beta: float) -> None:
-    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
-
-
-def _check_ce_weight(ce_weight: float) -> None:
-    if not isinstance(ce_weight, (int, float)) or not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight: expected a number in [0, 1], got {ce_weight!r}")
 
 
 def _check_pair(student: Tensor, teacher: Tensor, names: tuple[str, str]) -> None:
@@ -140,8 +121,8 @@ def _divergence(
     """The shared body: ``beta == 0`` is ``KL(teacher || student)``, ``0 < beta < 1`` the JSD;
     ``swap`` exchanges the operands' roles (the reverse KL, and the JSD at ``beta == 1`` as
     ``beta == 0`` of the swapped pair)."""
-    _check_reduction(reduction)
-    _check_temperature(temperature)
+    check_distill_reduction(reduction)
+    check_temperature(temperature)
     batch_shape = student.shape[:-1]
     valid = valid_rows(batch_shape, student.device, target, ignore_index, mask)
     n_classes = student.shape[-1]
@@ -221,8 +202,7 @@ def kl_div_with_logits(
         True
     """
     _check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction: expected one of {_DIRECTIONS}, got {direction!r}")
+    check_direction(direction)
     return _divergence(
         student_logits,
         teacher_logits,
@@ -291,7 +271,7 @@ def jsd_with_logits(
         True
     """
     _check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    _check_beta(beta)
+    check_beta(beta)
     return _divergence(
         student_logits,
         teacher_logits,
@@ -380,9 +360,9 @@ def _linear_divergence(
             f"teacher_hidden: expected a tensor on {student_hidden.device}, "
             f"got {teacher_hidden.device}"
         )
-    _check_reduction(reduction)
-    _check_temperature(temperature)
-    _check_ce_weight(ce_weight)
+    check_distill_reduction(reduction)
+    check_temperature(temperature)
+    check_ce_weight(ce_weight)
     if ce_weight > 0.0 and target is None:
         raise ValueError("target: ce_weight > 0 needs the hard labels (target)")
     chunk = check_chunk_size(chunk_size)
@@ -502,8 +482,7 @@ def linear_kl_div(
         >>> torch.allclose(loss, ref)
         True
     """
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction: expected one of {_DIRECTIONS}, got {direction!r}")
+    check_direction(direction)
     return _linear_divergence(
         student_hidden,
         student_weight,
@@ -571,7 +550,7 @@ def linear_jsd(
         >>> hs.grad.shape
         torch.Size([6, 8])
     """
-    _check_beta(beta)
+    check_beta(beta)
     return _linear_divergence(
         student_hidden,
         student_weight,

@@ -30,7 +30,17 @@ from ._backend import resolve
 from ._chunked import chunk_rows, gathered_logits
 from ._common import accumulation_dtype
 from ._docs import share_ce_math
+from ._reduction import (
+    CrossEntropyStats,
+    _ce_divisor,
+    _finish,
+    _grad_scale,
+    _reduce,
+    _target_log_prob,
+)
 from ._validation import (
+    PATHS,
+    check_batch_invariant,
     check_bce_weights,
     check_ce_target,
     check_chunk_size,
@@ -41,29 +51,12 @@ from ._validation import (
     check_reduction,
     check_target,
 )
-from .functional import (
-    CrossEntropyStats,
-    _ce_divisor,
-    _finish,
-    _grad_scale,
-    _reduce,
-    _target_log_prob,
-)
 from .ops.linear import (
     linear_bce_forward_call,
     linear_bce_scalar_call,
     linear_ce_forward_call,
     linear_ce_scalar_call,
 )
-
-PATHS = ("auto", "chunked", "fused")
-
-
-def check_batch_invariant(batch_invariant: bool | None) -> bool:
-    """``batch_invariant`` as a bool (``None``: False, the free default of the chunked path)."""
-    if batch_invariant is not None and not isinstance(batch_invariant, bool):
-        raise TypeError(f"batch_invariant: expected a bool or None, got {batch_invariant!r}")
-    return bool(batch_invariant)
 
 
 def _grad_flags(*tensors: Tensor | None) -> tuple[bool, ...]:

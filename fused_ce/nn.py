@@ -22,13 +22,9 @@ from ._distill_modules import (  # noqa: F401  (re-exported: the distillation lo
     LinearJSDLoss,
     LinearKLDivLoss,
 )
-from ._validation import check_options
+from ._validation import check_batch_invariant, check_options
 from .functional import CrossEntropyStats, sigmoid_binary_cross_entropy, softmax_cross_entropy
-from .linear import (
-    check_batch_invariant,
-    linear_binary_cross_entropy_with_logits,
-    linear_cross_entropy,
-)
+from .linear import linear_binary_cross_entropy_with_logits, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -379,6 +375,8 @@ class VocabParallelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend = _checked_backend(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor | CrossEntropyStats:
+        # Imported on use (no cycle: distributed is below nn): fused_ce.distributed would
+        # add some 15 ms to every `import fused_ce`.
         from .distributed import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(

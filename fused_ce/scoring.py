@@ -16,6 +16,8 @@ from torch import Tensor
 from . import _chunked as chunked
 from ._backend import resolve
 from ._validation import (
+    PATHS,
+    check_batch_invariant,
     check_ce_target,
     check_chunk_size,
     check_ignore_index,
@@ -87,8 +89,6 @@ def linear_log_probs(
         True
         >>> logp.sum().backward()
     """
-    from .linear import PATHS, check_batch_invariant
-
     ignore_index = check_ignore_index(ignore_index)
     scale, cap = check_options(logit_scale, softcap, 0.0, False)
     n_classes = check_linear(input, linear_weight, linear_bias)
@@ -181,8 +181,6 @@ def linear_top_k(
         >>> torch.equal(top.indices, torch.topk(hidden @ head.T, 3).indices)
         True
     """
-    from .linear import check_batch_invariant
-
     n_classes = check_linear(input, linear_weight, linear_bias)
     rows_per_chunk = check_chunk_size(chunk_size)
     fixed_rows = check_batch_invariant(batch_invariant)

@@ -11,9 +11,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fused_ce
 from fused_ce import native
-from fused_ce._common import bce_rows_2d
+from fused_ce._common import bce_rows_2d, forward_outputs
 from fused_ce._memory import peak_bytes
-from fused_ce._outputs import empty_output, forward_outputs, gradient_buffers
+from fused_ce._outputs import empty_output, gradient_buffers
 
 
 def _huge_pages_on() -> bool:

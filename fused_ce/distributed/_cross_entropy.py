@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from .._backend import resolve
 from .._chunked import row_chunks
 from .._common import accumulation_dtype
+from .._reduction import CrossEntropyStats, _ce_divisor, _finish
 from .._validation import (
     check_ce_target,
     check_floating,
@@ -18,7 +19,6 @@ from .._validation import (
     check_reduction,
     check_target,
 )
-from ..functional import CrossEntropyStats, _ce_divisor, _finish
 from ..torch_impl import CHUNK_ELEMENTS
 from ._dtensor import _from_dtensor, _is_dtensor, _mesh_group, _plain
 from ._group import _group_layout, _shard_start

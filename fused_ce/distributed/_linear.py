@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 from .._backend import resolve
 from .._chunked import LinearGrads, chunk_logits, chunk_rows, row_chunks
 from .._common import accumulation_dtype
+from .._reduction import CrossEntropyStats, _ce_divisor, _finish
 from .._validation import (
     check_ce_target,
     check_chunk_size,
@@ -21,7 +22,6 @@ from .._validation import (
     check_reduction,
     check_target,
 )
-from ..functional import CrossEntropyStats, _ce_divisor, _finish
 from ._dtensor import _from_dtensor, _is_dtensor, _mesh_group, _plain
 from ._group import _gather_packed, _group_layout, _OwnRows, _reduce_scatter, _shard_start
 from ._protocol import (

@@ -8,8 +8,7 @@ import struct
 import torch
 
 from .._backend import parallel_slots
-from .._common import CEOptions, accumulation_dtype
-from .._outputs import forward_outputs
+from .._common import CEOptions, accumulation_dtype, forward_outputs
 from ..cuda_launch import through_cpp
 from ..kernels.cross_entropy import ce_backward_kernel, ce_forward_kernel
 from ._common import (

@@ -7,8 +7,7 @@ import torch
 import triton.language as tl
 
 from .._backend import INTERPRET
-from .._common import CEOptions, accumulation_dtype
-from .._outputs import forward_outputs
+from .._common import CEOptions, accumulation_dtype, forward_outputs
 from ..kernels.linear_cross_entropy import (
     lce_backward_input_kernel,
     lce_backward_weight_kernel,

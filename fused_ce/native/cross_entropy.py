@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import CEOptions, accumulation_dtype
-from .._outputs import forward_outputs
+from .._common import CEOptions, accumulation_dtype, forward_outputs
 from . import ops
 
 

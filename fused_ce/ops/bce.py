@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._common import accumulation_dtype
+from .._impl import implementation
 from .._outputs import gradient_buffers as _grad_buffers
 from ..native import op as native_op
 from . import _composite
@@ -19,7 +20,6 @@ from ._autograd import (
     forbid_double_backward,
     is_eager,
 )
-from ._impl import implementation
 from ._scalar import is_unit_on_cpu, keeping_versions, scalar_backward, scalar_setup_context
 
 _DOUBLE_BACKWARD = (

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .._common import CEOptions, accumulation_dtype, class_rows
-from .._outputs import forward_outputs
+from .._common import CEOptions, accumulation_dtype, class_rows, forward_outputs
+from .._impl import implementation
 from ..native import op as native_op
 from ..torch_impl import cross_entropy as torch_impl
 from . import _composite
@@ -30,7 +30,6 @@ from ._autograd import (
     forbid_double_backward,
     is_eager,
 )
-from ._impl import implementation
 from ._scalar import is_unit_on_cpu, keeping_versions, scalar_backward, scalar_setup_context
 
 _DOUBLE_BACKWARD = ("softmax_cross_entropy", "torch.nn.functional.cross_entropy")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from .._common import accumulation_dtype
+from .._impl import implementation
 from . import _composite
 from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
-from ._impl import implementation
 
 _DOUBLE_BACKWARD = ("kl_div_with_logits / jsd_with_logits", "torch.nn.functional.kl_div")
 

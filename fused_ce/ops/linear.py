@@ -24,11 +24,10 @@ from __future__ import annotations
 import torch
 
 from .. import _chunked as chunked
-from .._common import CEOptions, accumulation_dtype
-from .._outputs import forward_outputs
+from .._common import CEOptions, accumulation_dtype, forward_outputs
+from .._impl import implementation
 from . import _composite
 from ._autograd import dispatch, double_backward_message, eager_function, forbid_double_backward
-from ._impl import implementation
 
 
 def _rows(

@@ -16,8 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._common import CEOptions, accumulation_dtype
-from .._outputs import forward_outputs
+from .._common import CEOptions, accumulation_dtype, forward_outputs
 from . import CHUNK_ELEMENTS
 
 
