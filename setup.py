@@ -89,6 +89,19 @@ def _native_build() -> dict:
             self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
             try:
                 super().build_extension(ext)
+            except Exception as error:
+                # torch's ninja build raises RuntimeError, which setuptools' `optional` does
+                # not catch: without this, one failed compile (an old compiler, say) would
+                # fail the whole install instead of leaving the first-use build or the torch
+                # path to serve.
+                if not ext.optional:
+                    raise
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                print(
+                    f"fused_ce: building {ext.name} failed ({reason[:200]}); installing "
+                    "without it (fused-ce check says what serves the CPU)",
+                    file=sys.stderr,
+                )
             finally:
                 self.build_temp = base
 

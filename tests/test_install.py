@@ -215,3 +215,25 @@ def test_wheel_ships_the_sources(tmp_path):
     assert sources <= names, sources - names
     assert "fused_ce/native/_build.py" in names
     assert not any("/_C_" in name for name in names)
+
+
+def test_a_failed_native_compile_does_not_fail_the_install(tmp_path):
+    """A compiler that fails to compile (here the real one for its version queries, failing
+    every `-c`) leaves the build without the libraries and says so, instead of failing it:
+    torch's ninja build raises an error that setuptools' `optional=True` alone lets through."""
+    real = os.environ.get("CXX", "c++").split()[0]
+    compiler = tmp_path / "failing-c++"
+    compiler.write_text(
+        '#!/bin/sh\ncase " $* " in *" -c "*) echo "this compiler fails" >&2; exit 1;; esac\n'
+        f'exec {shutil.which(real)} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler)}
+    env.pop("FUSED_CE_NO_NATIVE", None)
+    command = [sys.executable, "setup.py", "-q", "build_ext"]
+    command += ["--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "temp")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("default", "autograd"):
+        assert f"building fused_ce.native._C_{name} failed" in done.stderr, done.stderr[-3000:]
+    assert not list((tmp_path / "lib").rglob("_C_*"))
