@@ -10,6 +10,8 @@ are checked at construction; ``forward`` takes the operands and the optional ``t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,9 @@ class _KLOptions(_DistillLoss):
         check_direction(direction)
         self.direction = direction
 
+    def _divergence(self) -> dict:
+        return {"direction": self.direction}
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, direction={self.direction!r}, "
@@ -77,11 +82,75 @@ class _JSDOptions(_DistillLoss):
         check_beta(beta)
         self.beta = beta
 
+    def _divergence(self) -> dict:
+        return {"beta": self.beta}
+
     def extra_repr(self) -> str:
         return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
-class KLDivWithLogitsLoss(_KLOptions):
+class _OnLogits:
+    """``forward`` of the logits modules: the module's ``_function`` with its options."""
+
+    _function: Callable[..., Tensor]
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        return self._function(
+            student_logits,
+            teacher_logits,
+            target=target,
+            mask=mask,
+            **self._divergence(),
+            **self._options(),
+        )
+
+
+class _OnHeads:
+    """``ce_weight``, ``chunk_size`` and ``forward`` (the module's ``_function`` with its
+    options) of the linear-head modules."""
+
+    _function: Callable[..., Tensor]
+
+    def _head_options(self, ce_weight: float, chunk_size: int | None) -> None:
+        check_ce_weight(ce_weight)
+        check_chunk_size(chunk_size)
+        self.ce_weight = ce_weight
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        target: Tensor | None = None,
+        mask: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+    ) -> Tensor:
+        return self._function(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            target=target,
+            mask=mask,
+            ce_weight=self.ce_weight,
+            chunk_size=self.chunk_size,
+            **self._divergence(),
+            **self._options(),
+        )
+
+
+class KLDivWithLogitsLoss(_OnLogits, _KLOptions):
     r"""KL divergence between teacher and student, from logits:
     :func:`fused_ce.kl_div_with_logits` with the options given at construction.
 
@@ -105,6 +174,8 @@ class KLDivWithLogitsLoss(_KLOptions):
         KLDivWithLogitsLoss(temperature=2.0, direction='forward', reduction='batchmean')
     """
 
+    _function = staticmethod(kl_div_with_logits)
+
     def __init__(
         self,
         *,
@@ -122,24 +193,8 @@ class KLDivWithLogitsLoss(_KLOptions):
             backend=backend,
         )
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        return kl_div_with_logits(
-            student_logits,
-            teacher_logits,
-            direction=self.direction,
-            target=target,
-            mask=mask,
-            **self._options(),
-        )
 
-
-class JSDWithLogitsLoss(_JSDOptions):
+class JSDWithLogitsLoss(_OnLogits, _JSDOptions):
     r"""Generalized Jensen-Shannon divergence between teacher and student, from logits:
     :func:`fused_ce.jsd_with_logits` with the options given at construction.
 
@@ -161,6 +216,8 @@ class JSDWithLogitsLoss(_JSDOptions):
         0.0
     """
 
+    _function = staticmethod(jsd_with_logits)
+
     def __init__(
         self,
         *,
@@ -178,24 +235,8 @@ class JSDWithLogitsLoss(_JSDOptions):
             backend=backend,
         )
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        return jsd_with_logits(
-            student_logits,
-            teacher_logits,
-            beta=self.beta,
-            target=target,
-            mask=mask,
-            **self._options(),
-        )
 
-
-class LinearKLDivLoss(_KLOptions):
+class LinearKLDivLoss(_OnHeads, _KLOptions):
     r"""KL divergence of two linear heads' logits without materializing them:
     :func:`fused_ce.linear_kl_div` with the options given at construction. The heads belong to
     the student and teacher models, so this module owns no parameters: ``forward`` takes them.
@@ -221,6 +262,8 @@ class LinearKLDivLoss(_KLOptions):
         torch.Size([11, 8])
     """
 
+    _function = staticmethod(linear_kl_div)
+
     def __init__(
         self,
         *,
@@ -239,39 +282,10 @@ class LinearKLDivLoss(_KLOptions):
             reduction=reduction,
             backend=backend,
         )
-        check_ce_weight(ce_weight)
-        check_chunk_size(chunk_size)
-        self.ce_weight = ce_weight
-        self.chunk_size = chunk_size
-
-    def forward(
-        self,
-        student_hidden: Tensor,
-        student_weight: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
-        target: Tensor | None = None,
-        mask: Tensor | None = None,
-        student_bias: Tensor | None = None,
-        teacher_bias: Tensor | None = None,
-    ) -> Tensor:
-        return linear_kl_div(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            direction=self.direction,
-            target=target,
-            mask=mask,
-            ce_weight=self.ce_weight,
-            chunk_size=self.chunk_size,
-            **self._options(),
-        )
+        self._head_options(ce_weight, chunk_size)
 
 
-class LinearJSDLoss(_JSDOptions):
+class LinearJSDLoss(_OnHeads, _JSDOptions):
     r"""Generalized JSD of two linear heads' logits without materializing them:
     :func:`fused_ce.linear_jsd` with the options given at construction (``beta`` as
     :class:`JSDWithLogitsLoss`, the rest as :class:`LinearKLDivLoss`).
@@ -288,6 +302,8 @@ class LinearJSDLoss(_JSDOptions):
         >>> hidden.grad.shape
         torch.Size([6, 8])
     """
+
+    _function = staticmethod(linear_jsd)
 
     def __init__(
         self,
@@ -307,33 +323,4 @@ class LinearJSDLoss(_JSDOptions):
             reduction=reduction,
             backend=backend,
         )
-        check_ce_weight(ce_weight)
-        check_chunk_size(chunk_size)
-        self.ce_weight = ce_weight
-        self.chunk_size = chunk_size
-
-    def forward(
-        self,
-        student_hidden: Tensor,
-        student_weight: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
-        target: Tensor | None = None,
-        mask: Tensor | None = None,
-        student_bias: Tensor | None = None,
-        teacher_bias: Tensor | None = None,
-    ) -> Tensor:
-        return linear_jsd(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            beta=self.beta,
-            target=target,
-            mask=mask,
-            ce_weight=self.ce_weight,
-            chunk_size=self.chunk_size,
-            **self._options(),
-        )
+        self._head_options(ce_weight, chunk_size)
