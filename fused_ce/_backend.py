@@ -80,7 +80,7 @@ def resolve(backend: str | None, tensor: torch.Tensor) -> str:
                 f"backend: None reads the environment variable FUSED_CE_BACKEND, which must be "
                 f"one of {BACKENDS}; it is {backend!r}"
             )
-    if backend not in BACKENDS:
+    elif backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
